@@ -1,0 +1,127 @@
+"""Quantized linear layers whose training path is correct on every device.
+
+bitsandbytes stores the weights (NF4 4-bit, LLM.int8 8-bit) and fasttune keeps that storage untouched, so a saved
+model stays loadable by transformers. What we replace is the *forward* of each loaded layer, on the instance:
+
+* bitsandbytes' CPU 4-bit forward repacks the weight into a kernel-specific layout the first time it runs in eval /
+  no-grad mode (e.g. inside ``generate``). After that, training goes through a kernel with no autograd support and
+  LoRA gradients come out silently wrong; its eval kernel also fails when a dimension is not a multiple of 32.
+* fasttune's forward dequantizes the weight exactly (bitsandbytes' own ``dequantize_4bit``), multiplies, and frees it.
+  Backward dequantizes again: nothing of size (out, in) is kept between forward and backward.
+
+The swap sets ``__class__`` to a subclass of the bitsandbytes class, so peft's LoRA dispatch still recognises the
+layer (its bnb branches test ``isinstance``), ``state_dict`` is unchanged, and ``restore_layers`` undoes it.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
+from torch import nn
+
+
+def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense ``(out_features, in_features)`` weight of a linear layer, quantized or not.
+
+    Supports ``nn.Linear`` (returned as is, cast to ``dtype`` if given), bitsandbytes ``Linear4bit`` and
+    ``Linear8bitLt`` (and fasttune's subclasses of them). Dequantization is exact: it is the value the quantized
+    matmul computes with.
+    """
+    if isinstance(layer, bnb.nn.Linear4bit):
+        weight = layer.weight
+        state = weight.quant_state
+        if state is None:
+            raise ValueError(f"{type(layer).__name__} has no quant_state: was the model quantized before use?")
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacked it for its CPU kernel; undo that first (its own inverse, exact).
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            state = weight.quant_state
+        dense = dequantize_4bit(weight.data, state)
+    elif isinstance(layer, bnb.nn.Linear8bitLt):
+        weight = layer.weight
+        scb = weight.SCB if weight.SCB is not None else layer.state.SCB
+        if scb is None:
+            raise ValueError(f"{type(layer).__name__} has no SCB scales: was the model quantized before use?")
+        dense = int8_vectorwise_dequant(weight.data, scb)
+    elif isinstance(layer, nn.Linear):
+        dense = layer.weight
+    else:
+        raise TypeError(
+            f"dequantize_weight: {type(layer).__name__} is not a supported linear layer; "
+            "supported: torch.nn.Linear, bitsandbytes Linear4bit, bitsandbytes Linear8bitLt"
+        )
+    return dense if dtype is None else dense.to(dtype)
+
+
+class _FrozenQuantLinear(torch.autograd.Function):
+    """``y = x @ W^T + b`` with ``W = dequant(layer)`` frozen.
+
+    Saves nothing of size (out, in): backward recomputes ``W`` and returns ``dL/dx = dL/dy @ W``. No gradient flows to
+    the quantized weight or the bias (both are frozen in (Q)LoRA training).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        w = dequantize_weight(layer, x.dtype)
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        w = dequantize_weight(ctx.layer, grad_out.dtype)
+        return grad_out @ w, None
+
+
+def _quant_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    compute = getattr(self, "compute_dtype", None) or x.dtype
+    if compute == torch.float16 and x.device.type == "cpu":
+        compute = torch.float32
+    out = _FrozenQuantLinear.apply(x.to(compute), self)
+    return out.to(x.dtype)
+
+
+class FastLinear4bit(bnb.nn.Linear4bit):
+    """bitsandbytes NF4 storage, fasttune's exact dequantize-and-multiply forward (see module docstring)."""
+
+    forward = _quant_forward
+
+
+class FastLinear8bitLt(bnb.nn.Linear8bitLt):
+    """bitsandbytes LLM.int8 storage, fasttune's exact dequantize-and-multiply forward."""
+
+    forward = _quant_forward
+
+
+_SWAPS: tuple[tuple[type, type], ...] = ((bnb.nn.Linear4bit, FastLinear4bit), (bnb.nn.Linear8bitLt, FastLinear8bitLt))
+
+
+def patch_quantized_layers(model: nn.Module) -> int:
+    """Give every bitsandbytes 4-bit/8-bit linear in ``model`` fasttune's forward. Returns how many were swapped."""
+    count = 0
+    for module in model.modules():
+        for base, fast in _SWAPS:
+            if type(module) is base:
+                module._fasttune_original_class = base
+                module.__class__ = fast
+                count += 1
+    return count
+
+
+def restore_layers(model: nn.Module) -> int:
+    """Undo ``patch_quantized_layers``. Returns how many layers were restored."""
+    count = 0
+    for module in model.modules():
+        original = module.__dict__.pop("_fasttune_original_class", None)
+        if original is not None:
+            module.__class__ = original
+            count += 1
+    return count
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))

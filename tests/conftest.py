@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models of every supported family and offline tokenizers (no network, ever)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from fasttune.tiny import FAMILIES, build_tiny_model, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(family, **config_overrides) -> Path``: a saved tiny model folder, built once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def make(family: str = "llama", **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            name = family + ("-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else "")
+            cache[key] = build_tiny_model(family, tmp_path_factory.mktemp(name), **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """``tiny_tokenizer(family) -> PreTrainedTokenizerFast`` trained offline, cached per family."""
+    cache = {}
+
+    def make(family: str = "llama"):
+        if family not in cache:
+            cache[family] = build_tokenizer(family)
+        return cache[family]
+
+    return make
+
+
+ALL_FAMILIES = FAMILIES
