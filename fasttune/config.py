@@ -1,0 +1,119 @@
+"""User-facing options as typed dataclasses that reject bad values, all mistakes reported at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .device import resolve_dtype
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GRADIENT_CHECKPOINTING_MODES: tuple[Any, ...] = (True, False, "unsloth")
+LORA_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
+
+
+class ConfigError(ValueError):
+    """One or more invalid options; the message lists every problem, one per line."""
+
+
+def _raise_if(problems: list[str], what: str) -> None:
+    if problems:
+        raise ConfigError(f"{what}: {len(problems)} invalid option(s):\n  - " + "\n  - ".join(problems))
+
+
+def _help(text: str, default: Any = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class LoadConfig:
+    """Options of ``FastLanguageModel.from_pretrained`` (Unsloth's names and defaults)."""
+
+    model_name: str = _help("local folder or Hub id of the model")
+    max_seq_length: int = _help("longest sequence (tokens) to train or generate on", 2048)
+    dtype: Any = _help("None (bf16 where fast, else fp16/fp32), a torch dtype or a name such as 'bfloat16'")
+    load_in_4bit: bool = _help("NF4 4-bit base weights (bitsandbytes storage) for QLoRA", True)
+    load_in_8bit: bool = _help("LLM.int8 8-bit base weights", False)
+    load_in_16bit: bool = _help("base weights in dtype (bf16/fp16/fp32)", False)
+    full_finetuning: bool = _help("train every weight instead of LoRA adapters (forces 16-bit loading)", False)
+    trust_remote_code: bool = _help("run model code shipped with the checkpoint (only if you trust it)", False)
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            problems.append(f"model_name: {self.model_name!r} must be a non-empty string (a folder or a Hub id)")
+        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length <= 0:
+            problems.append(f"max_seq_length: {self.max_seq_length!r} must be a positive integer")
+        try:
+            self.dtype = resolve_dtype(self.dtype)
+        except ValueError as err:
+            problems.append(str(err))
+        if self.load_in_4bit and self.load_in_8bit:
+            problems.append(
+                "load_in_4bit=True and load_in_8bit=True: choose at most one quantization (4-bit, 8-bit, or neither)"
+            )
+        for name in ("load_in_4bit", "load_in_8bit", "load_in_16bit", "full_finetuning", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}: {getattr(self, name)!r} must be True or False")
+        _raise_if(problems, "from_pretrained")
+
+    @property
+    def quantization(self) -> str | None:
+        """'4bit', '8bit' or None; full fine-tuning never quantizes."""
+        if self.full_finetuning or self.load_in_16bit:
+            return None
+        if self.load_in_4bit:
+            return "4bit"
+        return "8bit" if self.load_in_8bit else None
+
+
+@dataclass
+class LoraSettings:
+    """Options of ``FastLanguageModel.get_peft_model`` (Unsloth's names and defaults)."""
+
+    r: int = _help("LoRA rank", 16)
+    lora_alpha: float = _help("LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)", 16)
+    lora_dropout: float = _help("dropout on the LoRA input, in [0, 1); 0 enables the fused path", 0.0)
+    bias: str = _help("which biases to train: 'none', 'all' or 'lora_only'", "none")
+    target_modules: Any = _help("linear layer names to adapt, 'all-linear', or a regex", DEFAULT_TARGET_MODULES)
+    use_gradient_checkpointing: Any = _help("True, False or 'unsloth' (recompute, layer inputs offloaded)", "unsloth")
+    random_state: int = _help("seed for the LoRA initialisation", 3407)
+    use_rslora: bool = _help("rank-stabilised scaling alpha / sqrt(r)", False)
+    use_dora: bool = _help("weight-decomposed LoRA (DoRA); uses peft's forward", False)
+    modules_to_save: list[str] | None = _help("non-LoRA modules to train fully and save (e.g. lm_head, embed_tokens)")
+    layers_to_transform: list[int] | int | None = _help("only adapt these layer indices")
+    init_lora_weights: Any = _help("peft init: True (B=0), 'gaussian', 'pissa', 'olora', 'loftq', ...", True)
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            problems.append(f"r: {self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            problems.append(f"lora_alpha: {self.lora_alpha!r} must be a positive number (typical: r or 2*r)")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1)")
+        if self.bias not in LORA_BIAS:
+            problems.append(f"bias: {self.bias!r} is not allowed; choose one of {list(LORA_BIAS)}")
+        if self.use_gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
+            problems.append(
+                f"use_gradient_checkpointing: {self.use_gradient_checkpointing!r} is not allowed; "
+                "choose True, False or 'unsloth'"
+            )
+        if not isinstance(self.target_modules, (str, list, tuple)) or (
+            not isinstance(self.target_modules, str) and not all(isinstance(t, str) for t in self.target_modules)
+        ):
+            problems.append(f"target_modules: {self.target_modules!r} must be a list of names, 'all-linear' or a regex")
+        elif not self.target_modules:
+            problems.append("target_modules: empty; name at least one linear layer")
+        layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
+            problems.append(f"layers_to_transform: {self.layers_to_transform!r} must be non-negative layer indices")
+        _raise_if(problems, "get_peft_model")
+
+
+def describe(cls: type) -> dict[str, str]:
+    """Field name -> help text of an options dataclass (for docs and the CLI)."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+__all__ = ["ConfigError", "DEFAULT_TARGET_MODULES", "LoadConfig", "LoraSettings", "describe"]

@@ -1,0 +1,201 @@
+"""The public facades: ``FastLanguageModel`` (and ``FastModel``), with Unsloth's names and defaults.
+
+They only orchestrate: option checks live in ``config``, model lookup in ``source``, quantized layers in ``quant``,
+LoRA injection in ``lora``, the training-time patches in ``fast``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
+from .device import default_device_map
+from .lora import inject_lora
+from .models import get_family
+from .quant import patch_quantized_layers
+from .source import resolve_source
+from .train.checkpointing import is_checkpointing, set_gradient_checkpointing
+
+logger = logging.getLogger("fasttune")
+
+
+def _quantization_config(cfg: LoadConfig) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=cfg.dtype,
+            # the head stays in dtype: quantizing it costs quality and saves little
+            llm_int8_skip_modules=["lm_head"],
+        )
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    return None
+
+
+def _prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:
+    """Right padding for training, a pad token that is not a real word, and the length limit."""
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = max_seq_length
+    if tokenizer.pad_token is None:
+        # An unused special token is the safe pad; eos as pad is the common fallback (labels come from the
+        # attention mask in TRL's collators, so padding never becomes a target).
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("fasttune: the tokenizer had no pad token; using %r", tokenizer.pad_token)
+    return tokenizer
+
+
+class FastLanguageModel:
+    """Load, adapt and switch modes of causal language models (Unsloth-compatible API)."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str = "unsloth/Llama-3.2-1B-Instruct",
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | str | None = None,
+        load_in_4bit: bool = True,
+        load_in_8bit: bool = False,
+        load_in_16bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        device_map: Any = "sequential",
+        rope_scaling: dict | None = None,
+        fix_tokenizer: bool = True,
+        trust_remote_code: bool = False,
+        use_gradient_checkpointing: bool | str = "unsloth",
+        revision: str | None = None,
+        fast_inference: bool = False,
+        attn_implementation: str = "sdpa",
+        **kwargs: Any,
+    ) -> tuple[PreTrainedModel, Any]:
+        """Load ``model_name`` (a folder or Hub id) and its tokenizer, ready for LoRA/QLoRA or full fine-tuning.
+
+        Returns ``(model, tokenizer)``. 4-bit is NF4 with double quantization (bitsandbytes storage, so a saved
+        model stays loadable by transformers); its forward is fasttune's exact dequantize-and-multiply (see
+        ``fasttune.quant``). A folder holding a saved LoRA adapter loads its base model and attaches the adapter.
+        """
+        if full_finetuning and (load_in_4bit or load_in_8bit):
+            logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
+                           "not %s", "4-bit" if load_in_4bit else "8-bit")
+        cfg = LoadConfig(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
+                         full_finetuning, trust_remote_code)
+        if fast_inference:
+            logger.warning("fasttune: fast_inference (vLLM) is not available; generation uses transformers")
+        source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+        spec = get_family(source.config.model_type)
+        if spec is None:
+            logger.warning("fasttune: %s (model_type %r) has no fast path; loading through the generic path",
+                           type(source.config).__name__, source.config.model_type)
+        if rope_scaling is not None:
+            kwargs["rope_scaling"] = rope_scaling
+        model = AutoModelForCausalLM.from_pretrained(
+            source.base,
+            dtype=cfg.dtype,
+            quantization_config=_quantization_config(cfg),
+            device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
+            token=token,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+        patch_quantized_layers(model)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.adapter or source.base, token=token, revision=revision, trust_remote_code=trust_remote_code
+        )
+        if fix_tokenizer:
+            _prepare_tokenizer(tokenizer, max_seq_length)
+        model.max_seq_length = max_seq_length
+        model.fasttune_tokenizer = tokenizer
+        if source.adapter is not None:
+            model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
+        if full_finetuning:
+            for param in model.parameters():
+                param.requires_grad_(True)
+            set_gradient_checkpointing(model, use_gradient_checkpointing)
+        else:
+            for name, param in model.named_parameters():
+                param.requires_grad_("lora_" in name)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model: PreTrainedModel,
+        r: int = 16,
+        target_modules: str | Sequence[str] = DEFAULT_TARGET_MODULES,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        layers_to_transform: list[int] | int | None = None,
+        layers_pattern: str | None = None,
+        use_gradient_checkpointing: bool | str = "unsloth",
+        random_state: int = 3407,
+        max_seq_length: int | None = None,
+        use_rslora: bool = False,
+        modules_to_save: list[str] | None = None,
+        init_lora_weights: Any = True,
+        loftq_config: Any = None,
+        use_dora: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Add LoRA adapters (through peft) and prepare the model for training.
+
+        ``target_modules`` names must be linear layers of the model (the error lists them); Unsloth's default list
+        also works on families with fused projections (phi3). Returns a ``peft.PeftModel``.
+        """
+        if isinstance(model, PeftModel):
+            logger.warning("fasttune: the model already has LoRA adapters; returning it unchanged")
+            return model
+        settings = LoraSettings(r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
+                                random_state, use_rslora, use_dora, modules_to_save, layers_to_transform,
+                                init_lora_weights)
+        extra = {k: v for k, v in (("layers_pattern", layers_pattern), ("loftq_config", loftq_config)) if v}
+        spec = get_family(model.config.model_type)
+        peft_model = inject_lora(model, settings, spec, **extra, **kwargs)
+        if max_seq_length is not None:
+            peft_model.max_seq_length = max_seq_length
+        set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+        peft_model.config.use_cache = False
+        return peft_model
+
+    @staticmethod
+    def for_inference(model: PreTrainedModel) -> PreTrainedModel:
+        """Eval mode, no checkpointing, KV cache on, left padding (for batched ``generate``)."""
+        model.eval()
+        _set_mode_state(model, training=False)
+        return model
+
+    @staticmethod
+    def for_training(model: PreTrainedModel, use_gradient_checkpointing: bool | str | None = None) -> PreTrainedModel:
+        """Undo ``for_inference``: train mode, checkpointing as before, KV cache off, right padding."""
+        model.train()
+        _set_mode_state(model, training=True, use_gradient_checkpointing=use_gradient_checkpointing)
+        return model
+
+
+def _set_mode_state(model: PreTrainedModel, training: bool, use_gradient_checkpointing: Any = None) -> None:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    tokenizer = getattr(base, "fasttune_tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "right" if training else "left"
+    base.config.use_cache = not training
+    if training:
+        mode = use_gradient_checkpointing
+        if mode is None:
+            mode = getattr(base, "fasttune_checkpointing", False)
+        set_gradient_checkpointing(model, mode)
+    elif is_checkpointing(base):
+        mode = getattr(base, "fasttune_checkpointing", True)
+        set_gradient_checkpointing(base, False)
+        base.fasttune_checkpointing = mode
+
+
+class FastModel(FastLanguageModel):
+    """Unsloth's catch-all facade; for text models it is ``FastLanguageModel``."""

@@ -1,0 +1,3 @@
+from .inject import inject_lora, linear_layer_names, resolve_target_modules
+
+__all__ = ["inject_lora", "linear_layer_names", "resolve_target_modules"]

@@ -1,0 +1,85 @@
+"""Where a model comes from: a local folder, a saved LoRA adapter folder, or a Hub id — with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import constants as hub_constants
+from transformers import AutoConfig, PretrainedConfig
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: ``base`` is what transformers loads; ``adapter`` a PEFT adapter folder to put on top."""
+
+    base: str
+    config: PretrainedConfig
+    adapter: str | None = None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def _hub_offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    return env.upper() in {"1", "ON", "YES", "TRUE"} or bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def _load_config(name: str, token: str | None, revision: str | None, trust_remote_code: bool) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _from_folder(folder: Path, token: str | None, revision: str | None, trust_remote_code: bool) -> ModelSource:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model_name: {str(folder)!r} is a file, not a model folder")
+    if (folder / "config.json").is_file():
+        return ModelSource(str(folder), _load_config(str(folder), None, None, trust_remote_code))
+    adapter_cfg = folder / "adapter_config.json"
+    if adapter_cfg.is_file():
+        base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise FileNotFoundError(
+                f"model_name: {str(folder)!r} holds a LoRA adapter whose adapter_config.json names no "
+                "base_model_name_or_path; load the base model and attach the adapter with peft.PeftModel"
+            )
+        inner = resolve_source(base, token=token, revision=revision, trust_remote_code=trust_remote_code)
+        return ModelSource(inner.base, inner.config, adapter=str(folder))
+    listing = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
+    raise FileNotFoundError(
+        f"model_name: {str(folder)!r} has no config.json (nor adapter_config.json), so it is not a model folder; "
+        f"it contains: {listing}"
+    )
+
+
+def resolve_source(
+    model_name: str, token: str | None = None, revision: str | None = None, trust_remote_code: bool = False
+) -> ModelSource:
+    """Find the model behind ``model_name`` and read its config.
+
+    Raises FileNotFoundError for a missing folder, a folder without config.json, or a Hub id that cannot be fetched
+    because the Hub is offline or unreachable (naming the id and the reason).
+    """
+    path = Path(model_name).expanduser()
+    if path.exists():
+        return _from_folder(path, token, revision, trust_remote_code)
+    if _looks_like_path(model_name):
+        raise FileNotFoundError(f"model_name: folder {model_name!r} does not exist")
+    try:
+        config = _load_config(model_name, token, revision, trust_remote_code)
+    except OSError as err:
+        if _hub_offline():
+            raise FileNotFoundError(
+                f"model_name: {model_name!r} is not a local folder and the Hugging Face Hub is offline "
+                "(HF_HUB_OFFLINE=1) with no cached copy of it; pass the path of a downloaded model folder, "
+                "or go online and unset HF_HUB_OFFLINE"
+            ) from err
+        raise FileNotFoundError(
+            f"model_name: {model_name!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}); check the id, your "
+            "network and `token` for gated models, or pass a local folder"
+        ) from err
+    return ModelSource(model_name, config)
