@@ -72,7 +72,7 @@ class FastLanguageModel:
         use_gradient_checkpointing: bool | str = "unsloth",
         revision: str | None = None,
         fast_inference: bool = False,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
         **kwargs: Any,
     ) -> tuple[PreTrainedModel, Any]:
         """Load ``model_name`` (a folder or Hub id) and its tokenizer, ready for LoRA/QLoRA or full fine-tuning.
@@ -95,6 +95,8 @@ class FastLanguageModel:
                            type(source.config).__name__, source.config.model_type)
         if rope_scaling is not None:
             kwargs["rope_scaling"] = rope_scaling
+        if attn_implementation is not None:  # None: transformers picks SDPA where the family supports it
+            kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(
             source.base,
             dtype=cfg.dtype,
@@ -103,7 +105,6 @@ class FastLanguageModel:
             token=token,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
             **kwargs,
         )
         patch_quantized_layers(model)

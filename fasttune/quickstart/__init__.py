@@ -1,0 +1,1 @@
+"""The quickstart: ``python -m fasttune.quickstart`` (see __main__.py)."""

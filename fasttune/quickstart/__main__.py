@@ -1,0 +1,140 @@
+"""fasttune quickstart: teach a tiny model a fact table with QLoRA, offline, in a minute or two on a CPU.
+
+Run:  python -m fasttune.quickstart            (or: fasttune quickstart)
+      python -m fasttune.quickstart --steps 40 --output-dir /tmp/qs
+
+The Unsloth notebook flow, end to end: build a tiny Llama-architecture model (random weights, a tokenizer trained
+offline) -> load it in 4-bit -> add LoRA -> chat template + standardised data -> TRL SFTTrainer with loss on the
+answers only -> generate before/after -> save the adapter. The model starts knowing nothing; after training it
+answers "What is the capital of <planet>?" from the bundled table (fasttune/quickstart/facts.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+# Offline by design: nothing below may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from datasets.utils.logging import disable_progress_bar  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from fasttune import FastLanguageModel, device_args  # noqa: E402
+from fasttune.chat_templates import get_chat_template, standardize_data_formats, train_on_responses_only  # noqa: E402
+from fasttune.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+
+
+def load_facts() -> list[dict[str, str]]:
+    text = resources.files("fasttune.quickstart").joinpath("facts.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ---- 1. a tiny model of a real architecture, built offline -------------------------------------------------------
+def build_base(folder: Path, facts: list[dict[str, str]]) -> Path:
+    corpus = [f"{row['instruction']} {row['output']}" for row in facts] * 4
+    tokenizer = build_tokenizer("llama", extra_texts=corpus, vocab_size=1024)
+    return build_tiny_model("llama", folder, tokenizer=tokenizer, seed=0)
+
+
+# ---- 2. answers and loss, before and after -----------------------------------------------------------------------
+def answer(model, tokenizer, question: str) -> str:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           tokenize=False)
+    batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def evaluate(model, tokenizer, trainer: SFTTrainer, facts: list[dict[str, str]]) -> dict:
+    FastLanguageModel.for_inference(model)
+    answers = [answer(model, tokenizer, row["instruction"]) for row in facts]
+    loss = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    FastLanguageModel.for_training(model)
+    correct = sum(a == row["output"] for a, row in zip(answers, facts))
+    return {"loss": loss, "correct": correct, "answers": answers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fasttune quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    parser.add_argument("--output-dir", default="outputs/quickstart", help="where the base model and adapter go")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.steps <= 0:
+        parser.error(f"--steps: {args.steps} must be a positive integer")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    disable_progress_bar()
+    out = Path(args.output_dir)
+    start = time.perf_counter()
+    facts = load_facts()
+
+    print(f"[1/5] building a tiny Llama-architecture model offline in {out / 'base_model'}")
+    base = build_base(out / "base_model", facts)
+
+    print("[2/5] loading it in 4-bit (NF4) and adding LoRA adapters")
+    model, tokenizer = FastLanguageModel.from_pretrained(str(base), max_seq_length=128, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, random_state=3407)
+    tokenizer = get_chat_template(tokenizer, chat_template="llama-3.1")
+
+    # ---- 3. data: Alpaca rows -> conversations -> chat-formatted text ----------------------------------------
+    dataset = standardize_data_formats(Dataset.from_list(facts))
+    dataset = dataset.map(lambda row: {"text": tokenizer.apply_chat_template(row["conversations"], tokenize=False)},
+                          remove_columns=dataset.column_names)
+    config = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=args.steps,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=5,
+        logging_steps=10,
+        max_length=128,
+        save_strategy="no",
+        report_to="none",
+        seed=3407,
+        **device_args(),  # bf16/fp16 and use_cpu set right for this machine
+    )
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=config)
+    trainer = train_on_responses_only(trainer)  # loss on the assistant's answers only
+
+    print("[3/5] answers before training")
+    before = evaluate(model, tokenizer, trainer, facts)
+    print(f"[4/5] training {args.steps} steps (QLoRA, loss on answers only)")
+    trainer.train()
+    after = evaluate(model, tokenizer, trainer, facts)
+
+    print(f"[5/5] saving the LoRA adapter to {out / 'adapter'}")
+    model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+
+    question = facts[0]["instruction"]
+    rows = [("", "loss", f"exact answers (of {len(facts)})", f"answer to {question!r}"),
+            ("before", f"{before['loss']:.3f}", str(before["correct"]), repr(before["answers"][0])),
+            ("after", f"{after['loss']:.3f}", str(after["correct"]), repr(after["answers"][0]))]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print()
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+    print(f"\nexpected answer: {facts[0]['output']!r}")
+    print(f"outputs: base model {out / 'base_model'}, adapter {out / 'adapter'}; "
+          f"total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
