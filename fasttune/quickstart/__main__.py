@@ -69,6 +69,7 @@ def evaluate(model, tokenizer, trainer: SFTTrainer, facts: list[dict[str, str]])
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--output-dir", default="outputs/quickstart", help="where the base model and adapter go")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -88,18 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/5] loading it in 4-bit (NF4) and adding LoRA adapters")
     model, tokenizer = FastLanguageModel.from_pretrained(str(base), max_seq_length=128, load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, random_state=3407)
-    tokenizer = get_chat_template(tokenizer, chat_template="llama-3.1")
+    tokenizer = get_chat_template(tokenizer, chat_template="llama-3")
 
-    # ---- 3. data: Alpaca rows -> conversations -> chat-formatted text ----------------------------------------
-    dataset = standardize_data_formats(Dataset.from_list(facts))
-    dataset = dataset.map(lambda row: {"text": tokenizer.apply_chat_template(row["conversations"], tokenize=False)},
-                          remove_columns=dataset.column_names)
+    # ---- 3. data: Alpaca rows -> conversations; SFTTrainer renders them with the chat template -----------
+    dataset = standardize_data_formats(Dataset.from_list(facts), output_column="messages")
     config = SFTConfig(
         output_dir=str(out / "checkpoints"),
         max_steps=args.steps,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=8,
-        learning_rate=3e-3,
+        learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=5,
         logging_steps=10,

@@ -1,0 +1,164 @@
+"""Dataset standardisation into one conversation format: a list of ``{"role", "content"}`` messages.
+
+- `standardize_sharegpt`: ShareGPT (``from``/``value``, roles ``human``/``gpt``) or OpenAI (``role``/``content``)
+  messages -> role/content with roles system/user/assistant (same column, as Unsloth does).
+- `standardize_data_formats`: detects ShareGPT/OpenAI conversations, Alpaca rows (``instruction``/``input``/
+  ``output``) or prompt/completion string pairs and converts any of them.
+- `to_sharegpt`: merges several columns into one prompt (``{column}`` placeholders, ``[[...]]`` optional sections
+  dropped when a column inside is empty) and pairs it with an output column as a ShareGPT conversation; with
+  ``conversation_extension=n`` each conversation gets n-1 more turns drawn at random (seeded) from other rows.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from datasets import Dataset
+
+from fasttune.data.check import find_conversation_column
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_OPTIONAL = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
+
+
+def _role_table(system: Sequence[str], user: Sequence[str], assistant: Sequence[str]) -> dict[str, str]:
+    table: dict[str, str] = {}
+    for role, aliases in (("system", system), ("user", user), ("assistant", assistant)):
+        for alias in aliases:
+            if alias in table and table[alias] != role:
+                raise ValueError(f"aliases: {alias!r} is listed for both {table[alias]!r} and {role!r}")
+            table[alias] = role
+    return table
+
+
+def _standardize_messages(messages: Any, roles: dict[str, str], row: int) -> list[dict[str, str]]:
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"row {row}: the conversation must be a list of messages, got {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"row {row}, message {i}: expected a dict, got {type(message).__name__}")
+        role_key = "from" if message.get("from") is not None else "role"
+        content_key = "value" if message.get("value") is not None else "content"
+        role = message.get(role_key)
+        if role not in roles:
+            raise ValueError(
+                f"row {row}, message {i}: role {role!r} is not known; known roles/aliases are {sorted(roles)} "
+                "(extend them with aliases_for_system / aliases_for_user / aliases_for_assistant)"
+            )
+        out.append({"role": roles[role], "content": message.get(content_key)})
+    return out
+
+
+def standardize_sharegpt(
+    dataset: Dataset,
+    aliases_for_system: Sequence[str] = ("system",),
+    aliases_for_user: Sequence[str] = ("user", "human", "input"),
+    aliases_for_assistant: Sequence[str] = ("gpt", "assistant", "output"),
+    column: str | None = None,
+    num_proc: int | None = None,
+) -> Dataset:
+    """Convert the conversation column (``conversations`` or ``messages``) to role/content messages in place."""
+    name = find_conversation_column(dataset.column_names, column)
+    roles = _role_table(aliases_for_system, aliases_for_user, aliases_for_assistant)
+
+    def convert(example: dict, row: int) -> dict:
+        return {name: _standardize_messages(example[name], roles, row)}
+
+    return dataset.map(convert, with_indices=True, num_proc=num_proc, desc="Standardizing conversations")
+
+
+def _alpaca_row(example: dict, output_column: str) -> dict:
+    messages = []
+    if example.get("system"):
+        messages.append({"role": "system", "content": example["system"]})
+    prompt = example["instruction"] or ""
+    if example.get("input"):
+        prompt = f"{prompt}\n\n{example['input']}" if prompt else example["input"]
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["output"]}]
+    return {output_column: messages}
+
+
+def standardize_data_formats(
+    dataset: Dataset,
+    output_column: str = "conversations",
+    num_proc: int | None = None,
+    **aliases: Sequence[str],
+) -> Dataset:
+    """Detect the dataset's format (ShareGPT/OpenAI conversations, Alpaca, prompt/completion) and standardize it."""
+    columns = dataset.column_names
+    if "conversations" in columns or "messages" in columns:
+        out = standardize_sharegpt(dataset, num_proc=num_proc, **aliases)
+        source = find_conversation_column(out.column_names)
+        return out if source == output_column else out.rename_column(source, output_column)
+    if "instruction" in columns and "output" in columns:
+        return dataset.map(_alpaca_row, fn_kwargs={"output_column": output_column}, remove_columns=columns,
+                           num_proc=num_proc, desc="Converting Alpaca rows to conversations")
+    if "prompt" in columns and "completion" in columns:
+        def pair(example: dict) -> dict:
+            if not isinstance(example["prompt"], str) or not isinstance(example["completion"], str):
+                raise ValueError("prompt/completion: standardize_data_formats converts string pairs only; "
+                                 "conversational prompt/completion datasets can go to SFTTrainer as they are")
+            return {output_column: [{"role": "user", "content": example["prompt"]},
+                                    {"role": "assistant", "content": example["completion"]}]}
+
+        return dataset.map(pair, remove_columns=columns, num_proc=num_proc, desc="Converting prompt/completion")
+    raise ValueError(
+        f"standardize_data_formats: cannot tell the format from the columns {columns}; expected 'conversations' or "
+        "'messages' (ShareGPT/OpenAI), 'instruction'+'output' (Alpaca) or 'prompt'+'completion'; use to_sharegpt to "
+        "merge other columns"
+    )
+
+
+def merge_prompt(merged_prompt: str, row: dict) -> str:
+    """Fill ``{column}`` placeholders; drop each ``[[...]]`` section whose columns are empty in ``row``."""
+
+    def fill(text: str) -> str:
+        return _PLACEHOLDER.sub(lambda m: str(row[m.group(1)]), text)
+
+    def optional(match: re.Match) -> str:
+        names = _PLACEHOLDER.findall(match.group(1))
+        empty = any(row.get(n) is None or str(row.get(n)).strip() == "" for n in names)
+        return "" if empty else fill(match.group(1))
+
+    return fill(_OPTIONAL.sub(optional, merged_prompt))
+
+
+def to_sharegpt(
+    dataset: Dataset,
+    merged_prompt: str,
+    merged_column_name: str = "instruction",
+    output_column_name: str = "output",
+    remove_unused_columns: bool = True,
+    conversation_extension: int = 1,
+    random_state: int = 3407,
+) -> Dataset:
+    """Merge columns into a ``conversations`` column of ShareGPT messages (see the module docstring)."""
+    columns = dataset.column_names
+    wanted = set(_PLACEHOLDER.findall(merged_prompt)) | {output_column_name}
+    missing = sorted(wanted - set(columns))
+    if missing:
+        raise ValueError(f"to_sharegpt: columns {missing} are not in the dataset; its columns are {columns}")
+    if not isinstance(conversation_extension, int) or conversation_extension < 1:
+        raise ValueError(f"conversation_extension: {conversation_extension!r} must be an integer >= 1")
+    rows = dataset.to_list()
+    turns = [
+        [{"from": "human", "value": merge_prompt(merged_prompt, row)}, {"from": "gpt", "value": str(row[output_column_name])}]
+        for row in rows
+    ]
+    rng = random.Random(random_state)
+    conversations = []
+    for first in turns:
+        conversation = list(first)
+        for _ in range(conversation_extension - 1):
+            conversation += turns[rng.randrange(len(turns))]
+        conversations.append(conversation)
+    data: dict[str, list] = {} if remove_unused_columns else {c: [r[c] for r in rows] for c in columns}
+    data[merged_column_name] = [conv[0]["value"] for conv in conversations]
+    data["conversations"] = conversations
+    if remove_unused_columns:
+        data.pop(merged_column_name)
+    return Dataset.from_dict(data)

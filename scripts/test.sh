@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what the tests need and run the whole suite (README's test command; .ci/run calls it).
+#   bash scripts/test.sh            lint + all tests
+#   FASTTUNE_LLAMA_CPP=0 bash scripts/test.sh   skip building llama-cpp-python (its validation tests then skip)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# torch 2.13.0 (CPU build) lies on this project's machines; naming it stops pip from pulling a CUDA build.
+python -m pip install --quiet torch==2.13.0 -e ".[test]"
+
+# llama.cpp validation of GGUF exports needs llama-cpp-python, which compiles from source (~20 min on 2 cores).
+# Build the wheel once into a cache and reuse it afterwards.
+if [ "${FASTTUNE_LLAMA_CPP:-1}" != "0" ] && ! python -c "import llama_cpp" 2>/dev/null; then
+  wheels="${FASTTUNE_WHEEL_CACHE:-$HOME/.cache/fasttune-wheels}"
+  mkdir -p "$wheels"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python once into $wheels (about 20 minutes)..."
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" python -m pip wheel --quiet --no-deps \
+      "llama-cpp-python==0.3.36" -w "$wheels"
+  fi
+  python -m pip install --quiet "$wheels"/llama_cpp_python-*.whl diskcache
+fi
+
+ruff check .
+python -m pytest -q "$@"
