@@ -68,7 +68,7 @@ def evaluate(model, tokenizer, trainer: SFTTrainer, facts: list[dict[str, str]])
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--output-dir", default="outputs/quickstart", help="where the base model and adapter go")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
