@@ -7,6 +7,7 @@ LoRA injection in ``lora``, the training-time patches in ``fast``.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from . import export
 from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
 from .device import default_device_map
 from .lora import inject_lora
@@ -50,6 +52,17 @@ def _prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
         logger.info("fasttune: the tokenizer had no pad token; using %r", tokenizer.pad_token)
     return tokenizer
+
+
+EXPORT_METHODS: tuple[str, ...] = (
+    "save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf"
+)
+
+
+def _attach_export_methods(model: PreTrainedModel) -> None:
+    """Unsloth-style ``model.save_pretrained_merged(...)`` etc., bound on this instance only (no class is touched)."""
+    for name in EXPORT_METHODS:
+        setattr(model, name, types.MethodType(getattr(export, name), model))
 
 
 class FastLanguageModel:
@@ -117,6 +130,7 @@ class FastLanguageModel:
         model.fasttune_tokenizer = tokenizer
         if source.adapter is not None:
             model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
+        _attach_export_methods(model)
         if full_finetuning:
             for param in model.parameters():
                 param.requires_grad_(True)
@@ -164,6 +178,7 @@ class FastLanguageModel:
             peft_model.max_seq_length = max_seq_length
         set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         peft_model.config.use_cache = False
+        _attach_export_methods(peft_model)
         return peft_model
 
     @staticmethod

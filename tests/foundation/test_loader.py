@@ -121,3 +121,21 @@ def test_adapter_reloads_in_plain_peft_with_same_logits(tiny_model_dir, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
     assert AutoTokenizer.from_pretrained(tmp_path / "adapter").eos_token == tokenizer.eos_token
+
+
+def test_export_methods_bound_on_instances_only(tiny_model_dir, tmp_path):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen2")), load_in_4bit=False,
+                                                         dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(std=0.05)  # a non-zero adapter, so the merge has something to get right
+    for name in ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf"):
+        assert getattr(model, name).__self__ is model
+        assert not hasattr(type(model), name)  # nothing added to peft's or transformers' classes
+    model.save_pretrained_merged(str(tmp_path / "merged"), tokenizer, save_method="merged_16bit")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
