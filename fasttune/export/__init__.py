@@ -1,0 +1,21 @@
+"""Export: merged safetensors, GGUF (every common type, pure Python), llama.cpp validation, Ollama, Hub.
+
+The four Unsloth-style functions below are what the loader attaches to models as methods.
+"""
+
+from .gguf.save import save_pretrained_gguf
+from .hf import save_pretrained_merged
+from .hub import push_to_hub_gguf, push_to_hub_merged
+from .merge import NonFiniteWeightError, merged_state_dict
+from .ollama import OllamaTemplateError, write_ollama_modelfile
+
+__all__ = [
+    "NonFiniteWeightError",
+    "OllamaTemplateError",
+    "merged_state_dict",
+    "push_to_hub_gguf",
+    "push_to_hub_merged",
+    "save_pretrained_gguf",
+    "save_pretrained_merged",
+    "write_ollama_modelfile",
+]

@@ -1,0 +1,120 @@
+"""``save_pretrained_gguf``: merge a LoRA model and write one GGUF file per requested type, optionally validated.
+
+    paths = save_pretrained_gguf(model, "out", tokenizer, quantization_method=["q4_k_m", "q8_0"], validate=True)
+
+The merge is streamed in float32, one tensor at a time, into each file (see ``writer.write_gguf``). Files are named
+``<file_stem>.<TYPE>.gguf`` (``model.Q4_K_M.gguf``) and each is written to a scratch file and renamed into place.
+With ``validate=True`` every file is loaded in llama.cpp and compared with an HF reference: the float32 merge for
+f32/f16/bf16 files, the model holding the file's own dequantized weights for quantized ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..merge import base_model_of, iter_merged_tensors, merged_state_dict, tied_output_key
+from .quants import resolve_methods
+from .writer import GGUFReport, write_gguf
+
+logger = logging.getLogger(__name__)
+
+_UNQUANTIZED = ("f32", "f16", "bf16")
+# Mean KL(hf || llama.cpp) allowed by validate=True. Measured on tiny random models: f16 ~1e-7; quantized files
+# against their own dequantized weights ~1e-5 (llama.cpp quantizes activations to 8 bits in quantized matmuls); a
+# wrong q/k permutation ~1e-4. Quantized files get a looser bound because trained models have sharper logits.
+MAX_KL_UNQUANTIZED = 1e-5
+MAX_KL_QUANTIZED = 1e-3
+_KEYWORDS = ("file_stem", "pre_tokenizer", "validate_prompt", "max_kl", "write_modelfile", "push_to_hub", "token",
+             "private", "commit_message")
+
+
+def gguf_filename(file_stem: str, ftype: str) -> str:
+    return f"{file_stem}.{ftype.upper()}.gguf"
+
+
+def _validate(path: Path, ftype: str, model: torch.nn.Module, tokenizer: Any, prompt: str | None,
+              max_kl: float) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ..llama_cpp import DEFAULT_PROMPT, validate_gguf
+    from .reader import reference_model
+    from .writer import text_config
+
+    config = text_config(base_model_of(model).config)
+    if ftype in _UNQUANTIZED:
+        reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        reference.load_state_dict(merged_state_dict(model, dtype=torch.float32), strict=False)
+        reference.tie_weights()
+        reference.eval()
+    else:
+        reference = reference_model(path, config)
+    validate_gguf(path, reference, tokenizer, prompt or DEFAULT_PROMPT, max_kl=max_kl)
+
+
+def save_pretrained_gguf(
+    model: torch.nn.Module,
+    save_directory: str | os.PathLike,
+    tokenizer: Any = None,
+    quantization_method: str | list[str] = "fast_quantized",
+    validate: bool = False,
+    **kw: Any,
+) -> list[Path]:
+    """Write ``model`` (peft LoRA or plain transformers; bf16/fp32 or bitsandbytes 4-bit base) as GGUF file(s).
+
+    quantization_method: one name or a list, Unsloth's names and aliases: ``not_quantized`` (f16), ``fast_quantized``
+    (q8_0), ``quantized`` (q4_k_m), f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, q4_k_s/m,
+    q5_k_s/m, q6_k. validate: check each file in llama.cpp (needs llama-cpp-python). Keywords: ``file_stem``
+    (default "model"), ``pre_tokenizer`` (llama.cpp pre-tokenizer name, when it cannot be derived),
+    ``validate_prompt``, ``max_kl`` (default 1e-5 for f32/f16/bf16, 1e-3 for quantized types),
+    ``write_modelfile`` (default True: an Ollama Modelfile beside the first file when the tokenizer's chat template
+    maps to one), ``push_to_hub`` / ``token`` / ``private`` /
+    ``commit_message`` (then the folder is also uploaded to the Hub repo named ``save_directory``). Returns the paths
+    written, in the order asked.
+    """
+    unknown = sorted(set(kw) - set(_KEYWORDS))
+    if unknown:
+        raise TypeError(f"save_pretrained_gguf: unexpected keyword(s) {unknown}; accepted: {list(_KEYWORDS)}")
+    if tokenizer is None:
+        raise ValueError("tokenizer: a GGUF file needs the tokenizer (llama.cpp reads the vocabulary from the file); "
+                         "pass the tokenizer used for training")
+    ftypes = resolve_methods(quantization_method)
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = base_model_of(model)
+    tied = tied_output_key(base) is not None or base.get_output_embeddings() is None
+    template = getattr(tokenizer, "fasttune_template", None)
+    stem = kw.get("file_stem", "model")
+    paths: list[Path] = []
+    reports: list[GGUFReport] = []
+    for ftype in ftypes:
+        path = folder / gguf_filename(stem, ftype)
+        # The merge is streamed: one dense float32 tensor at a time, re-done per file type (cheap next to quantizing).
+        tensors = iter_merged_tensors(model, dtype=torch.float32)
+        reports.append(write_gguf(path, tensors, base.config, tokenizer, ftype, template, kw.get("pre_tokenizer"),
+                                  name=stem, tied=tied))
+        if validate:
+            max_kl = kw.get("max_kl") or (MAX_KL_UNQUANTIZED if ftype in _UNQUANTIZED else MAX_KL_QUANTIZED)
+            _validate(path, ftype, model, tokenizer, kw.get("validate_prompt"), max_kl)
+        paths.append(path)
+    if kw.get("write_modelfile", True):
+        _maybe_modelfile(folder, paths[0], tokenizer)
+    if kw.get("push_to_hub"):
+        from ..hub import upload_folder
+
+        upload_folder(folder, str(save_directory), token=kw.get("token"), private=kw.get("private"),
+                      commit_message=kw.get("commit_message"))
+    return paths
+
+
+def _maybe_modelfile(folder: Path, gguf_path: Path, tokenizer: Any) -> None:
+    from ..ollama import OllamaTemplateError, write_ollama_modelfile
+
+    try:
+        write_ollama_modelfile(folder / "Modelfile", gguf_path, tokenizer)
+    except OllamaTemplateError as err:
+        logger.warning("gguf: no Ollama Modelfile written: %s", err)

@@ -1,0 +1,120 @@
+"""GGUF files loaded by llama.cpp itself (llama-cpp-python): same tokens, same logits as the HF model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from export_helpers import lora_model
+
+from fasttune.data.chat import get_chat_template
+from fasttune.export import save_pretrained_gguf
+from fasttune.export.gguf import tensor_maps
+from fasttune.export.gguf.reader import reference_model
+from fasttune.export.gguf.writer import write_gguf
+from fasttune.export.llama_cpp import GGUFValidationError, validate_gguf
+from fasttune.export.merge import merged_state_dict
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.llama_cpp
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+TEMPLATES = {"llama": "llama-3.1", "mistral": "mistral", "qwen2": "qwen-2.5", "qwen3": "qwen-3", "gemma": "gemma",
+             "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi-3"}
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_dir):
+    """``merged(family) -> (lora_model, float32 merged state)``, built once per module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model = lora_model(tiny_model_dir(family), family)
+            cache[family] = (model, merged_state_dict(model, dtype=torch.float32))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f16_matches_hf_fp32(family, merged, tiny_tokenizer, tmp_path):
+    model, state = merged(family)
+    tokenizer = get_chat_template(tiny_tokenizer(family), TEMPLATES[family])
+    path = tmp_path / "m.gguf"
+    write_gguf(path, state, model.config, tokenizer, "f16")
+    report = validate_gguf(path, model, tokenizer, max_kl=1e-5, max_abs=5e-3)
+    assert report.tokens_match and report.n_tokens > 10
+    assert report.max_abs_diff < 5e-3 and report.top1 == 1.0, report
+
+
+@pytest.mark.parametrize(
+    "family,ftype",
+    [("llama", t) for t in ("q8_0", "q4_0", "q5_1", "q4_k_m", "q2_k", "q3_k_l", "q5_k_s", "q6_k")]
+    + [("gemma2", "q8_0"), ("gemma2", "q4_k_m"), ("qwen2", "q4_k_m"), ("phi3", "q5_k_m")],
+)
+def test_quantized_matches_its_dequantized_weights(family, ftype, merged, tiny_tokenizer, tmp_path):
+    model, state = merged(family)
+    tokenizer = tiny_tokenizer(family)
+    path = tmp_path / f"{ftype}.gguf"
+    write_gguf(path, state, model.config, tokenizer, ftype)
+    report = validate_gguf(path, reference_model(path, model.config), tokenizer, max_kl=1e-4)
+    assert report.tokens_match and report.kl < 1e-4 and report.top1 >= 0.9, report
+
+
+def test_validate_flag_and_a_wrong_file_fails(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    model = lora_model(tiny_model_dir("llama"), "llama")
+    tokenizer = tiny_tokenizer("llama")
+    paths = save_pretrained_gguf(model, tmp_path / "ok", tokenizer, ["q8_0", "f16"], validate=True)
+    assert [p.name for p in paths] == ["model.Q8_0.gguf", "model.F16.gguf"]
+    # Without llama's q/k permutation the file loads but computes something else: validation must say so.
+    broken = dataclasses.replace(tensor_maps.TENSOR_MAPS["llama"], permute_qk=False)
+    monkeypatch.setitem(tensor_maps.TENSOR_MAPS, "llama", broken)
+    with pytest.raises(GGUFValidationError, match="KL"):
+        save_pretrained_gguf(model, tmp_path / "bad", tokenizer, "f16", validate=True)
+
+
+def test_llama3_rope_scaling(tiny_tokenizer, tmp_path):
+    from fasttune.tiny import build_tiny_model
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    folder = build_tiny_model("llama", tmp_path / "l3", tokenizer=tiny_tokenizer("llama"), rope_parameters=rope)
+    model = lora_model(folder, "llama")
+    path = tmp_path / "l3.gguf"
+    report = write_gguf(path, merged_state_dict(model, dtype=torch.float32), model.config, tiny_tokenizer("llama"),
+                        "f16")
+    assert report.tensor_types["rope_freqs.weight"] == "F32"
+    result = validate_gguf(path, model, tiny_tokenizer("llama"), max_kl=1e-4, max_abs=5e-3)
+    assert result.max_abs_diff < 5e-3, result
+
+
+def test_sentencepiece_style_tokenizer_matches(tmp_path):
+    from spm_tokenizer import build_spm_tokenizer
+
+    from fasttune.tiny import build_tiny_model
+
+    tokenizer = build_spm_tokenizer()
+    folder = build_tiny_model("llama", tmp_path / "spm", tokenizer=tokenizer)
+    model = lora_model(folder, "llama")
+    path = tmp_path / "spm.gguf"
+    write_gguf(path, merged_state_dict(model, dtype=torch.float32), model.config, tokenizer, "f16")
+    from fasttune.export.llama_cpp import LlamaCppModel
+
+    with LlamaCppModel(path, vocab_only=True) as lm:
+        for text in ["Hello world, the quick fox! 42", "  two  spaces", "ünïcödé bytes ✓", "def add(a, b):\n    return"]:
+            assert lm.tokenize(text) == tokenizer(text).input_ids, text
+    report = validate_gguf(path, model, tokenizer, max_kl=1e-4, max_abs=5e-3)
+    assert report.tokens_match
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sliding_window_layout_beyond_the_window(family, merged, tiny_tokenizer, tmp_path):
+    model, state = merged(family)
+    tokenizer = tiny_tokenizer(family)
+    path = tmp_path / "swa.gguf"
+    write_gguf(path, state, model.config, tokenizer, "f16")
+    prompt = " ".join(f"word{i} is {i * 7 % 13}" for i in range(40))  # far more tokens than the window of 64
+    report = validate_gguf(path, model, tokenizer, prompt=prompt, max_kl=1e-5, max_abs=5e-3)
+    assert report.n_tokens > 2 * model.config.sliding_window, report

@@ -1,0 +1,100 @@
+"""Ollama Modelfiles: every table template renders through its Go TEMPLATE exactly as through its Jinja template."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fasttune.data.chat import get_chat_template
+from fasttune.data.templates import CHAT_TEMPLATES
+from fasttune.export.gotemplate import GoTemplateError, render_go_template
+from fasttune.export.ollama import (
+    OllamaTemplateError,
+    check_template,
+    go_render_conversation,
+    resolve_chat_template,
+    write_ollama_modelfile,
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Italy?"},
+     {"role": "assistant", "content": "Rome"}, {"role": "user", "content": "And of Spain?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d"}],
+]
+
+
+def _parse_modelfile(text: str) -> dict:
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
+    system = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
+    stops = [bytes(s, "utf-8").decode("unicode_escape") for s in re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)]
+    source = re.search(r"^FROM (.+)$", text, re.M)[1]
+    return {"template": template[1], "system": system[1] if system else None, "stops": stops, "from": source}
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_modelfile_for_every_table_template(name, tiny_tokenizer, tmp_path):
+    tokenizer = get_chat_template(tiny_tokenizer("llama"), name)
+    bound = tokenizer.fasttune_template
+    gguf = tmp_path / "model.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    path = write_ollama_modelfile(tmp_path, gguf, tokenizer)
+    parsed = _parse_modelfile(path.read_text())
+    assert parsed["from"] == "./model.Q8_0.gguf"
+    assert parsed["template"] == bound.ollama_template
+    assert parsed["system"] == (bound.default_system or None)
+    assert bound.eos_token in parsed["stops"] and set(bound.stop_strings) <= set(parsed["stops"])
+    assert "{EOS_TOKEN}" not in path.read_text()
+    for messages in CONVERSATIONS:
+        want = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=messages[-1]["role"] != "assistant")
+        system = next((m["content"] for m in messages if m["role"] == "system"), parsed["system"] or "")
+        data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+        got = bound.bos_token + render_go_template(parsed["template"], data)
+        assert got == want, f"{name}: Go rendering differs from Jinja\n go:    {got!r}\n jinja: {want!r}"
+
+
+def test_broken_go_template_is_caught():
+    chatml = CHAT_TEMPLATES["chatml"]
+    broken = type(chatml)(**{**chatml.__dict__, "ollama_template": chatml.ollama_template.replace("<|im_end|>\n", "<|im_end|>", 1)})
+    with pytest.raises(OllamaTemplateError, match="renders differently"):
+        check_template(broken)
+
+
+def test_unmapped_template_is_an_explicit_error(tiny_tokenizer, tmp_path):
+    tokenizer = tiny_tokenizer("qwen2")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(OllamaTemplateError, match="not one of fasttune's table.*get_chat_template"):
+        write_ollama_modelfile(tmp_path / "Modelfile", tmp_path / "m.gguf", tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(OllamaTemplateError, match="no chat template"):
+        write_ollama_modelfile(tmp_path / "Modelfile", tmp_path / "m.gguf", tokenizer)
+    assert not (tmp_path / "Modelfile").exists()
+
+
+def test_template_derived_from_plain_chat_template_and_bound_to_eos(tiny_tokenizer):
+    tokenizer = tiny_tokenizer("mistral")
+    tokenizer.chat_template = CHAT_TEMPLATES["alpaca"].jinja  # set by hand: no fasttune_template attribute
+    template = resolve_chat_template(tokenizer)
+    assert template.name == "alpaca" and template.eos_token == "</s>" and template.stop_strings == ("</s>",)
+    rendered = go_render_conversation(template, CONVERSATIONS[2])
+    assert rendered.count("</s>") == 2
+
+
+def test_go_renderer_subset():
+    data = {"System": "", "Messages": [{"Role": "user", "Content": "x"}, {"Role": "assistant", "Content": "y"}],
+            "N": 3}
+    tpl = ('{{ $last := "" }}{{ range $i, $m := .Messages }}{{ $last = $m.Role }}[{{ $i }}:{{ $m.Content }}]'
+           '{{ end }}{{ $last }}|{{ if .System }}S{{ else if (and (gt .N 2) (not .System)) }}N{{ else }}E{{ end }}'
+           '|{{ with .Missing }}no{{ else }}none{{ end }}|{{ or .System "dflt" }}|{{ eq .N 1 3 }}|{{ len .Messages }}')
+    assert render_go_template(tpl, data) == "[0:x][1:y]assistant|N|none|dflt|true|2"
+    assert render_go_template("a  {{- .N -}}  b", data) == "a3b"
+    assert render_go_template('{{ range .Messages }}{{ .Role }},{{ end }}', data) == "user,assistant,"
+    with pytest.raises(GoTemplateError):
+        render_go_template('{{ template "x" }}', data)
+    with pytest.raises(GoTemplateError):
+        render_go_template("{{ if .N }}unterminated", data)
+    with pytest.raises(GoTemplateError, match="undeclared"):
+        render_go_template("{{ $x = 1 }}", data)
