@@ -15,7 +15,7 @@ if [ "${FASTTUNE_LLAMA_CPP:-1}" != "0" ] && ! python -c "import llama_cpp" 2>/de
   mkdir -p "$wheels"
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python once into $wheels (about 20 minutes)..."
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" python -m pip wheel --quiet --no-deps \
+    CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" python -m pip wheel --quiet --no-deps \
       "llama-cpp-python==0.3.36" -w "$wheels"
   fi
   python -m pip install --quiet "$wheels"/llama_cpp_python-*.whl diskcache

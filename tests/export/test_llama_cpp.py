@@ -118,3 +118,17 @@ def test_sliding_window_layout_beyond_the_window(family, merged, tiny_tokenizer,
     prompt = " ".join(f"word{i} is {i * 7 % 13}" for i in range(40))  # far more tokens than the window of 64
     report = validate_gguf(path, model, tokenizer, prompt=prompt, max_kl=1e-5, max_abs=5e-3)
     assert report.n_tokens > 2 * model.config.sliding_window, report
+
+
+def test_yarn_rope_scaling(tiny_tokenizer, tmp_path):
+    from fasttune.tiny import build_tiny_model
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+    folder = build_tiny_model("qwen2", tmp_path / "yarn", tokenizer=tiny_tokenizer("qwen2"), rope_parameters=rope,
+                              max_position_embeddings=128)
+    model = lora_model(folder, "qwen2")
+    path = tmp_path / "yarn.gguf"
+    write_gguf(path, merged_state_dict(model, dtype=torch.float32), model.config, tiny_tokenizer("qwen2"), "f16")
+    prompt = " ".join(f"item {i}" for i in range(30))  # past the original context of 32
+    report = validate_gguf(path, model, tiny_tokenizer("qwen2"), prompt=prompt, max_kl=1e-5, max_abs=5e-3)
+    assert report.n_tokens > 32, report

@@ -102,11 +102,27 @@ def write_hparams(writer: GGUFWriter, config: Any, tmap: TensorMap, n_vocab: int
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif kind == "llama3":
         extra["rope_freqs.weight"] = _llama3_rope_factors(rope, head_dim)
+    elif kind == "yarn":
+        _yarn(writer, rope, c)
     elif kind != "default":
         raise NotImplementedError(f"rope_type: {kind!r} is not written to GGUF by fasttune yet; supported: "
-                                  "default, linear, llama3")
+                                  "default, linear, llama3, yarn")
     _family_hparams(writer, c, tmap)
     return extra
+
+
+def _yarn(writer: GGUFWriter, rope: dict[str, Any], c: Any) -> None:
+    """YaRN context extension: scaling type, factor, original context and any explicit YaRN constants."""
+    writer.add_rope_scaling_type(RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings")
+                                             or c.max_position_embeddings))
+    if rope.get("attention_factor") is not None:
+        writer.add_rope_scaling_yarn_attn_factor(float(rope["attention_factor"]))
+    if rope.get("beta_fast") is not None:
+        writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+    if rope.get("beta_slow") is not None:
+        writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
 
 
 def _family_hparams(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
