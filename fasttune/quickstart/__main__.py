@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     parser.add_argument("--output-dir", default="outputs/quickstart", help="where the base model and adapter go")
+    parser.add_argument("--eval-questions", type=int, default=None,
+                        help="ask only the first N questions before/after (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.steps <= 0:
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     start = time.perf_counter()
     facts = load_facts()
+    asked = facts[: args.eval_questions] if args.eval_questions else facts
 
     print(f"[1/5] building a tiny Llama-architecture model offline in {out / 'base_model'}")
     base = build_base(out / "base_model", facts)
@@ -112,17 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     trainer = train_on_responses_only(trainer)  # loss on the assistant's answers only
 
     print("[3/5] answers before training")
-    before = evaluate(model, tokenizer, trainer, facts)
+    before = evaluate(model, tokenizer, trainer, asked)
     print(f"[4/5] training {args.steps} steps (QLoRA, loss on answers only)")
     trainer.train()
-    after = evaluate(model, tokenizer, trainer, facts)
+    after = evaluate(model, tokenizer, trainer, asked)
 
     print(f"[5/5] saving the LoRA adapter to {out / 'adapter'}")
     model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
 
     question = facts[0]["instruction"]
-    rows = [("", "loss", f"exact answers (of {len(facts)})", f"answer to {question!r}"),
+    rows = [("", "loss", f"exact answers (of {len(asked)})", f"answer to {question!r}"),
             ("before", f"{before['loss']:.3f}", str(before["correct"]), repr(before["answers"][0])),
             ("after", f"{after['loss']:.3f}", str(after["correct"]), repr(after["answers"][0]))]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

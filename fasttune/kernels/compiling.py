@@ -1,0 +1,91 @@
+"""Optional ``torch.compile`` of the CPU torch path's inner maths (inductor fuses the elementwise passes).
+
+On CPU the fast ops' forward/backward bodies are plain torch functions; :func:`cpu_compiled` wraps one so that, when
+compiling is on, CPU calls go through ``torch.compile(fn, dynamic=True)`` (one graph for every shape). It is on by
+default (``FASTTUNE_COMPILE=auto``: on CPU when a C compiler is on PATH); ``FASTTUNE_COMPILE=0`` or
+``with use_compile(False):`` turn it off, ``FASTTUNE_COMPILE=1`` forces it. Calls made while the caller's own
+``torch.compile`` is tracing run the plain function, so they are traced with the rest of the model.
+
+If compiling a function fails, the plain function runs instead; when that succeeds the failure was the compiler's,
+so a ``RuntimeWarning`` names it once and that function stays uncompiled. If the plain function fails too, its error
+is raised: real errors are never hidden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["compile_enabled", "cpu_compiled", "use_compile"]
+
+_ENV_VAR = "FASTTUNE_COMPILE"
+_CHOICES = ("auto", "1", "0")
+_forced: list[bool] = []
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def use_compile(enabled: bool) -> Iterator[None]:
+    """Turn compiling of the CPU torch path on or off inside a ``with`` block."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"use_compile(enabled): {enabled!r} is not a bool")
+    _forced.append(enabled)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+@functools.lru_cache(maxsize=1)
+def _have_c_compiler() -> bool:
+    return any(shutil.which(name) for name in ("cc", "gcc", "g++", "clang"))
+
+
+def compile_enabled() -> bool:
+    """Whether CPU torch-path bodies are compiled now (see the module docstring)."""
+    if _forced:
+        return _forced[-1]
+    value = os.environ.get(_ENV_VAR, "auto")
+    if value not in _CHOICES:
+        raise ValueError(f"{_ENV_VAR}: {value!r} is not allowed; allowed values are {', '.join(_CHOICES)}")
+    return value == "1" or (value == "auto" and _have_c_compiler())
+
+
+def cpu_compiled(fn: F | None = None, *, eager: Callable[..., Any] | None = None) -> Any:
+    """Decorator: route CPU calls of ``fn`` (first argument a tensor) through ``torch.compile`` when enabled.
+
+    ``eager``: an equivalent function to run when not compiling (e.g. one written with in-place ops, fast
+    uncompiled but a poor fit for inductor); default ``fn`` itself. Use as ``@cpu_compiled`` or
+    ``@cpu_compiled(eager=other)``.
+    """
+    if fn is None:
+        return functools.partial(cpu_compiled, eager=eager)
+    plain = eager or fn
+    state: dict[str, Any] = {"compiled": None, "broken": False}
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if (state["broken"] or args[0].device.type != "cpu" or torch.compiler.is_compiling()
+                or not compile_enabled()):
+            return plain(*args, **kwargs)
+        if state["compiled"] is None:
+            state["compiled"] = torch.compile(fn, dynamic=True)
+        try:
+            return state["compiled"](*args, **kwargs)
+        except Exception as compile_error:  # decided below: a compiler failure or a real error (re-raised)
+            result = plain(*args, **kwargs)
+            state["broken"] = True
+            warnings.warn(f"fasttune.kernels: torch.compile of {fn.__qualname__} failed ({compile_error!r:.300}); "
+                          "running it uncompiled from now on", RuntimeWarning, stacklevel=2)
+            return result
+
+    wrapper.uncompiled = plain  # type: ignore[attr-defined]
+    wrapper.compile_state = state  # type: ignore[attr-defined]
+    return wrapper

@@ -1,0 +1,188 @@
+"""Fused linear cross-entropy: lm_head + cross-entropy over chunks of tokens, never holding all the logits.
+
+For the selected rows (labels != ignore_index; the others are dropped before any matmul) and each chunk of them::
+
+    logits = h W^T + b                          (chunk, V), in the input dtype, then fp32
+    z      = softcap * tanh(logits / softcap)   (only when softcap is set; Gemma-2's final logit softcapping)
+    loss_i = logsumexp(z_i) - z_i[y_i]          (fp32)
+    dz     = softmax(z) - onehot(y)             dlogits = dz * (1 - tanh^2)  with softcap, else dz
+    dh     = dlogits W                          dW += dlogits^T h          db += sum_rows(dlogits)
+
+The loss is ``sum_i loss_i / D``; D is ``num_items_in_batch`` when given (transformers' gradient-accumulation
+convention: the number of label tokens in the whole accumulated batch) else the number of non-ignored labels here.
+The gradients w.r.t. h, W and b (already divided by D) are computed inside forward, chunk by chunk, and they are
+all autograd keeps: at most ``(labelled tokens, H) + (V, H) + (V,)`` in the inputs' dtype (dW is accumulated over
+chunks in fp32) instead of the ``(tokens, V)`` fp32 logits and their gradient. No dW work is done when the weight is
+frozen (the LoRA case). Backward only multiplies them by ``grad_output``. A chunk's logits are the largest
+temporary: ``chunk_size * V`` values.
+
+Labels must already be aligned with hidden (label i is the target of hidden row i): the caller shifts them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fasttune.kernels.compiling import cpu_compiled
+from fasttune.kernels.dispatch import select_backend
+from fasttune.kernels.reference import linear_cross_entropy_ref
+
+__all__ = ["FusedLinearCrossEntropyFunction", "fused_linear_cross_entropy"]
+
+
+@cpu_compiled
+def _rows_loss_and_grad_torch(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits ``(c, V)`` (overwritten), targets ``(c,)``, scale ``()`` fp32 or None (no gradient wanted) ->
+    (loss summed over the rows, fp32; ``scale * dloss/dlogits`` ``(c, V)`` in the logits' dtype and storage, or None).
+    """
+    z = logits.float() if logits.dtype != torch.float32 else logits
+    t = None
+    if softcap is not None:
+        t = z.div_(softcap).tanh_()
+        z = t * softcap
+    # log-sum-exp in place (torch.logsumexp would allocate another (c, V) buffer): z becomes exp(z - max)
+    target_z = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    row_max = z.amax(dim=-1, keepdim=True)
+    exp = z.sub_(row_max).exp_()
+    total = exp.sum(dim=-1, keepdim=True)
+    loss = (row_max + total.log()).squeeze(1).sub_(target_z).sum()
+    if scale is None:
+        return loss, None
+    grad = exp.div_(total)
+    grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+    if t is not None:
+        grad.mul_(t.square_().neg_().add_(1.0))
+    return loss, logits.copy_(grad.mul_(scale))  # written over the logits: no third (c, V) buffer
+
+
+def _rows_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                        scale: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if backend == "triton":
+        from fasttune.kernels.triton.cross_entropy import cross_entropy_rows
+
+        losses = cross_entropy_rows(logits, targets, softcap, scale)
+        return losses.sum(), (logits if scale is not None else None)
+    return _rows_loss_and_grad_torch(logits, targets, softcap, scale)
+
+
+def _times(t: torch.Tensor | None, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``(t * factor).to(dtype)`` with the product in fp32."""
+    return None if t is None else (t.float() * factor).to(dtype)
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """``apply(h (M, H), weight (V, H), bias (V,) | None, targets (M,), denom (), softcap, chunk_size, backend)``.
+
+    Rows of h are the already-selected positions (every target is a class index). Returns ``sum(loss_i) / denom``.
+    Forward computes ``d(loss)/d(h, weight, bias)`` chunk by chunk (already divided by denom) and saves only them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, denom, softcap, chunk_size, backend):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        scale = (1.0 / denom) if (need_h or need_w or need_b) else None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc = h[start:start + chunk_size]
+            logits = hc @ weight.T if bias is None else torch.addmm(bias, hc, weight.T)
+            chunk_loss, grad = _rows_loss_and_grad(logits, targets[start:start + chunk_size], softcap, scale, backend)
+            loss += chunk_loss
+            if grad is None:
+                continue
+            if need_b:
+                grad_b += grad.sum(0, dtype=torch.float32)
+            if need_h:
+                torch.matmul(grad, weight, out=grad_h[start:start + chunk_size])
+            if need_w:
+                if grad.dtype == torch.float32:
+                    grad_w.addmm_(grad.T, hc)
+                else:  # bf16/fp16 matmul, accumulated over chunks in fp32
+                    grad_w += grad.T @ hc
+        # kept in the parameters' dtype (what backward returns anyway): half the bytes of fp32 for a bf16 lm_head
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.w_dtype = weight.dtype
+        return loss / denom
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype = grad_h.dtype if grad_h is not None else None
+        return (_times(grad_h, grad_output, h_dtype), _times(grad_w, grad_output, ctx.w_dtype),
+                _times(grad_b, grad_output, ctx.w_dtype), None, None, None, None, None)
+
+
+def _check(hidden, weight, labels, softcap, chunk_size, bias) -> None:
+    name = "fused_linear_cross_entropy"
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: weight {tuple(weight.shape)} must be (vocab, hidden) with hidden = "
+                         f"{hidden.shape[-1]} (hidden's last dim)")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"{name}: labels {tuple(labels.shape)} must have hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}; labels are aligned with hidden (the caller shifts them)")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{name}: hidden dtype {hidden.dtype} differs from weight dtype {weight.dtype}; cast one")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap={softcap!r} must be a positive number or None")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size={chunk_size!r} must be a positive int")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name}: bias {tuple(bias.shape)} must be (vocab,) = ({weight.shape[0]},)")
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean token cross-entropy of ``hidden @ weight.T (+ bias)`` against labels, as a scalar fp32 loss.
+
+    hidden: ``(N, H)`` or ``(batch, seq, H)``; weight: ``(V, H)``; labels: ``(N,)`` or ``(batch, seq)``, ALREADY
+    aligned with hidden (the caller shifts; label i is hidden row i's target), ``ignore_index`` marks positions
+    without loss, which are dropped before the matmul. ``softcap`` applies ``softcap * tanh(logits / softcap)``.
+    The sum of per-token losses is divided by ``num_items_in_batch`` when given, else by the number of
+    non-ignored labels (0 labels -> loss 0). ``chunk_size`` tokens of logits exist at a time (each chunk's logits
+    take ``chunk_size * V * 4`` bytes in fp32: lower it for very large vocabularies). fp32 or bf16 inputs; the
+    log-sum-exp is always accumulated in fp32. Under ``torch.autocast`` the matmuls run in the autocast dtype, as
+    ``F.linear`` would.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # what F.linear does under autocast: the matmuls run in the autocast dtype; the casts are autograd ops, so
+        # gradients still reach the original tensors in their own dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+                                              num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, bias=bias)
+    _check(hidden, weight, labels, softcap, chunk_size, bias)
+    backend = select_backend(hidden)
+    if backend == "reference":
+        return linear_cross_entropy_ref(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+                                        num_items_in_batch=num_items_in_batch, bias=bias)
+    flat_labels = labels.reshape(-1)
+    keep = (flat_labels != ignore_index).nonzero().squeeze(1)
+    targets = flat_labels[keep]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"fused_linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or {ignore_index} "
+                         f"(ignore_index); got values from {int(targets.min())} to {int(targets.max())}")
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    if num_items_in_batch is None:
+        denom = torch.tensor(float(max(targets.numel(), 1)), device=hidden.device)
+    else:
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32).reshape(())
+    return FusedLinearCrossEntropyFunction.apply(h, weight, bias, targets, denom, softcap, chunk_size, backend)

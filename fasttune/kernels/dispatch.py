@@ -1,0 +1,63 @@
+"""Which implementation of an op runs: Triton on CUDA, the memory-saving torch path elsewhere, or the reference.
+
+The choice is made per call from the input's device. ``FASTTUNE_KERNEL_BACKEND`` (``auto``, ``reference``, ``torch``,
+``triton``) or the :func:`use_backend` context manager force one; ``auto`` is the default. ``triton`` is optional:
+it is imported only when a Triton kernel is about to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from functools import lru_cache
+
+import torch
+
+__all__ = ["BACKENDS", "select_backend", "triton_available", "use_backend"]
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+_ENV_VAR = "FASTTUNE_KERNEL_BACKEND"
+_forced: list[str] = []
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is never imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: {name!r} is not a kernel backend; allowed values are {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (tests, benchmarks): ``with use_backend("reference"): ...``."""
+    _forced.append(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def select_backend(tensor: torch.Tensor) -> str:
+    """The backend for an op whose main input is ``tensor``: ``"reference"``, ``"torch"`` or ``"triton"``.
+
+    ``auto``: Triton when the tensor is on CUDA and triton is installed, the torch path on CPU and on CUDA without
+    triton, the reference on any other device. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests).
+    """
+    name = _forced[-1] if _forced else _check_name(os.environ.get(_ENV_VAR, "auto"), _ENV_VAR)
+    if name == "triton" and not triton_available():
+        raise RuntimeError(f"{_ENV_VAR}/use_backend asked for 'triton' but triton is not installed: "
+                           "pip install 'fasttune[triton]', or pick 'torch'")
+    if name != "auto":
+        return name
+    if tensor.device.type == "cuda":
+        return "triton" if triton_available() else "torch"
+    if tensor.device.type == "cpu":
+        return "torch"
+    return "reference"
