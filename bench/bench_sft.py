@@ -1,0 +1,242 @@
+"""SFT benchmark: fasttune vs the plain transformers + peft + TRL stack, per /work/shared/BENCHMARKS.md.
+
+Run (quick: a few steps per configuration, each in its own process):
+
+    python bench/bench_sft.py --steps 6 --models small long qwen2
+    python bench/bench_sft.py --sweep 2048 4096 8192 --budget-gib 6     # longest sequence within a memory budget
+    python bench/bench_sft.py --sweep 16384 --modes fasttune            # one mode, chosen lengths (run in parallel)
+
+Quick runs used FASTTUNE_COMPILE=0 (no torch.compile warm-up) and --threads 1 on the shared 2-core machine.
+
+Configurations (same model, data, seed, LoRA r=16 alpha=16 on all linear layers, dropout 0, AdamW, bf16, threads):
+* ``baseline``: TRL ``SFTTrainer`` defaults -- per-batch padding, SDPA, gradient checkpointing, TRL's fused LM head.
+* ``trl_padding_free``: the same with TRL's own ``padding_free=True`` (its faster setting that works on CPU).
+* ``fasttune``: ``patch_model`` (fused LoRA blocks, fused norms, per-segment SDPA for packed rows) +
+  ``PaddingFreeCollator`` + fused linear CE (``FastLossMixin``) + "unsloth" checkpointing.
+
+Figures: trained tokens/s (tokens carrying a label, first step excluded as warm-up), peak RSS of the process, loss at
+the last step, MFU = 6 x (non-embedding linear params) x tokens/s / (bf16 matmul FLOP/s measured in that process).
+Results go to bench/results/sft-<UTC time>.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODES = ("baseline", "trl_padding_free", "fasttune")
+
+
+# ----------------------------------------------------------------------------------------------- worker (one config)
+def matmul_flops(dtype_name: str = "bfloat16", n: int = 1024, reps: int = 8) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def build_trainer(opts: argparse.Namespace, workdir: str):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from fasttune.fast import PaddingFreeCollator, enable_checkpointing, patch_model
+    from fasttune.fast.trl_loss import FastLossMixin
+    from fasttune.tiny import build_tokenizer
+
+    sys.path.insert(0, str(HERE))
+    from sft_data import chat_dataset, long_dataset, model_config
+
+    torch.manual_seed(opts.seed)
+    config = model_config(opts.model)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                                             bias="none", task_type="CAUSAL_LM"))
+    n_rows = opts.steps * opts.batch
+    rows = (long_dataset(n_rows, opts.seq_len, config.vocab_size, opts.seed) if opts.seq_len
+            else chat_dataset(n_rows, config.vocab_size, opts.seed, opts.max_tokens))
+    args = SFTConfig(
+        output_dir=workdir, max_steps=opts.steps, per_device_train_batch_size=opts.batch, learning_rate=2e-4,
+        bf16=True, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=opts.seed,
+        max_length=None if opts.mode == "trl_padding_free" else max(opts.seq_len or 0, 2048), dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=opts.mode != "fasttune", padding_free=opts.mode == "trl_padding_free",
+    )
+    kwargs = dict(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                  processing_class=build_tokenizer("llama"))
+    if opts.mode == "fasttune":
+        patch_model(model)
+        enable_checkpointing(model, "unsloth")
+
+        class FastSFTTrainer(FastLossMixin, SFTTrainer):
+            pass
+
+        trainer = FastSFTTrainer(data_collator=PaddingFreeCollator(), **kwargs)
+    else:
+        trainer = SFTTrainer(**kwargs)
+
+    counts: list[int] = []
+    inner = trainer.data_collator
+
+    def counting(examples):
+        batch = inner(examples)
+        labels = batch["labels"]
+        # tokens that carry a label after the next-token shift (padding and sequence starts do not count)
+        counts.append(int((labels[:, 1:] != -100).sum()))
+        return batch
+
+    trainer.data_collator = counting
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    trainer.add_callback(Timer())
+    return trainer, model, counts, times
+
+
+def run_worker(opts: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    flops = matmul_flops()
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer, model, counts, times = build_trainer(opts, workdir)
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # the train dataloader may collate one batch ahead; pair each timed step with its own batch
+    steps = min(len(times), len(counts))
+    timed = range(1, steps) if steps > 1 else range(steps)
+    tokens, seconds = sum(counts[i] for i in timed), sum(times[i] for i in timed)
+    linear_params = sum(m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and "lora_" not in n)
+    tps = tokens / seconds if seconds else 0.0
+    return {
+        "model": opts.model, "mode": opts.mode, "steps": opts.steps, "batch": opts.batch, "seq_len": opts.seq_len,
+        "tokens_per_s": tps, "step_s": times, "trained_tokens": counts[:steps],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "loss_last": losses[-1] if losses else None, "losses": losses,
+        "matmul_gflops": flops / 1e9, "mfu": 6 * linear_params * tps / flops, "linear_params": linear_params,
+    }
+
+
+# ------------------------------------------------------------------------------------------- orchestrator and table
+def spawn(model: str, mode: str, opts: argparse.Namespace, seq_len: int | None = None, steps: int | None = None,
+          batch: int | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--mode", mode,
+           "--steps", str(steps or opts.steps), "--batch", str(batch or opts.batch), "--threads", str(opts.threads),
+           "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens)]
+    if seq_len:
+        cmd += ["--seq-len", str(seq_len)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"model": model, "mode": mode, "seq_len": seq_len, "error": proc.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def table(results: list[dict]) -> str:
+    head = f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'RSS GiB':>8} {'x base':>7} {'loss':>8} {'MFU':>6}"
+    out = [head, "-" * len(head)]
+    base = {r["model"]: r for r in results if r.get("mode") == "baseline" and "error" not in r}
+    for r in results:
+        if "error" in r:
+            out.append(f"{r['model']:8} {r['mode']:17} ERROR: {r['error'].strip().splitlines()[-1][:80]}")
+            continue
+        b = base.get(r["model"])
+        speed = r["tokens_per_s"] / b["tokens_per_s"] if b and b["tokens_per_s"] else float("nan")
+        mem = r["peak_rss_gib"] / b["peak_rss_gib"] if b else float("nan")
+        out.append(f"{r['model']:8} {r['mode']:17} {r['tokens_per_s']:8.1f} {speed:7.2f} {r['peak_rss_gib']:8.2f} "
+                   f"{mem:7.2f} {r['loss_last'] or float('nan'):8.4f} {100 * r['mfu']:5.1f}%")
+    return "\n".join(out)
+
+
+def sweep(opts: argparse.Namespace) -> list[dict]:
+    """One step per length on the ``long`` model; the longest length whose peak RSS fits the budget, per mode."""
+    results = []
+    for mode in [m for m in opts.modes if m != "trl_padding_free"]:
+        for length in opts.sweep:
+            r = spawn("long", mode, opts, seq_len=length, steps=1, batch=1)
+            r["fits"] = "error" not in r and r["peak_rss_gib"] <= opts.budget_gib
+            results.append(r)
+            print(f"sweep {mode:9} {length:6}: " + (f"{r['peak_rss_gib']:.2f} GiB" if "error" not in r else "error"),
+                  flush=True)
+            if not r["fits"]:
+                break
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--models", nargs="+", default=["small", "long", "qwen2"])
+    parser.add_argument("--mode", choices=MODES, default="fasttune")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per configuration (first = warm-up)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=None, help="fixed length (the long model uses 4096)")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="longest conversation (quick runs: less)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", type=int, nargs="*", default=None, help="sequence lengths for the budget sweep")
+    parser.add_argument("--budget-gib", type=float, default=6.0)
+    opts = parser.parse_args()
+    if opts.worker:
+        print(json.dumps(run_worker(opts)), flush=True)
+        return
+    info = machine()
+    print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, torch {info['torch']}, {info['date_utc']} "
+          "UTC (shared, loaded machine: absolute numbers drift, ratios are what count)", flush=True)
+    results: list[dict] = []
+    if opts.sweep:
+        results = sweep(opts)
+    else:
+        for model in opts.models:
+            for mode in opts.modes:
+                long = model == "long"
+                r = spawn(model, mode, opts, seq_len=4096 if long else opts.seq_len, batch=1 if long else None)
+                results.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("step_s", "losses", "trained_tokens")}),
+                      flush=True)
+        print(table(results))
+    out = HERE / "results" / f"sft-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "options": vars(opts), "results": results}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

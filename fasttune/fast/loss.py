@@ -1,0 +1,87 @@
+"""The causal-LM forward with fasttune's fused linear cross-entropy.
+
+With ``labels`` (or pre-shifted ``shift_labels``) the forward runs the backbone, then computes the loss with
+:func:`fasttune.kernels.fused_linear_cross_entropy`, which never builds the ``(tokens, vocab)`` logits:
+
+    ``loss = sum_i CE(softcap(h_i W^T + b), y_{i+1}) / D``
+
+over positions whose next label is not -100, with ``D = num_items_in_batch`` when the trainer passes it (gradient
+accumulation: the label count of the whole accumulated batch), else the count of labels in this batch. Gemma-2's
+``final_logit_softcapping`` ``z -> c * tanh(z / c)`` is applied inside the loss.
+
+**In that case the returned ``logits`` is None** (that is the point: they are never built). Without labels the
+original forward runs unchanged, so ``generate`` and evaluation with logits keep working. A call with TRL's
+``fused_lm_head=True`` is handed to the forward that was there before fasttune (TRL's own fused head when TRL added
+it first), and so is a model whose lm_head is not a plain ``nn.Linear`` (LoRA on the lm_head, ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fasttune.kernels import fused_linear_cross_entropy
+
+IGNORE_INDEX = -100
+# Tokens per loss chunk are chosen so one chunk's fp32 logits (and their gradient) stay near 128 MiB: 1024 tokens
+# for a 32k vocabulary, 256 for Llama-3's 128k (measured: 1024-token chunks at 128k vocab add ~0.75 GiB of peak RSS).
+LOGITS_CHUNK_ELEMENTS = 2**25
+
+
+def loss_chunk_size(vocab_size: int) -> int:
+    """Tokens per fused-CE chunk: a power of two in [64, 1024] with ``tokens * vocab <= LOGITS_CHUNK_ELEMENTS``."""
+    tokens = max(1, LOGITS_CHUNK_ELEMENTS // max(1, vocab_size))
+    return max(64, min(1024, 1 << (tokens.bit_length() - 1)))
+
+
+def shift_for_next_token(labels: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)`` labels -> labels aligned with hidden states: position t predicts label t+1; the last is -100."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
+    """A forward for ``model`` (a ``*ForCausalLM`` instance) that uses fused linear CE when labels are given."""
+    text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    backbone_name = model.base_model_prefix
+
+    @functools.wraps(type(model).forward)
+    def forward(*args, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs):
+        if len(args) == 1 and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], ()
+        lm_head = model.get_output_embeddings()
+        plain_head = type(lm_head) is nn.Linear
+        if kwargs.get("fused_lm_head") or (labels is None and shift_labels is None) or args or not plain_head:
+            if labels is not None:
+                kwargs["labels"] = labels
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original(*args, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("return_dict", None)
+        backbone = getattr(model, backbone_name)
+        outputs = backbone(**kwargs)
+        hidden = outputs.last_hidden_state
+        targets = shift_labels if shift_labels is not None else shift_for_next_token(labels)
+        loss = fused_linear_cross_entropy(
+            hidden, lm_head.weight, targets.to(hidden.device),
+            ignore_index=IGNORE_INDEX, softcap=softcap, num_items_in_batch=num_items_in_batch,
+            bias=getattr(lm_head, "bias", None), chunk_size=loss_chunk_size(lm_head.weight.shape[0]),
+        )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    return forward

@@ -1,0 +1,170 @@
+"""Fused LoRA blocks against peft's own forward: outputs, input gradients, A/B gradients; dense and 4-bit bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fast_helpers import assert_close, load_peft
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from fasttune.fast.lora_linear import lora_linear, lora_projections
+from fasttune.fast.lora_mlp import lora_mlp
+from fasttune.fast.lora_parts import LoraParts, lora_parts
+
+# fp32: the same maths in another order. bf16 (factors in bf16 too): 8 mantissa bits, errors relative to the
+# tensor's largest value.
+TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5, scaled=True), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2, scaled=True)}
+
+
+class Block(nn.Module):
+    """Three projections sharing an input and a gated MLP, odd sizes on purpose."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool) -> None:
+        super().__init__()
+        self.q = nn.Linear(hidden, 96, bias=bias)
+        self.k = nn.Linear(hidden, 32, bias=bias)
+        self.v = nn.Linear(hidden, 32, bias=bias)
+        self.gate = nn.Linear(hidden, inter, bias=False)
+        self.up = nn.Linear(hidden, inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=False)
+
+    def mlp(self, x: torch.Tensor, act) -> torch.Tensor:
+        return self.down(act(self.gate(x)) * self.up(x))
+
+
+def make_block(dtype: torch.dtype, bias: bool = True, hidden: int = 123, inter: int = 77, **lora) -> Block:
+    torch.manual_seed(0)
+    block = Block(hidden, inter, bias)
+    config = LoraConfig(r=5, lora_alpha=13, target_modules=["q", "k", "v", "gate", "up", "down", "gate_up"],
+                        lora_dropout=lora.pop("lora_dropout", 0.0), init_lora_weights=False, **lora)
+    block = inject_adapter_in_model(config, block)
+    for name, p in block.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return block.to(dtype) if dtype != torch.float32 else block
+
+
+def grads_of(params) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
+def lora_params(*layers) -> list[torch.Tensor]:
+    return [w for layer in layers for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_matches_peft(dtype, bias):
+    block = make_block(dtype, bias)
+    layers = (block.q, block.k, block.v)
+    x = torch.randn(5, 7, 123, dtype=dtype, requires_grad=True)
+    weights = [torch.randn(5, 7, out, dtype=dtype) for out in (96, 32, 32)]
+    ref = [layer(x) for layer in layers]
+    sum((r * w).sum() for r, w in zip(ref, weights)).backward()
+    ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(*layers))
+    x.grad = None
+    parts = tuple(lora_parts(layer) for layer in layers)
+    assert all(isinstance(p, LoraParts) and p.lora_A is not None for p in parts)
+    outs = lora_projections(x, parts)
+    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+    for name, got, want in zip("qkv", outs, ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_close(got, want, **TOL[dtype], what=f"{name} output")
+    assert_close(x.grad, ref_dx, **TOL[dtype], what="dx")
+    for i, (got, want) in enumerate(zip(grads_of(lora_params(*layers)), ref_g)):
+        assert_close(got, want, **TOL[dtype], what=f"factor grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_fused_mlp_matches_peft(dtype, activation):
+    block = make_block(dtype)
+    act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
+    x = torch.randn(3, 11, 123, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, 11, 123, dtype=dtype)
+    ref = block.mlp(x, act)
+    (ref * w).sum().backward()
+    layers = (block.gate, block.up, block.down)
+    ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(*layers))
+    x.grad = None
+    out = lora_mlp(x, *(lora_parts(layer) for layer in layers), activation)
+    assert out.grad_fn is not None and "LoRAMLP" in type(out.grad_fn).__name__
+    (out * w).sum().backward()
+    assert_close(out, ref, **TOL[dtype], what="mlp output")
+    assert_close(x.grad, ref_dx, **TOL[dtype], what="mlp dx")
+    for i, (got, want) in enumerate(zip(grads_of(lora_params(*layers)), ref_g)):
+        assert_close(got, want, **TOL[dtype], what=f"mlp factor grad {i}")
+
+
+def test_fused_gate_up_halves_match_phi3_style_mlp():
+    """phi3: one gate_up projection, gate = first half of its rows; A is shared by both halves."""
+    block = make_block(torch.float32)
+    x = torch.randn(2, 9, 123, requires_grad=True)
+    gate_ref, up_ref = block.gate_up(x).chunk(2, dim=-1)
+    ref = block.down(F.silu(gate_ref) * up_ref)
+    ref.square().sum().backward()
+    ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(block.gate_up, block.down))
+    x.grad = None
+    gu = lora_parts(block.gate_up)
+    out = lora_mlp(x, gu.sliced(slice(0, 77)), gu.sliced(slice(77, 154)), lora_parts(block.down), "silu")
+    out.square().sum().backward()
+    assert_close(out, ref, **TOL[torch.float32], what="output")
+    assert_close(x.grad, ref_dx, **TOL[torch.float32], what="dx")
+    for i, (got, want) in enumerate(zip(grads_of(lora_params(block.gate_up, block.down)), ref_g)):
+        assert_close(got, want, **TOL[torch.float32], what=f"factor grad {i}")
+
+
+def test_fallback_reasons():
+    assert "lora_dropout" in lora_parts(make_block(torch.float32, lora_dropout=0.1).q)
+    assert "variant" in lora_parts(make_block(torch.float32, use_dora=True).q)
+    block = make_block(torch.float32)
+    block.q.merge()
+    assert "merged" in lora_parts(block.q)
+    block.k.enable_adapters(False)
+    disabled = lora_parts(block.k)
+    assert isinstance(disabled, LoraParts) and disabled.lora_A is None  # base only, like peft
+    trainable = nn.Linear(4, 4)
+    assert "trainable" in lora_parts(trainable)
+
+
+def _saved_sizes(fn) -> list[int]:
+    sizes: list[int] = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+def test_4bit_fused_blocks_match_peft_and_keep_no_dense_weight(tiny_model_dir):
+    model = load_peft(tiny_model_dir("llama"), dtype=torch.bfloat16, four_bit=True)
+    mlp = model.base_model.model.model.layers[0].mlp
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert type(mlp.gate_proj.base_layer).__name__ == "FastLinear4bit"
+    x = torch.randn(2, 13, 256, dtype=torch.bfloat16, requires_grad=True)
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    ref = mlp(x)
+    ref.float().square().sum().backward()
+    ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(*layers))
+    x.grad = None
+    parts = [lora_parts(layer) for layer in layers]
+    sizes = _saved_sizes(lambda: lora_mlp(x, *parts, "silu"))
+    assert max(sizes) < 256 * 688, f"a saved tensor of {max(sizes)} elements looks like a dense weight"
+    out = lora_mlp(x, *parts, "silu")
+    out.float().square().sum().backward()
+    assert_close(out, ref, **TOL[torch.bfloat16], what="4-bit mlp output")
+    assert_close(x.grad, ref_dx, **TOL[torch.bfloat16], what="4-bit mlp dx")
+    for i, (got, want) in enumerate(zip(grads_of(lora_params(*layers)), ref_g)):
+        assert_close(got, want, **TOL[torch.bfloat16], what=f"4-bit factor grad {i}")
+    o_parts = lora_parts(attn.o_proj)
+    o_sizes = _saved_sizes(lambda: lora_linear(x, o_parts))
+    assert max(o_sizes) < 256 * 256
+    assert_close(lora_linear(x, o_parts), attn.o_proj(x), **TOL[torch.bfloat16], what="4-bit o_proj")
