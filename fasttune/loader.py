@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from . import export
 from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
 from .device import default_device_map
+from .fast import FAST_PATHS, is_patched, patch_model
 from .lora import inject_lora
 from .models import get_family
 from .quant import patch_quantized_layers
@@ -86,6 +87,7 @@ class FastLanguageModel:
         revision: str | None = None,
         fast_inference: bool = False,
         attn_implementation: str | None = None,
+        fast_path: bool = True,
         **kwargs: Any,
     ) -> tuple[PreTrainedModel, Any]:
         """Load ``model_name`` (a folder or Hub id) and its tokenizer, ready for LoRA/QLoRA or full fine-tuning.
@@ -93,6 +95,8 @@ class FastLanguageModel:
         Returns ``(model, tokenizer)``. 4-bit is NF4 with double quantization (bitsandbytes storage, so a saved
         model stays loadable by transformers); its forward is fasttune's exact dequantize-and-multiply (see
         ``fasttune.quant``). A folder holding a saved LoRA adapter loads its base model and attaches the adapter.
+        ``fast_path=True`` installs fasttune's fused forwards on this instance for supported families
+        (``fasttune.fast.unpatch_model(model)`` undoes it).
         """
         if full_finetuning and (load_in_4bit or load_in_8bit):
             logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
@@ -121,6 +125,8 @@ class FastLanguageModel:
             **kwargs,
         )
         patch_quantized_layers(model)
+        if fast_path and model.config.get_text_config().model_type in FAST_PATHS:
+            patch_model(model)
         tokenizer = AutoTokenizer.from_pretrained(
             source.adapter or source.base, token=token, revision=revision, trust_remote_code=trust_remote_code
         )
@@ -130,6 +136,8 @@ class FastLanguageModel:
         model.fasttune_tokenizer = tokenizer
         if source.adapter is not None:
             model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
+            if is_patched(model):
+                patch_model(model)  # fuse the LoRA blocks over the adapter's layers
         _attach_export_methods(model)
         if full_finetuning:
             for param in model.parameters():
@@ -174,6 +182,8 @@ class FastLanguageModel:
         extra = {k: v for k, v in (("layers_pattern", layers_pattern), ("loftq_config", loftq_config)) if v}
         spec = get_family(model.config.model_type)
         peft_model = inject_lora(model, settings, spec, **extra, **kwargs)
+        if is_patched(peft_model):
+            patch_model(peft_model)  # re-patch: fused Q/K/V, O and MLP blocks over the new LoRA layers
         if max_seq_length is not None:
             peft_model.max_seq_length = max_seq_length
         set_gradient_checkpointing(peft_model, use_gradient_checkpointing)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fasttune import FastLanguageModel
+from fasttune.fast import is_patched, patch_model, unpatch_model
 from fasttune.quant import FastLinear4bit, dequantize_weight, is_quantized_linear, restore_layers
 
 
@@ -26,8 +27,11 @@ def _step(model, ids):
 
 
 def _dense_twin(quant_model) -> nn.Module:
-    """The same peft model, with every quantized base layer replaced by an nn.Linear holding its dequantized weight."""
+    """The same peft model without fasttune's fast path, each quantized base layer replaced by an nn.Linear holding
+    its dequantized weight: the plain-peft reference."""
+    unpatch_model(quant_model)  # the patched forwards close over the original modules: copy the plain model
     twin = copy.deepcopy(quant_model)
+    patch_model(quant_model)
     for module in list(twin.modules()):
         base = getattr(module, "base_layer", None)
         if base is not None and is_quantized_linear(base):
@@ -52,7 +56,9 @@ def test_quantized_layer_matches_dense_twin_before_and_after_eval(tiny_model_dir
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
+    assert is_patched(model)  # the fused LoRA path over the quantized base is what is compared
     twin = _dense_twin(model)
+    assert not is_patched(twin)
     ids = torch.randint(5, 500, (2, 11), generator=torch.Generator().manual_seed(0))
 
     loss_q, grads_q = _step(model, ids)
