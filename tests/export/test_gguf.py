@@ -18,25 +18,11 @@ from fasttune.export.gguf.reader import read_gguf_state, unpermute_rows
 from fasttune.export.gguf.tensor_maps import permute_rows
 from fasttune.export.gguf.writer import write_gguf
 from fasttune.export.merge import merged_state_dict
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+from fasttune.tiny import FAMILIES
 
 
 def _field(reader: GGUFReader, key: str):
     return reader.fields[key].contents()
-
-
-@pytest.fixture(scope="module")
-def merged(tiny_model_dir):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            model = lora_model(tiny_model_dir(family), family)
-            cache[family] = (model, merged_state_dict(model, dtype=torch.float32))
-        return cache[family]
-
-    return get
 
 
 def test_method_names_and_aliases():

@@ -15,27 +15,13 @@ from fasttune.export.gguf.reader import reference_model
 from fasttune.export.gguf.writer import write_gguf
 from fasttune.export.llama_cpp import GGUFValidationError, validate_gguf
 from fasttune.export.merge import merged_state_dict
+from fasttune.tiny import FAMILIES
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama_cpp
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 TEMPLATES = {"llama": "llama-3.1", "mistral": "mistral", "qwen2": "qwen-2.5", "qwen3": "qwen-3", "gemma": "gemma",
              "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi-3"}
-
-
-@pytest.fixture(scope="module")
-def merged(tiny_model_dir):
-    """``merged(family) -> (lora_model, float32 merged state)``, built once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            model = lora_model(tiny_model_dir(family), family)
-            cache[family] = (model, merged_state_dict(model, dtype=torch.float32))
-        return cache[family]
-
-    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)
