@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from peft import PeftModel
 from torch import nn
+
+from ..fast.checkpointing import enable_checkpointing
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -23,7 +24,8 @@ def is_checkpointing(model: nn.Module) -> bool:
 def set_gradient_checkpointing(model: nn.Module, mode: Any) -> None:
     """Turn activation recomputation on (``True`` / ``"unsloth"``) or off (``False``) on the underlying model.
 
-    ``"unsloth"`` additionally offloads the saved layer inputs to pinned CPU memory on CUDA.
+    ``True`` is transformers' non-reentrant checkpointing; ``"unsloth"`` is ``fasttune.fast.enable_checkpointing``'s,
+    which keeps only each decoder layer's input (in pinned CPU memory on CUDA) and saves several times less.
 
     Non-reentrant checkpointing is used, so inputs need no ``requires_grad`` trick and frozen embeddings are fine.
     The chosen mode is remembered as ``fasttune_checkpointing`` so ``for_training`` can restore it.
@@ -36,11 +38,11 @@ def set_gradient_checkpointing(model: nn.Module, mode: Any) -> None:
             (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
         base.fasttune_checkpointing = False
         return
-    # "unsloth": layer inputs saved for the recompute live in pinned host memory (transformers' `offload`), which
-    # frees accelerator memory; on CPU they already live on the host, so it is plain recompute.
-    offload = mode == "unsloth" and torch.cuda.is_available()
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+    if mode == "unsloth":
+        # fasttune's own: keeps only each layer's input (pinned host memory on CUDA), recomputes the layer in backward
+        enable_checkpointing(base, "unsloth")
+    elif hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable({"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.fasttune_checkpointing = mode

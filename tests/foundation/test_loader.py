@@ -139,3 +139,18 @@ def test_export_methods_bound_on_instances_only(tiny_model_dir, tmp_path):
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpointing_modes_follow_inference_and_training(tiny_model_dir):
+    from fasttune.train.checkpointing import is_checkpointing
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4)  # use_gradient_checkpointing="unsloth" by default
+    assert is_checkpointing(model)
+    FastLanguageModel.for_inference(model)
+    assert not is_checkpointing(model)
+    FastLanguageModel.for_training(model)
+    assert is_checkpointing(model) and model.get_base_model().fasttune_checkpointing == "unsloth"
+    ids = torch.randint(5, 500, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
