@@ -106,8 +106,8 @@ class FastLanguageModel:
         if fast_inference:
             logger.warning("fasttune: fast_inference (vLLM) is not available; generation uses transformers")
         source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
-        spec = get_family(source.config.model_type)
-        if spec is None:
+        has_fast_path = source.config.get_text_config().model_type in FAST_PATHS
+        if not has_fast_path:
             logger.warning("fasttune: %s (model_type %r) has no fast path; loading through the generic path",
                            type(source.config).__name__, source.config.model_type)
         if rope_scaling is not None:
@@ -125,7 +125,7 @@ class FastLanguageModel:
             **kwargs,
         )
         patch_quantized_layers(model)
-        if fast_path and model.config.get_text_config().model_type in FAST_PATHS:
+        if fast_path and has_fast_path:
             patch_model(model)
         tokenizer = AutoTokenizer.from_pretrained(
             source.adapter or source.base, token=token, revision=revision, trust_remote_code=trust_remote_code
