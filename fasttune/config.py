@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from .device import resolve_dtype
@@ -111,9 +111,4 @@ class LoraSettings:
         _raise_if(problems, "get_peft_model")
 
 
-def describe(cls: type) -> dict[str, str]:
-    """Field name -> help text of an options dataclass (for docs and the CLI)."""
-    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
-
-__all__ = ["ConfigError", "DEFAULT_TARGET_MODULES", "LoadConfig", "LoraSettings", "describe"]
+__all__ = ["ConfigError", "DEFAULT_TARGET_MODULES", "LoadConfig", "LoraSettings"]

@@ -1,4 +1,4 @@
-from .registry import FAMILIES, get_family, supported_model_types
+from .registry import FAMILIES, get_family
 from .spec import FamilySpec
 
-__all__ = ["FAMILIES", "FamilySpec", "get_family", "supported_model_types"]
+__all__ = ["FAMILIES", "FamilySpec", "get_family"]

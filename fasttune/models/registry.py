@@ -16,6 +16,3 @@ def get_family(model_type: str) -> FamilySpec | None:
     """The spec registered for ``model_type``, or None when fasttune has no fast path for it."""
     return FAMILIES.get(model_type)
 
-
-def supported_model_types() -> list[str]:
-    return sorted(FAMILIES)
