@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
+
+from .export.atomic import recover_interrupted
+
+logger = logging.getLogger("fasttune")
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,60 @@ def _load_config(name: str, token: str | None, revision: str | None, trust_remot
     return AutoConfig.from_pretrained(name, token=token, revision=revision, trust_remote_code=trust_remote_code)
 
 
+def _pickle_weight_files(folder: Path) -> list[str]:
+    """Names of the pickle weight files transformers/peft would read from ``folder`` when it has no safetensors."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if any(name.endswith(".safetensors") for name in names):
+        return []  # transformers and peft prefer safetensors whenever they are there
+    return [n for n in names if n.endswith(".bin") and n.startswith(("pytorch_model", "adapter_model"))]
+
+
+def warn_if_pickle_only(folder: Path) -> None:
+    """Log a warning when ``folder``'s weights exist only as pickle (``pytorch_model.bin``, ``adapter_model.bin``).
+
+    Unpickling can run arbitrary code. transformers and peft read these files with ``torch.load(weights_only=True)``,
+    a restricted unpickler that blocks most of it but has had bypasses; safetensors holds only tensors (and loads
+    faster, memory-mapped), so a checkpoint from anyone but you is safer converted.
+    """
+    pickles = _pickle_weight_files(folder)
+    if pickles:
+        logger.warning(
+            "fasttune: %r has only pickle weights (%s) and no .safetensors: they are unpickled with torch.load, "
+            "and a pickle can run arbitrary code (weights_only=True restricts it but has had bypasses), so load it "
+            "only if you trust its source; prefer safetensors: load it once and save it with save_pretrained "
+            "(which writes .safetensors), or pick a repository that ships them",
+            str(folder), ", ".join(pickles),
+        )
+
+
+def check_safetensors_files(folder: Path) -> None:
+    """Open the header of every ``*.safetensors`` file in ``folder``; a truncated or corrupt one is an error naming it.
+
+    safetensors' own message ("incomplete metadata, file not fully covered") names no file, and transformers/peft
+    re-raise it without one; a header check costs one small read per file.
+    """
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ValueError(
+                f"model_name: {str(path)!r} is not a readable safetensors file ({err}): it is probably truncated "
+                f"({path.stat().st_size} bytes) by an interrupted download, copy or save; download or save it again"
+            ) from err
+
+
+def _checked_folder(folder: Path) -> None:
+    """What every model/adapter folder gets before loading: repair a killed fasttune save, check the weights."""
+    recover_interrupted(folder)
+    check_safetensors_files(folder)
+    warn_if_pickle_only(folder)
+
+
 def _from_folder(folder: Path, token: str | None, revision: str | None, trust_remote_code: bool) -> ModelSource:
     if not folder.is_dir():
         raise FileNotFoundError(f"model_name: {str(folder)!r} is a file, not a model folder")
+    _checked_folder(folder)
     if (folder / "config.json").is_file():
         return ModelSource(str(folder), _load_config(str(folder), None, None, trust_remote_code))
     adapter_cfg = folder / "adapter_config.json"

@@ -3,7 +3,9 @@
     paths = save_pretrained_gguf(model, "out", tokenizer, quantization_method=["q4_k_m", "q8_0"], validate=True)
 
 The merge is streamed in float32, one tensor at a time, into each file (see ``writer.write_gguf``). Files are named
-``<file_stem>.<TYPE>.gguf`` (``model.Q4_K_M.gguf``) and each is written to a scratch file and renamed into place.
+``<file_stem>.<TYPE>.gguf`` (``model.Q4_K_M.gguf``) and each is written to a scratch file and renamed into place, so
+each file is the old or the new one at every instant (a killed multi-type save may leave some types new, some old);
+the folder's other files are never touched, and scratch files of killed saves are deleted by the next save.
 With ``validate=True`` every file is loaded in llama.cpp and compared with an HF reference: the float32 merge for
 f32/f16/bf16 files, the model holding the file's own dequantized weights for quantized ones.
 """
@@ -17,8 +19,9 @@ from typing import Any
 
 import torch
 
+from ..atomic import check_writable, recover_interrupted
 from ..merge import base_model_of, iter_merged_tensors, merged_state_dict, tied_output_key
-from .quants import resolve_methods
+from .quants import ALIASES, METHODS, resolve_methods
 from .writer import GGUFReport, write_gguf
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,21 @@ MAX_KL_UNQUANTIZED = 1e-5
 MAX_KL_QUANTIZED = 1e-3
 _KEYWORDS = ("file_stem", "pre_tokenizer", "validate_prompt", "max_kl", "write_modelfile", "push_to_hub", "token",
              "private", "commit_message")
+
+
+def _check_method_types(value: Any) -> None:
+    """``quantization_method`` must be a name or a list/tuple of names (Unsloth raises a TypeError for other types)."""
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and all(isinstance(m, str) for m in items):
+        return
+    names = sorted(set(METHODS) | set(ALIASES))
+    if isinstance(items, (list, tuple)):
+        bad = next(i for i, m in enumerate(items) if not isinstance(m, str))
+        got = f"item {bad} of the list is {items[bad]!r} ({type(items[bad]).__name__})"
+    else:
+        got = f"got {value!r} ({type(value).__name__})"
+    raise TypeError(f"quantization_method: {got}; pass a method name (str) such as 'q8_0' or a list of names such as "
+                    f"['q4_k_m', 'q8_0'] (for an unquantized file: 'not_quantized' = f16, 'bf16', 'f32'); names: {names}")
 
 
 def gguf_filename(file_stem: str, ftype: str) -> str:
@@ -82,9 +100,12 @@ def save_pretrained_gguf(
     if tokenizer is None:
         raise ValueError("tokenizer: a GGUF file needs the tokenizer (llama.cpp reads the vocabulary from the file); "
                          "pass the tokenizer used for training")
+    _check_method_types(quantization_method)
     ftypes = resolve_methods(quantization_method)
     folder = Path(save_directory)
+    check_writable(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(folder)
     base = base_model_of(model)
     tied = tied_output_key(base) is not None or base.get_output_embeddings() is None
     template = getattr(tokenizer, "fasttune_template", None)
