@@ -1,6 +1,8 @@
 """Unsloth-compatible module: ``from fasttune.chat_templates import get_chat_template, train_on_responses_only``.
 
-Everything here lives in `fasttune.data`; this module only re-exports it under the names Unsloth users know.
+Everything here lives in `fasttune.data`; this module only re-exports it under the names Unsloth users know, plus
+`encode_chat(tokenizer, messages, add_generation_prompt=True)`: token ids for generation in which message text that
+spells a control token (``<|eot_id|>``...) stays text, so a user cannot forge a turn.
 """
 
 from fasttune.data import (
@@ -8,12 +10,14 @@ from fasttune.data import (
     ChatTemplate,
     DatasetError,
     check_dataset,
+    encode_chat,
     get_chat_template,
     resolve_template,
     response_mask,
     standardize_data_formats,
     standardize_sharegpt,
     to_sharegpt,
+    tokenize_conversations,
     train_on_responses_only,
 )
 
@@ -22,11 +26,13 @@ __all__ = [
     "ChatTemplate",
     "DatasetError",
     "check_dataset",
+    "encode_chat",
     "get_chat_template",
     "resolve_template",
     "response_mask",
     "standardize_data_formats",
     "standardize_sharegpt",
     "to_sharegpt",
+    "tokenize_conversations",
     "train_on_responses_only",
 ]

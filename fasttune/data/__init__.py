@@ -14,10 +14,15 @@ The Unsloth notebook flow::
 
 Pass conversations (a ``messages`` column) rather than rendered text: SFTTrainer tokenizes text with the tokenizer's
 special tokens, which doubles the BOS of templates that write it (a warning says so).
+
+Message text that spells a control token (``<|eot_id|>``...) stays plain text wherever fasttune tokenizes:
+`encode_chat` (for generation and your own code), `tokenize_conversations` (a dataset for SFTTrainer) and
+`train_on_responses_only` (re-tokenizes such rows of a TRL-tokenized dataset); `check_dataset` reports them.
 """
 
 from fasttune.data.chat import get_chat_template, render, sync_model_eos, template_of
 from fasttune.data.check import DatasetError, check_dataset
+from fasttune.data.encode import control_strings, encode_chat
 from fasttune.data.markers import detect_template, markers_for
 from fasttune.data.masking import (
     IGNORE_INDEX,
@@ -27,6 +32,7 @@ from fasttune.data.masking import (
     response_spans,
     segmented_response_mask,
 )
+from fasttune.data.pretokenize import tokenize_conversations
 from fasttune.data.responses import train_on_responses_only
 from fasttune.data.standardize import standardize_data_formats, standardize_sharegpt, to_sharegpt
 from fasttune.data.templates import CHAT_TEMPLATES, ChatTemplate, resolve_template, template_names
@@ -39,8 +45,10 @@ __all__ = [
     "DatasetError",
     "TokenTexts",
     "check_dataset",
+    "control_strings",
     "conversation_problems",
     "detect_template",
+    "encode_chat",
     "get_chat_template",
     "marker_pattern",
     "markers_for",
@@ -55,6 +63,7 @@ __all__ = [
     "template_names",
     "template_of",
     "to_sharegpt",
+    "tokenize_conversations",
     "train_on_responses_only",
     "validate_conversation",
 ]

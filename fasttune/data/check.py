@@ -7,6 +7,11 @@ assistant tokens all lie beyond it. By default it raises `DatasetError` with the
 the bad rows and logs how many. When no row has an assistant token the error names the markers searched and shows a
 rendered sample. Conversations longer than ``max_seq_length`` are counted in a log line: they are truncated, never
 dropped.
+
+Message text that contains a control string of the chat template (``<|eot_id|>``, ``<|im_start|>``, ``[INST]``...) is
+reported too, with the message and the string: fasttune's own tokenization (`encode_chat`) keeps it plain text, but
+tokenized elsewhere (``apply_chat_template`` as TRL calls it) it would forge turn boundaries. Pass
+``allow_control_strings=True`` when such text is intended (a dataset about tokenizers, say).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from fasttune.data.encode import control_strings, encode_chat, find_control_strings
 from fasttune.data.markers import markers_for
 from fasttune.data.masking import TokenTexts, response_mask
 from fasttune.data.validate import conversation_problems
@@ -25,15 +31,20 @@ MAX_REPORTED = 20
 
 
 class DatasetError(ValueError):
-    """Rows of a dataset that cannot be trained on; ``problems`` holds ``(row_index, reason)`` pairs."""
+    """Rows of a dataset that cannot be trained on; ``problems`` holds ``(row_index, reason)`` pairs.
+
+    A row may have several problems: the headline counts distinct rows against ``total`` rows, the list shows problems.
+    """
 
     def __init__(self, problems: Sequence[tuple[int, str]], total: int, hint: str = ""):
         self.problems = list(problems)
+        self.rows = sorted({row for row, _ in self.problems})
         shown = "\n".join(f"  row {row}: {reason}" for row, reason in self.problems[:MAX_REPORTED])
         more = len(self.problems) - MAX_REPORTED
-        tail = f"\n  ... and {more} more" if more > 0 else ""
+        tail = f"\n  ... and {more} more problems" if more > 0 else ""
+        count = f" ({len(self.problems)} problems)" if len(self.problems) != len(self.rows) else ""
         hint = hint or "Fix these rows, or pass skip_invalid=True to drop them."
-        super().__init__(f"{len(self.problems)} of {total} rows cannot be trained on:\n{shown}{tail}\n{hint}")
+        super().__init__(f"{len(self.rows)} of {total} rows cannot be trained on{count}:\n{shown}{tail}\n{hint}")
 
 
 def find_conversation_column(column_names: Sequence[str], column: str | None = None) -> str:
@@ -63,7 +74,7 @@ class _TokenCheck:
         self.sample = ""
 
     def problem(self, messages: list[dict]) -> str | None:
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        ids = encode_chat(self.tokenizer, messages)
         mask = response_mask(ids, self.texts, *self.markers)
         limit = self.max_seq_length
         if limit is not None and len(ids) > limit:
@@ -75,7 +86,9 @@ class _TokenCheck:
             return f"no assistant token found after response_part {self.markers[1]!r}"
         first = mask.index(1)
         if limit is not None and first >= limit:
-            return f"fully truncated: its first assistant token is at position {first} but max_seq_length={limit}"
+            return (f"fully truncated: the conversation is {len(ids)} tokens long and max_seq_length={limit} cuts off "
+                    f"every assistant answer (the first answer token is at position {first}); raise max_seq_length "
+                    "or shorten the conversation")
         return None
 
     def no_match_error(self) -> ValueError:
@@ -87,18 +100,26 @@ class _TokenCheck:
         )
 
 
+def _control_reason(message: int, role: str, string: str) -> str:
+    return (f"message {message} ({role}): the text contains {string!r}, a control token of the chat template; "
+            "tokenized with apply_chat_template it would forge a turn boundary (fasttune's encode_chat keeps it text). "
+            "Remove it, or pass allow_control_strings=True if it is meant as text")
+
+
 def check_dataset(
     dataset: Any,
     tokenizer: Any = None,
     max_seq_length: int | None = None,
     skip_invalid: bool = False,
     column: str | None = None,
+    allow_control_strings: bool = False,
 ) -> Any:
     """Check every conversation of ``dataset`` (a ``datasets.Dataset``); return it, minus bad rows if skipping.
 
     With ``tokenizer`` (carrying a chat template) each valid conversation is also tokenized and must contain an
     assistant token; with ``max_seq_length`` too, conversations whose assistant tokens all lie beyond it are bad and
-    longer ones are counted in a log line (they will be truncated).
+    longer ones are counted in a log line (they will be truncated). Control strings inside messages (the tokenizer's
+    control tokens, or every fasttune template's without a tokenizer) are problems unless ``allow_control_strings``.
     """
     if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
         raise ValueError(f"max_seq_length: {max_seq_length!r} must be a positive integer or None")
@@ -106,10 +127,13 @@ def check_dataset(
         raise ValueError("max_seq_length: checking lengths needs the tokenizer; pass tokenizer=...")
     name = find_conversation_column(dataset.column_names, column)
     tokens = _TokenCheck(tokenizer, max_seq_length) if tokenizer is not None else None
+    controls = () if allow_control_strings else control_strings(tokenizer)
     problems: list[tuple[int, str]] = []
     valid = 0
     for row, messages in enumerate(dataset[name]):
         reasons = conversation_problems(messages)
+        if not reasons:
+            reasons = [_control_reason(*found) for found in find_control_strings(messages, controls)]
         if not reasons and tokens is not None:
             valid += 1
             reason = tokens.problem(list(messages))

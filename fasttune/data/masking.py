@@ -15,7 +15,11 @@ SentencePiece tokenizers in "legacy" mode (Llama-2, Mistral v1) put a ``▁`` (a
 follows a special token, so ``<|im_start|>user`` decodes as ``<|im_start|> user``; markers therefore match with an
 optional space after each special token they contain.
 
-Limitation: a marker that appears inside message content is indistinguishable from a real one.
+Control tokens are matched as tokens, never as text: in the text that is searched, every added token (``<|eot_id|>``,
+``<|im_start|>``...) is one private-use character, and markers are rewritten the same way. Message text that merely
+*spells* a control token (``<|eot_id|>`` encoded as ordinary pieces by `fasttune.data.encode.encode_chat`) therefore
+never matches a marker. Limitation: formats whose markers are plain text (alpaca's ``### Response:``, vicuna's
+``ASSISTANT:``) cannot be told apart from the same text inside a message.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
+# Added tokens are matched as one character each from Supplementary Private Use Area-B (U+100000..U+10FFFD); the same
+# characters inside ordinary token text are replaced by U+FFFD so that message text can never forge one.
+_SENTINEL_BASE = 0x100000
+_SENTINEL_LIMIT = 0x10FFFD
+
 
 class TokenTexts:
     """The text of each token id of ``tokenizer`` (cached), decoded after an anchor so leading spaces survive."""
@@ -36,7 +45,16 @@ class TokenTexts:
         self._anchor = tokenizer.encode("a", add_special_tokens=False)
         self._anchor_text = self._decode(self._anchor)
         self._cache: dict[int, str] = {}
-        self.special_tokens: frozenset[str] = frozenset(tokenizer.get_added_vocab())
+        added = tokenizer.get_added_vocab()
+        self.special_tokens: frozenset[str] = frozenset(added)
+        if len(added) > _SENTINEL_LIMIT - _SENTINEL_BASE:
+            raise ValueError(f"tokenizer: {len(added)} added tokens are more than response masking can tell apart")
+        self._sentinel_of: dict[str, str] = {
+            token: chr(_SENTINEL_BASE + i) for i, token in enumerate(sorted(added, key=lambda t: (-len(t), t)))
+        }
+        self._sentinel_of_id: dict[int, str] = {added[token]: char for token, char in self._sentinel_of.items()}
+        self._unforgeable = {ord(char): "\ufffd" for char in self._sentinel_of.values()}
+        self._token_re = re.compile("|".join(re.escape(t) for t in self._sentinel_of)) if added else None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -62,6 +80,29 @@ class TokenTexts:
             pieces.append(piece)
             offset += len(piece)
         return "".join(pieces), starts
+
+    @property
+    def sentinels(self) -> frozenset[str]:
+        """The characters that stand for added tokens in `match_join` text."""
+        return frozenset(self._sentinel_of.values())
+
+    def match_join(self, input_ids: Sequence[int]) -> tuple[str, list[int]]:
+        """Like `join`, but each added token is its sentinel character and ordinary text cannot contain one."""
+        starts, pieces, offset = [], [], 0
+        for token_id in input_ids:
+            piece = self._sentinel_of_id.get(int(token_id))
+            if piece is None:
+                piece = self.piece(int(token_id)).translate(self._unforgeable)
+            starts.append(offset)
+            pieces.append(piece)
+            offset += len(piece)
+        return "".join(pieces), starts
+
+    def match_marker(self, marker: str) -> str:
+        """``marker`` as `match_join` text: each added token it contains becomes its sentinel character."""
+        if self._token_re is None:
+            return marker
+        return self._token_re.sub(lambda m: self._sentinel_of[m.group(0)], marker.translate(self._unforgeable))
 
 
 def marker_pattern(marker: str, special_tokens: Collection[str] = ()) -> re.Pattern[str]:
@@ -116,9 +157,11 @@ def response_mask(
 ) -> list[int]:
     """1 for each token of ``input_ids`` (shape ``(seq,)``) inside an assistant response, else 0."""
     texts = tokenizer if isinstance(tokenizer, TokenTexts) else TokenTexts(tokenizer)
-    text, starts = texts.join(input_ids)
+    text, starts = texts.match_join(input_ids)
     mask = [0] * len(starts)
-    spans = response_spans(text, instruction_part, response_part, end_parts, texts.special_tokens)
+    ends_at = [texts.match_marker(m) for m in end_parts]
+    spans = response_spans(text, texts.match_marker(instruction_part), texts.match_marker(response_part), ends_at,
+                           texts.sentinels)
     if not spans:
         return mask
     ends = starts[1:] + [len(text)]

@@ -71,15 +71,46 @@ def standardize_sharegpt(
     return dataset.map(convert, with_indices=True, num_proc=num_proc, desc="Standardizing conversations")
 
 
-def _alpaca_row(example: dict, output_column: str) -> dict:
+def _text_field(example: dict, column: str, row: int, required: bool) -> str:
+    """``example[column]`` as text (None/missing is "" unless required); any other type is an error naming the row.
+
+    Emptiness is not checked here: `check_dataset` reports empty turns for every row at once (or drops them).
+    """
+    value = example.get(column)
+    if isinstance(value, str):
+        return value
+    if value is None and not required:
+        return ""
+    shown = repr(value)[:60]
+    allowed = "a string" if required else "a string or None"
+    raise ValueError(f"row {row}, column {column!r}: got {type(value).__name__} {shown}; expected {allowed}")
+
+
+def _alpaca_row(example: dict, row: int, output_column: str) -> dict:
     messages = []
-    if example.get("system"):
-        messages.append({"role": "system", "content": example["system"]})
-    prompt = example["instruction"] or ""
-    if example.get("input"):
-        prompt = f"{prompt}\n\n{example['input']}" if prompt else example["input"]
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["output"]}]
+    system = _text_field(example, "system", row, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    prompt = _text_field(example, "instruction", row, required=False)
+    extra = _text_field(example, "input", row, required=False)
+    if extra:
+        prompt = f"{prompt}\n\n{extra}" if prompt else extra
+    output = _text_field(example, "output", row, required=True)
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     return {output_column: messages}
+
+
+def _prompt_completion_row(example: dict, row: int, output_column: str) -> dict:
+    for column in ("prompt", "completion"):
+        value = example[column]
+        if not isinstance(value, str):
+            raise ValueError(
+                f"row {row}, column {column!r}: got {type(value).__name__} {repr(value)[:60]}; standardize_data_formats "
+                "converts string prompt/completion pairs only (conversational prompt/completion datasets can go to "
+                "SFTTrainer as they are)"
+            )
+    return {output_column: [{"role": "user", "content": example["prompt"]},
+                            {"role": "assistant", "content": example["completion"]}]}
 
 
 def standardize_data_formats(
@@ -96,16 +127,10 @@ def standardize_data_formats(
         return out if source == output_column else out.rename_column(source, output_column)
     if "instruction" in columns and "output" in columns:
         return dataset.map(_alpaca_row, fn_kwargs={"output_column": output_column}, remove_columns=columns,
-                           num_proc=num_proc, desc="Converting Alpaca rows to conversations")
+                           with_indices=True, num_proc=num_proc, desc="Converting Alpaca rows to conversations")
     if "prompt" in columns and "completion" in columns:
-        def pair(example: dict) -> dict:
-            if not isinstance(example["prompt"], str) or not isinstance(example["completion"], str):
-                raise ValueError("prompt/completion: standardize_data_formats converts string pairs only; "
-                                 "conversational prompt/completion datasets can go to SFTTrainer as they are")
-            return {output_column: [{"role": "user", "content": example["prompt"]},
-                                    {"role": "assistant", "content": example["completion"]}]}
-
-        return dataset.map(pair, remove_columns=columns, num_proc=num_proc, desc="Converting prompt/completion")
+        return dataset.map(_prompt_completion_row, fn_kwargs={"output_column": output_column}, with_indices=True,
+                           remove_columns=columns, num_proc=num_proc, desc="Converting prompt/completion")
     raise ValueError(
         f"standardize_data_formats: cannot tell the format from the columns {columns}; expected 'conversations' or "
         "'messages' (ShareGPT/OpenAI), 'instruction'+'output' (Alpaca) or 'prompt'+'completion'; use to_sharegpt to "

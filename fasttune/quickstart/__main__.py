@@ -30,7 +30,12 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fasttune import FastLanguageModel, device_args  # noqa: E402
-from fasttune.chat_templates import get_chat_template, standardize_data_formats, train_on_responses_only  # noqa: E402
+from fasttune.chat_templates import (  # noqa: E402
+    encode_chat,
+    get_chat_template,
+    standardize_data_formats,
+    train_on_responses_only,
+)
 from fasttune.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 
 
@@ -48,9 +53,9 @@ def build_base(folder: Path, facts: list[dict[str, str]]) -> Path:
 
 # ---- 2. answers and loss, before and after -----------------------------------------------------------------------
 def answer(model, tokenizer, question: str) -> str:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           tokenize=False)
-    batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    # encode_chat: text such as "<|eot_id|>" in a question stays text (no forged turns)
+    ids = encode_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=20, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
