@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,24 @@ class ConfigError(ValueError):
 def _raise_if(problems: list[str], what: str) -> None:
     if problems:
         raise ConfigError(f"{what}: {len(problems)} invalid option(s):\n  - " + "\n  - ".join(problems))
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real, finite number (int, float or a numpy scalar); bools are not numbers here.
+
+    Comparisons such as ``value <= 0`` are False for nan, so a range check alone lets nan through (and inf through
+    an open upper bound): every numeric option goes through this first.
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (int or numpy integer), not a bool and not a float such as 16.0."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# The seeds torch.manual_seed accepts.
+SEED_RANGE: tuple[int, int] = (-(2**63), 2**64 - 1)
 
 
 def _help(text: str, default: Any = None, **kw: Any) -> Any:
@@ -42,7 +62,7 @@ class LoadConfig:
         problems: list[str] = []
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             problems.append(f"model_name: {self.model_name!r} must be a non-empty string (a folder or a Hub id)")
-        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length <= 0:
+        if not _is_int(self.max_seq_length) or self.max_seq_length <= 0:
             problems.append(f"max_seq_length: {self.max_seq_length!r} must be a positive integer")
         try:
             self.dtype = resolve_dtype(self.dtype)
@@ -86,12 +106,18 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not _is_int(self.r) or self.r <= 0:
             problems.append(f"r: {self.r!r} must be a positive integer (typical: 8, 16, 32, 64)")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            problems.append(f"lora_alpha: {self.lora_alpha!r} must be a positive number (typical: r or 2*r)")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            problems.append(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1)")
+        if not _is_finite_number(self.lora_alpha) or self.lora_alpha <= 0:
+            problems.append(f"lora_alpha: {self.lora_alpha!r} must be a positive number, finite (typical: r or 2*r)")
+        if not _is_finite_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout: {self.lora_dropout!r} must be in [0, 1) (a finite number)")
+        if not _is_int(self.random_state) or not SEED_RANGE[0] <= self.random_state <= SEED_RANGE[1]:
+            problems.append(f"random_state: {self.random_state!r} must be an integer seed (torch accepts "
+                            f"{SEED_RANGE[0]} to {SEED_RANGE[1]})")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}: {getattr(self, name)!r} must be True or False")
         if self.bias not in LORA_BIAS:
             problems.append(f"bias: {self.bias!r} is not allowed; choose one of {list(LORA_BIAS)}")
         if self.use_gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
@@ -105,8 +131,10 @@ class LoraSettings:
             problems.append(f"target_modules: {self.target_modules!r} must be a list of names, 'all-linear' or a regex")
         elif not self.target_modules:
             problems.append("target_modules: empty; name at least one linear layer")
-        layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-        if layers is not None and not all(isinstance(i, int) and i >= 0 for i in layers):
+        layers = [self.layers_to_transform] if _is_int(self.layers_to_transform) else self.layers_to_transform
+        if layers is not None and (
+            not isinstance(layers, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in layers)
+        ):
             problems.append(f"layers_to_transform: {self.layers_to_transform!r} must be non-negative layer indices")
         _raise_if(problems, "get_peft_model")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..config import LoraSettings
@@ -27,16 +29,67 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _family_name(model: nn.Module, spec: FamilySpec | None) -> str:
+    return spec.name if spec is not None else type(model).__name__
+
+
+def check_no_lora_layers(model: nn.Module) -> None:
+    """Refuse a model that already holds peft layers.
+
+    peft's ``get_peft_model`` replaces the targeted layers *in place*, so the model handed to it becomes the base of the
+    ``PeftModel`` (``peft_model.get_base_model()`` returns it). Injecting again would look for ``q_proj`` as a linear
+    layer, find a LoRA wrapper instead, and fail with a misleading "not a module" error.
+    """
+    found = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if found:
+        raise ValueError(
+            f"get_peft_model: this {type(model).__name__} already holds {len(found)} peft adapter layer(s) "
+            f"(e.g. {found[0]}): it was already passed to get_peft_model, which changes the model in place, or it is "
+            "a PeftModel's get_base_model(). To keep training those adapters, use the PeftModel that "
+            "get_peft_model returned; to start over with new adapters, call peft_model.unload() (drop them) or "
+            "peft_model.merge_and_unload() (fold them into the weights) and pass the plain model it returns"
+        )
+
+
+def _resolve_pattern(model: nn.Module, pattern: str, spec: FamilySpec | None, has_layers: bool) -> str | list[str]:
+    """'all-linear' or a regex (peft matches it against full module names with ``re.fullmatch``), checked here."""
+    available = linear_layer_names(model)
+    if pattern == "all-linear":
+        # peft refuses layers_to_transform with any string target; the explicit list means the same thing
+        return available if has_layers else pattern
+    family = _family_name(model, spec)
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"target_modules: {pattern!r} is not a valid regular expression ({err}); pass a list of "
+                         f"layer names of this {family} model: {', '.join(available)}") from err
+    # any module counts (peft also adapts embeddings and GPT-2's Conv1D); a match peft cannot adapt is its error
+    paths = [name for name, _ in model.named_modules() if name]
+    if not any(compiled.fullmatch(path) for path in paths):
+        example = next((p for p in paths if p.endswith("." + available[0])), paths[-1]) if available else paths[-1]
+        raise ValueError(
+            f"target_modules: the regex {pattern!r} matches no module of this {family} model (it must match a whole "
+            f"module name, such as {example!r}); its linear layers are {', '.join(available)}; "
+            "or pass a list of those names, or 'all-linear'"
+        )
+    if has_layers:
+        raise ValueError(f"layers_to_transform cannot be combined with the regex target_modules={pattern!r} "
+                         "(peft ignores it for a regex); put the layer indices in the regex, or pass a list of names")
+    return pattern
+
+
 def resolve_target_modules(
-    model: nn.Module, target_modules: str | Sequence[str], spec: FamilySpec | None
+    model: nn.Module, target_modules: str | Sequence[str], spec: FamilySpec | None, has_layers: bool = False
 ) -> str | list[str]:
     """Check ``target_modules`` against the model and map Unsloth's default names onto fused projections.
 
-    A string ('all-linear' or a regex) goes to peft unchanged. A list must name linear layers of this model; names
-    that a family fuses (phi3's q/k/v -> qkv_proj) are mapped through the family spec.
+    A string is 'all-linear' or a regex that must match at least one module's full name; either goes to peft
+    unchanged (with ``has_layers``, i.e. ``layers_to_transform`` given, 'all-linear' becomes the explicit list). A
+    list must name linear layers of this model; names that a family fuses (phi3's q/k/v -> qkv_proj) are mapped
+    through the family spec.
     """
     if isinstance(target_modules, str):
-        return target_modules
+        return _resolve_pattern(model, target_modules, spec, has_layers)
     available = linear_layer_names(model)
     aliases = spec.fused_aliases if spec is not None else {}
     resolved: list[str] = []
@@ -48,7 +101,7 @@ def resolve_target_modules(
         elif actual not in resolved:
             resolved.append(actual)
     if unknown:
-        family = spec.name if spec is not None else type(model).__name__
+        family = _family_name(model, spec)
         raise ValueError(
             f"target_modules: {', '.join(repr(u) for u in unknown)} "
             f"{'is not a module' if len(unknown) == 1 else 'are not modules'} of this {family} model; "
@@ -57,13 +110,30 @@ def resolve_target_modules(
     return resolved
 
 
+def resolve_layers(model: nn.Module, layers: Sequence[int] | int | None, spec: FamilySpec | None) -> list[int] | None:
+    """``layers_to_transform`` as a list of indices, each checked against the model's number of decoder layers."""
+    if layers is None:
+        return None
+    indices = [int(layers)] if not isinstance(layers, (list, tuple)) else [int(i) for i in layers]
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    beyond = [i for i in indices if count is not None and i >= count]
+    if beyond:
+        raise ValueError(
+            f"layers_to_transform: {', '.join(map(str, beyond))} "
+            f"{'is' if len(beyond) == 1 else 'are'} beyond this {_family_name(model, spec)} model's {count} layers; "
+            f"allowed indices are 0 to {count - 1}"
+        )
+    return indices
+
+
 def inject_lora(model: nn.Module, settings: LoraSettings, spec: FamilySpec | None, **peft_kwargs) -> PeftModel:
     """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters on the resolved targets.
 
     ``random_state`` seeds the adapter initialisation, so equal settings give equal adapters.
     """
-    targets = resolve_target_modules(model, settings.target_modules, spec)
-    layers = settings.layers_to_transform
+    check_no_lora_layers(model)
+    layers = resolve_layers(model, settings.layers_to_transform, spec)
+    targets = resolve_target_modules(model, settings.target_modules, spec, has_layers=layers is not None)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.lora_alpha,
@@ -73,7 +143,7 @@ def inject_lora(model: nn.Module, settings: LoraSettings, spec: FamilySpec | Non
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora,
         modules_to_save=settings.modules_to_save,
-        layers_to_transform=[layers] if isinstance(layers, int) else layers,
+        layers_to_transform=layers,
         init_lora_weights=settings.init_lora_weights,
         task_type="CAUSAL_LM",
         **peft_kwargs,

@@ -7,6 +7,8 @@ model stays loadable by transformers. What we replace is the *forward* of each l
   no-grad mode (e.g. inside ``generate``). After that, training goes through a kernel with no autograd support and
   LoRA gradients come out silently wrong; its eval kernel also fails when a dimension is not a multiple of 32.
 * fasttune's forward dequantizes the weight exactly (bitsandbytes' own ``dequantize_4bit``), multiplies, and frees it.
+  A layer bitsandbytes already repacked is read in place, with the bf16 scales the repack left (see
+  ``_dequantize_cpu_packed`` for what is exact there and what is not).
   Backward dequantizes again: nothing of size (out, in) is kept between forward and backward.
 
 The swap sets ``__class__`` to a subclass of the bitsandbytes class, so peft's LoRA dispatch still recognises the
@@ -21,13 +23,45 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
 from torch import nn
 
+# Rows per block of bitsandbytes' CPU packing (``block_n`` of ``_convert_weight_packed_for_cpu``, its default).
+CPU_PACK_BLOCK_ROWS = 32
+
+
+def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
+    """The dense ``(N, K)`` weight of a 4-bit layer that bitsandbytes repacked for its AVX512 CPU kernel.
+
+    The repack (``bitsandbytes.functional._convert_weight_packed_for_cpu``) does two things:
+
+    * it permutes the 4-bit codes: packed is ``(N, K/2)`` bytes; viewed as rows of 32 bytes, each row holds one
+      ``(32 rows x 2 columns)`` tile of codes, tile element ``j`` (row-major) in byte ``j % 32``'s low nibble for
+      ``j < 32``, high nibble otherwise. Undoing that is exact;
+    * it stores the absmax scales as ``(K / blocksize, N)`` bf16 (after dequantizing the double-quantized ones).
+      That rounding is NOT undone (it cannot be): each block's absmax ``a`` becomes ``bf16(a)``, with
+      ``|bf16(a) - a| <= 2^-8 |a|`` (bf16 keeps 8 significant bits, rounding to nearest), and since every NF4 / FP4 code
+      lies in [-1, 1], each weight moves by at most ``2^-8`` times its block's absmax.
+
+    This returns ``code[q] * bf16(a)``: exactly what bitsandbytes' packed kernel multiplies with. It deliberately does
+    not call bitsandbytes' ``_convert_weight_packed_for_cpu_inverse``: that re-quantizes a double-quantized absmax
+    (another 8-bit rounding on top of bf16) and leaves a plain absmax in the packed ``(K / blocksize, N)`` order,
+    which scrambles the scales of every layer quantized without double quantization. The layer is left untouched.
+    """
+    rows, half_k = packed.shape
+    tiles = packed.reshape(-1, CPU_PACK_BLOCK_ROWS)
+    lanes = torch.cat((tiles & 0xF, tiles >> 4), dim=1)  # tile elements 0..31 then 32..63
+    codes = lanes.reshape(rows // CPU_PACK_BLOCK_ROWS, half_k, CPU_PACK_BLOCK_ROWS, 2).transpose(1, 2)
+    codes = codes.reshape(rows, 2 * half_k).long()
+    absmax = state.absmax.t().float().repeat_interleave(state.blocksize, dim=1)  # (N, K)
+    dense = state.code.to(device=packed.device, dtype=torch.float32)[codes] * absmax
+    return dense.to(getattr(state, "original_dtype", state.dtype))
+
 
 def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense ``(out_features, in_features)`` weight of a linear layer, quantized or not.
 
     Supports ``nn.Linear`` (returned as is, cast to ``dtype`` if given), bitsandbytes ``Linear4bit`` and
     ``Linear8bitLt`` (and fasttune's subclasses of them). Dequantization is exact: it is the value the quantized
-    matmul computes with.
+    matmul computes with (for a 4-bit layer that bitsandbytes repacked for its CPU kernel, that value has bf16 scales:
+    see :func:`_dequantize_cpu_packed`).
     """
     if isinstance(layer, bnb.nn.Linear4bit):
         weight = layer.weight
@@ -35,12 +69,9 @@ def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> tor
         if state is None:
             raise ValueError(f"{type(layer).__name__} has no quant_state: was the model quantized before use?")
         if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacked it for its CPU kernel; undo that first (its own inverse, exact).
-            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-            state = weight.quant_state
-        dense = dequantize_4bit(weight.data, state)
+            dense = _dequantize_cpu_packed(weight.data, state)
+        else:
+            dense = dequantize_4bit(weight.data, state)
     elif isinstance(layer, bnb.nn.Linear8bitLt):
         weight = layer.weight
         scb = weight.SCB if weight.SCB is not None else layer.state.SCB

@@ -66,3 +66,32 @@ def test_bad_mode_is_rejected(tiny_model_dir):
     model = load_peft(tiny_model_dir("llama"))
     with pytest.raises(ValueError, match="use_gradient_checkpointing: 'offload'"):
         enable_checkpointing(model, "offload")
+
+
+def _seeded_step(model, ids, seed: int):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["unsloth", True])
+def test_checkpointing_with_lora_dropout_replays_the_same_masks(mode, tiny_model_dir):
+    """With lora_dropout > 0 the recompute must draw the same dropout masks as the first forward (the RNG state is
+    restored), so the gradients equal those without checkpointing for the same seed."""
+    model = load_peft(tiny_model_dir("llama"), lora_dropout=0.3)
+    patch_model(model)  # dropout > 0: the LoRA layers fall back to peft's forward, the rest stays fused
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = _seeded_step(model, ids, seed=7)
+    _, other_grads = _seeded_step(model, ids, seed=8)
+    name = next(iter(ref_grads))
+    assert not torch.allclose(other_grads[name], ref_grads[name]), "dropout is not active: the test would prove nothing"
+    enable_checkpointing(model, mode)
+    loss, grads = _seeded_step(model, ids, seed=7)
+    enable_checkpointing(model, False)
+    assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6, what="loss")
+    assert set(grads) == set(ref_grads) and len(grads) > 0
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, scaled=True, what=name)

@@ -168,3 +168,28 @@ def test_4bit_fused_blocks_match_peft_and_keep_no_dense_weight(tiny_model_dir):
     o_sizes = _saved_sizes(lambda: lora_linear(x, o_parts))
     assert max(o_sizes) < 256 * 256
     assert_close(lora_linear(x, o_parts), attn.o_proj(x), **TOL[torch.bfloat16], what="4-bit o_proj")
+
+
+def test_rslora_scale_on_fused_and_peft_paths(tiny_model_dir):
+    """use_rslora=True scales the LoRA branch by alpha / sqrt(r), not alpha / r, on both paths.
+
+    r=16, alpha=8: rsLoRA gives 2.0, plain LoRA 0.5, so either mistake moves the output by the whole branch.
+    """
+    from fasttune import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=8, use_rslora=True,
+                                             use_gradient_checkpointing=False)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        torch.nn.init.normal_(lora_b, std=0.05)  # B starts at zero: make the branch count
+    x = torch.randn(2, 7, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = F.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+        by_hand = base + (8 / 16**0.5) * (x @ lora_a.T) @ lora_b.T
+        peft_out = type(layer).forward(layer, x)  # peft's class forward, under fasttune's instance patch
+        assert "forward" in layer.__dict__ and isinstance(lora_parts(layer), LoraParts), "the fused path is not on"
+        fused_out = layer(x)
+    assert_close(peft_out, by_hand, **TOL[torch.float32], what="peft rsLoRA output")
+    assert_close(fused_out, by_hand, **TOL[torch.float32], what="fused rsLoRA output")

@@ -113,3 +113,40 @@ def test_restore_layers_gives_back_bitsandbytes_classes(tiny_model_dir):
     assert n == 28  # 4 layers x 7 projections
     assert all(type(m) is not FastLinear4bit for m in model.modules())
     assert sum(type(m) is bnb.nn.Linear4bit for m in model.modules()) == 28
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_reads_bitsandbytes_cpu_repacked_layer(double_quant):
+    """A 4-bit layer that bitsandbytes repacked for its AVX512 CPU kernel (which only happens on such CPUs, so the
+    repack is applied by hand here) dequantizes to the weight it held before, within the bf16 rounding of its scales.
+
+    Tolerance: the repack stores each block's absmax ``a`` in bf16, so ``|bf16(a) - a| <= 2^-8 a``; every NF4 code is
+    in [-1, 1], so each weight moves by at most ``2^-8 a`` (plus fp32 rounding of the product). ``a`` is the block's
+    largest |weight| before the repack (that element has code +-1). A 4-bit code read from the wrong place moves a
+    weight by at least one NF4 step (>= 0.079 a), far outside that bound.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(96, 256, generator=gen) * 0.05
+    dense[3, :64] *= 40  # one block with a much larger scale than the rest
+    layer = bnb.nn.Linear4bit(256, 96, bias=False, compute_dtype=torch.float32, compress_statistics=double_quant,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense, requires_grad=False, compress_statistics=double_quant, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    before = dequantize_weight(layer).clone()
+    block = layer.weight.quant_state.blocksize
+    absmax = before.reshape(-1, block).abs().amax(dim=1, keepdim=True)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    after = dequantize_weight(layer, torch.float32)
+    diff = (after - before).reshape(-1, block).abs()
+    bound = absmax * (2**-8 + 2**-22)
+    worst = int((diff / absmax).argmax())
+    assert bool((diff <= bound).all()), (
+        f"repacked layer: |diff| {diff.flatten()[worst]:.3e} at flat index {worst} exceeds 2^-8 x block absmax "
+        f"{absmax.flatten()[worst // block]:.3e}")
+    x = torch.randn(5, 256, generator=gen)
+    layer.__class__ = FastLinear4bit
+    torch.testing.assert_close(layer(x), x @ after.T, rtol=1e-5, atol=1e-5)

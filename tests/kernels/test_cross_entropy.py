@@ -206,3 +206,27 @@ def test_rejects_bad_arguments(kwargs, match):
 @pytest.mark.parametrize("case", [name for name in CASES if name.startswith("cross_entropy/")])
 def test_triton_interpreter(triton_results, case):
     assert triton_results[case] == "ok", triton_results[case]
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("ignore_index", [-1, 0])
+def test_ignore_index_other_than_minus_100(ignore_index, backend):
+    """Rows labelled ``ignore_index`` are dropped, whatever its value: the loss and gradients equal a hand-written
+    mean cross-entropy over the other rows only (with ignore_index=0, class 0 is never a target)."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 29, 32, generator=gen)
+    w = torch.randn(50, 32, generator=gen) / 32**0.5
+    labels = torch.randint(1, 50, (3, 29), generator=gen)
+    labels[torch.rand(3, 29, generator=gen) < 0.3] = ignore_index
+    kept = labels != ignore_index
+    assert 0 < int(kept.sum()) < labels.numel()
+
+    def by_hand(h, w):
+        return torch.nn.functional.cross_entropy(h[kept] @ w.T, labels[kept])
+
+    def fast(h, w):
+        return fused_linear_cross_entropy(h, w, labels, ignore_index=ignore_index, chunk_size=16)
+
+    out, grads = forward_backward(fast, [h, w], [True, True], backend)
+    ref_out, ref_grads = forward_backward(by_hand, [h, w], [True, True], "reference")
+    assert_all_close(out + grads, ref_out + ref_grads, FP32, NAMES)
