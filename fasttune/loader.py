@@ -20,6 +20,7 @@ from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
 from .device import default_device_map
 from .fast import FAST_PATHS, is_patched, patch_model
 from .lora import inject_lora
+from .lora.precision import keep_adapter_dtype
 from .models import get_family
 from .quant import patch_quantized_layers
 from .source import resolve_source
@@ -146,6 +147,8 @@ class FastLanguageModel:
         else:
             for name, param in model.named_parameters():
                 param.requires_grad_("lora_" in name)
+            if isinstance(model, PeftModel):
+                keep_adapter_dtype(model)  # adapters stay fp32 through TRL's bf16 cast (exact resume)
         return model, tokenizer
 
     @staticmethod
@@ -188,6 +191,7 @@ class FastLanguageModel:
             peft_model.max_seq_length = max_seq_length
         set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         peft_model.config.use_cache = False
+        keep_adapter_dtype(peft_model)  # adapters stay fp32 through TRL's bf16 cast (exact resume)
         _attach_export_methods(peft_model)
         return peft_model
 
