@@ -7,8 +7,8 @@ per-segment SDPA for packed rows (:mod:`fasttune.fast.attention`, the one change
 peft-wrapped one; call it again after ``get_peft_model`` and it installs the fused LoRA blocks over the new layers.
 ``unpatch_model(model)`` restores every replaced forward, so the model computes exactly what it did before.
 
-Families are registered by ``model_type`` in :data:`FAST_PATHS`; each entry turns the family's
-:class:`fasttune.models.FamilySpec` into patches.
+Which model types have a fast path is the registry's (:mod:`fasttune.models`, ``FamilySpec.fast_path``);
+:data:`FAST_PATHS` maps each to the function that turns the family's :class:`fasttune.models.FamilySpec` into patches.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from fasttune.models import FamilySpec, get_family
+from fasttune.models import FamilySpec, families, get_family
 
 from . import attention
 from .forwards import (
@@ -90,10 +90,10 @@ def _patch_family(hf_model: nn.Module, spec: FamilySpec, record: PatchRecord) ->
         config._attn_implementation = attention.NAME
 
 
-# model_type -> function applying the fast path to a model of that family
+# model_type -> function applying the fast path to a model of that family: every registered family whose spec says
+# ``fast_path``. One generic patcher serves them all: it reads the spec's norm kind, activation and projection names.
 FAST_PATHS: dict[str, Callable[[nn.Module, FamilySpec, PatchRecord], None]] = {
-    model_type: _patch_family
-    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+    spec.model_type: _patch_family for spec in families() if spec.fast_path
 }
 
 

@@ -9,6 +9,9 @@ default (``FASTTUNE_COMPILE=auto``: on CPU when a C compiler is on PATH); ``FAST
 If compiling a function fails, the plain function runs instead; when that succeeds the failure was the compiler's,
 so a ``RuntimeWarning`` names it once and that function stays uncompiled. If the plain function fails too, its error
 is raised: real errors are never hidden.
+
+The ``use_compile`` switch is a ``ContextVar`` (like :mod:`fasttune.fast.recompute`), so a block in one thread or
+asyncio task does not switch compiling for another.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import torch
@@ -27,7 +31,8 @@ __all__ = ["compile_enabled", "cpu_compiled", "use_compile"]
 
 _ENV_VAR = "FASTTUNE_COMPILE"
 _CHOICES = ("auto", "1", "0")
-_forced: list[bool] = []
+# The innermost ``use_compile`` block's value; None outside any (resetting its token restores the enclosing one).
+_forced: ContextVar[bool | None] = ContextVar("fasttune_compile", default=None)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -36,11 +41,11 @@ def use_compile(enabled: bool) -> Iterator[None]:
     """Turn compiling of the CPU torch path on or off inside a ``with`` block."""
     if not isinstance(enabled, bool):
         raise ValueError(f"use_compile(enabled): {enabled!r} is not a bool")
-    _forced.append(enabled)
+    token = _forced.set(enabled)
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,8 +55,9 @@ def _have_c_compiler() -> bool:
 
 def compile_enabled() -> bool:
     """Whether CPU torch-path bodies are compiled now (see the module docstring)."""
-    if _forced:
-        return _forced[-1]
+    forced = _forced.get()
+    if forced is not None:
+        return forced
     value = os.environ.get(_ENV_VAR, "auto")
     if value not in _CHOICES:
         raise ValueError(f"{_ENV_VAR}: {value!r} is not allowed; allowed values are {', '.join(_CHOICES)}")

@@ -3,6 +3,9 @@
 The choice is made per call from the input's device. ``FASTTUNE_KERNEL_BACKEND`` (``auto``, ``reference``, ``torch``,
 ``triton``) or the :func:`use_backend` context manager force one; ``auto`` is the default. ``triton`` is optional:
 it is imported only when a Triton kernel is about to run.
+
+The forced backend is a ``ContextVar`` (like :mod:`fasttune.fast.recompute`): a ``use_backend`` block in one thread
+or asyncio task does not change what another one runs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import lru_cache
 
 import torch
@@ -19,7 +23,8 @@ __all__ = ["BACKENDS", "select_backend", "triton_available", "use_backend"]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _ENV_VAR = "FASTTUNE_KERNEL_BACKEND"
-_forced: list[str] = []
+# The innermost ``use_backend`` block's name; None outside any (resetting its token restores the enclosing one).
+_forced: ContextVar[str | None] = ContextVar("fasttune_kernel_backend", default=None)
 
 
 @lru_cache(maxsize=1)
@@ -37,11 +42,11 @@ def _check_name(name: str, source: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend inside a ``with`` block (tests, benchmarks): ``with use_backend("reference"): ...``."""
-    _forced.append(_check_name(name, "use_backend(name)"))
+    token = _forced.set(_check_name(name, "use_backend(name)"))
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)
 
 
 def select_backend(tensor: torch.Tensor) -> str:
@@ -50,7 +55,8 @@ def select_backend(tensor: torch.Tensor) -> str:
     ``auto``: Triton when the tensor is on CUDA and triton is installed, the torch path on CPU and on CUDA without
     triton, the reference on any other device. Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` (tests).
     """
-    name = _forced[-1] if _forced else _check_name(os.environ.get(_ENV_VAR, "auto"), _ENV_VAR)
+    forced = _forced.get()
+    name = forced if forced is not None else _check_name(os.environ.get(_ENV_VAR, "auto"), _ENV_VAR)
     if name == "triton" and not triton_available():
         raise RuntimeError(f"{_ENV_VAR}/use_backend asked for 'triton' but triton is not installed: "
                            "pip install 'fasttune[triton]', or pick 'torch'")

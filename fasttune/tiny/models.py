@@ -15,12 +15,16 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from fasttune.models import families
+
 from .tokenizer import build_tokenizer
 
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+# Families with a tiny model, in registry order; each one's config overrides live in fasttune/models/<family>.py.
+_SPECS = {spec.family: spec for spec in families() if spec.tiny is not None}
+FAMILIES: tuple[str, ...] = tuple(_SPECS)
 
 # model_type used by transformers for each family's text-only causal LM.
-MODEL_TYPES: dict[str, str] = {f: f for f in FAMILIES} | {"gemma3": "gemma3_text"}
+MODEL_TYPES: dict[str, str] = {name: spec.model_type for name, spec in _SPECS.items()}
 
 _COMMON: dict[str, Any] = dict(
     hidden_size=256,
@@ -33,39 +37,16 @@ _COMMON: dict[str, Any] = dict(
     rms_norm_eps=1e-6,
 )
 
-_FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
-    "llama": dict(tie_word_embeddings=False),
-    "mistral": dict(tie_word_embeddings=False, sliding_window=None),
-    "qwen2": dict(tie_word_embeddings=True),
-    "qwen3": dict(tie_word_embeddings=True),
-    "gemma": dict(tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh"),
-    "gemma2": dict(
-        tie_word_embeddings=True,
-        hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=64,
-        sliding_window=64,
-        attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0,
-    ),
-    "gemma3": dict(
-        tie_word_embeddings=True,
-        hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=64,
-        sliding_window=64,
-        sliding_window_pattern=2,
-    ),
-    "phi3": dict(tie_word_embeddings=False, pad_token_id=None),
-}
-
 
 def tiny_config(family: str, tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> PretrainedConfig:
     """A small config of ``family`` sized to ``tokenizer`` (vocab rounded up to a multiple of 64)."""
     if family not in MODEL_TYPES:
         raise ValueError(f"family: {family!r} is not a tiny-model family; choose one of {list(FAMILIES)}")
     vocab = -(-len(tokenizer) // 64) * 64
-    kwargs: dict[str, Any] = {**_COMMON, **_FAMILY_EXTRAS[family], "vocab_size": vocab, **overrides}
-    if family == "phi3":
-        kwargs.pop("head_dim", None)  # phi3 derives head_dim from hidden/heads
+    tiny = _SPECS[family].tiny
+    kwargs: dict[str, Any] = {**_COMMON, **tiny.config, "vocab_size": vocab, **overrides}
+    for key in tiny.drop:
+        kwargs.pop(key, None)
     kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)

@@ -7,33 +7,13 @@ templates tokenize the way the real models do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from fasttune.models import SpecialTokens, families
 
-@dataclass(frozen=True)
-class SpecialTokens:
-    """The bos/eos/pad/unk convention of one model family (None = the family has no such token)."""
-
-    bos: str | None
-    eos: str
-    pad: str
-    unk: str | None = None
-    add_bos: bool = True
-
-
-FAMILY_TOKENS: dict[str, SpecialTokens] = {
-    "llama": SpecialTokens("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"),
-    "mistral": SpecialTokens("<s>", "</s>", "<pad>", unk="<unk>"),
-    "qwen2": SpecialTokens(None, "<|endoftext|>", "<|endoftext|>", add_bos=False),
-    "qwen3": SpecialTokens(None, "<|endoftext|>", "<|endoftext|>", add_bos=False),
-    "gemma": SpecialTokens("<bos>", "<eos>", "<pad>", unk="<unk>"),
-    "gemma2": SpecialTokens("<bos>", "<eos>", "<pad>", unk="<unk>"),
-    "gemma3": SpecialTokens("<bos>", "<eos>", "<pad>", unk="<unk>"),
-    "phi3": SpecialTokens("<s>", "<|endoftext|>", "<|endoftext|>", unk="<unk>", add_bos=False),
-}
+# family -> its bos/eos/pad/unk convention, declared in each fasttune/models/<family>.py.
+FAMILY_TOKENS: dict[str, SpecialTokens] = {spec.family: spec.tiny.tokens for spec in families() if spec.tiny is not None}
 
 # Every marker used by the chat templates fasttune ships, so any template tokenizes atomically with any tiny tokenizer.
 TEMPLATE_MARKERS: tuple[str, ...] = (

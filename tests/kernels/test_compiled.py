@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextvars import ContextVar
 
 import pytest
 import torch
@@ -118,7 +119,8 @@ def test_real_errors_are_not_hidden_by_the_fallback(monkeypatch):
 
 
 def test_switches(monkeypatch):
-    monkeypatch.setattr(compiling, "_forced", [])  # drop the test suite's use_compile(False)
+    # drop the test suite's use_compile(False): a fresh switch, unset
+    monkeypatch.setattr(compiling, "_forced", ContextVar("fasttune_compile", default=None))
     monkeypatch.setenv("FASTTUNE_COMPILE", "1")
     assert compile_enabled()
     monkeypatch.setenv("FASTTUNE_COMPILE", "0")

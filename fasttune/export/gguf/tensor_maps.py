@@ -1,92 +1,23 @@
-"""Per-family maps from transformers tensor names to GGUF tensor names, as data.
+"""GGUF tensor names and value transforms of each family, looked up in :mod:`fasttune.models`.
 
-``{}`` stands for the layer index. Each ``TensorMap`` also says how a tensor's values change on the way:
-
-- ``permute_qk``: llama.cpp's "llama" architecture applies RoPE to interleaved pairs (x0, x1), (x2, x3), ...
-  while transformers' Llama rotates halves (x_i, x_{i + d/2}). The rows of q_proj / k_proj are reordered per head so
-  that both compute the same thing: rows ``[h, 2, d/2]`` -> ``[h, d/2, 2]`` (see ``permute_rows``). Families that
-  llama.cpp runs with NeoX-style RoPE (qwen2, qwen3, gemma*, phi3) need no permutation.
-- ``norm_offset``: Gemma's RMSNorm computes ``x * (1 + w)``; llama.cpp's computes ``x * w``, so ``1`` is added to every
-  norm weight (including Gemma 3's q/k norms) when writing.
-- ``output_optional``: the architecture falls back to ``token_embd`` when the file has no ``output.weight`` (tied
-  embeddings). Gemma 1/2 always use ``token_embd``, so a Gemma model with an untied head cannot be written.
+Each family file (``fasttune/models/<family>.py``) declares its :class:`~fasttune.models.gguf.TensorMap` (names as
+data, ``{}`` for the layer index; why q/k rows are permuted and Gemma norms offset is explained there). This module
+walks those maps: :func:`gguf_name` renames one tensor (an unknown tensor is an error, never a silent drop) and
+:func:`permute_rows` reorders q/k rows from rotate-half to interleaved RoPE order.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
+from fasttune.models import TensorMap, families
 
-@dataclass(frozen=True)
-class TensorMap:
-    """How one family's tensors are named and transformed in GGUF."""
+__all__ = ["TENSOR_MAPS", "TensorMap", "get_tensor_map", "gguf_name", "is_norm", "permute_rows"]
 
-    arch: str  # gguf architecture name (gguf.MODEL_ARCH_NAMES value)
-    names: dict[str, str]  # transformers name (with {} for the layer) -> GGUF name
-    permute_qk: bool = False
-    norm_offset: float = 0.0
-    output_optional: bool = True
-    q_name: str = "model.layers.{}.self_attn.q_proj.weight"
-    k_name: str = "model.layers.{}.self_attn.k_proj.weight"
-
-
-_GLOBAL = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_ATTN = {
-    "model.layers.{}.self_attn.q_proj.weight": "blk.{}.attn_q.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "blk.{}.attn_k.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "blk.{}.attn_v.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "blk.{}.attn_output.weight",
-}
-_ATTN_BIAS = {
-    "model.layers.{}.self_attn.q_proj.bias": "blk.{}.attn_q.bias",
-    "model.layers.{}.self_attn.k_proj.bias": "blk.{}.attn_k.bias",
-    "model.layers.{}.self_attn.v_proj.bias": "blk.{}.attn_v.bias",
-}
-_QK_NORM = {
-    "model.layers.{}.self_attn.q_norm.weight": "blk.{}.attn_q_norm.weight",
-    "model.layers.{}.self_attn.k_norm.weight": "blk.{}.attn_k_norm.weight",
-}
-_MLP = {
-    "model.layers.{}.mlp.gate_proj.weight": "blk.{}.ffn_gate.weight",
-    "model.layers.{}.mlp.up_proj.weight": "blk.{}.ffn_up.weight",
-    "model.layers.{}.mlp.down_proj.weight": "blk.{}.ffn_down.weight",
-}
-_PRE_NORMS = {
-    "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "blk.{}.ffn_norm.weight",
-}
-# Gemma 2/3: the norm after attention is a real post-norm, and the FFN has its own pre- and post-norms.
-_SANDWICH_NORMS = {
-    "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "blk.{}.post_attention_norm.weight",
-    "model.layers.{}.pre_feedforward_layernorm.weight": "blk.{}.ffn_norm.weight",
-    "model.layers.{}.post_feedforward_layernorm.weight": "blk.{}.post_ffw_norm.weight",
-}
-_PHI3 = {
-    "model.layers.{}.self_attn.qkv_proj.weight": "blk.{}.attn_qkv.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "blk.{}.attn_output.weight",
-    "model.layers.{}.mlp.gate_up_proj.weight": "blk.{}.ffn_up.weight",  # llama.cpp splits gate|up itself
-    "model.layers.{}.mlp.down_proj.weight": "blk.{}.ffn_down.weight",
-}
-
-TENSOR_MAPS: dict[str, TensorMap] = {
-    "llama": TensorMap("llama", {**_GLOBAL, **_ATTN, **_MLP, **_PRE_NORMS}, permute_qk=True),
-    "mistral": TensorMap("llama", {**_GLOBAL, **_ATTN, **_MLP, **_PRE_NORMS}, permute_qk=True),
-    "qwen2": TensorMap("qwen2", {**_GLOBAL, **_ATTN, **_ATTN_BIAS, **_MLP, **_PRE_NORMS}),
-    "qwen3": TensorMap("qwen3", {**_GLOBAL, **_ATTN, **_QK_NORM, **_MLP, **_PRE_NORMS}),
-    "gemma": TensorMap("gemma", {**_GLOBAL, **_ATTN, **_MLP, **_PRE_NORMS}, norm_offset=1.0, output_optional=False),
-    "gemma2": TensorMap("gemma2", {**_GLOBAL, **_ATTN, **_MLP, **_SANDWICH_NORMS}, norm_offset=1.0,
-                        output_optional=False),
-    "gemma3_text": TensorMap("gemma3", {**_GLOBAL, **_ATTN, **_QK_NORM, **_MLP, **_SANDWICH_NORMS}, norm_offset=1.0),
-    "phi3": TensorMap("phi3", {**_GLOBAL, **_PHI3, **_PRE_NORMS}),
-}
+# transformers model_type of the text model -> its map, for every family that can be written to GGUF.
+TENSOR_MAPS: dict[str, TensorMap] = {spec.model_type: spec.gguf for spec in families() if spec.gguf is not None}
 
 _LAYER_INDEX = re.compile(r"^(model\.layers\.)(\d+)(\..+)$")
 

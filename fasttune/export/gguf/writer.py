@@ -126,27 +126,39 @@ def _yarn(writer: GGUFWriter, rope: dict[str, Any], c: Any) -> None:
 
 
 def _family_hparams(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
-    swa = _layer_is_swa(c)
-    window = getattr(c, "sliding_window", None)
-    if tmap.arch == "gemma2":
+    """The ``<arch>.*`` keys only some architectures read, chosen by the family's ``TensorMap`` flags.
+
+    Keys are added in one fixed order (softcapping, original context, sliding window, its pattern, the sliding layers'
+    RoPE base): the file's bytes follow the order keys are added in.
+    """
+    if tmap.softcapping == "attn_and_final":
         writer.add_attn_logit_softcapping(float(c.attn_logit_softcapping or 0.0))
         writer.add_final_logit_softcapping(float(c.final_logit_softcapping or 0.0))
-    if tmap.arch == "gemma3" and getattr(c, "final_logit_softcapping", None):
+    elif tmap.softcapping == "final" and getattr(c, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(float(c.final_logit_softcapping))
-    if tmap.arch in ("gemma2", "gemma3") and window:
-        writer.add_sliding_window(int(window))
-        if swa is not None:
-            writer.add_sliding_window_pattern(swa)
-        if tmap.arch == "gemma3":
-            writer.add_rope_freq_base_swa(float(_rope(c, "sliding_attention").get("rope_theta", 10000.0)))
-    if tmap.arch == "phi3":
+    if tmap.rope_orig_ctx:
         writer.add_rope_scaling_orig_ctx_len(int(getattr(c, "original_max_position_embeddings", None)
                                                  or c.max_position_embeddings))
-        if window:
-            writer.add_sliding_window(int(window))
-    if tmap.arch in ("llama", "qwen2", "qwen3") and window and getattr(c, "use_sliding_window", True):
-        logger.warning("gguf: %s config has sliding_window=%s, which llama.cpp's %s architecture does not apply; "
-                       "outputs match only for contexts up to the window", c.model_type, window, tmap.arch)
+    _sliding_window(writer, c, tmap)
+
+
+def _sliding_window(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
+    """``config.sliding_window`` as the architecture takes it (``TensorMap.sliding_window``), or a warning."""
+    window = getattr(c, "sliding_window", None)
+    if not window:
+        return
+    if tmap.sliding_window == "ignored":
+        if getattr(c, "use_sliding_window", True):
+            logger.warning("gguf: %s config has sliding_window=%s, which llama.cpp's %s architecture does not "
+                           "apply; outputs match only for contexts up to the window", c.model_type, window, tmap.arch)
+        return
+    writer.add_sliding_window(int(window))
+    if tmap.sliding_window == "per_layer":
+        swa = _layer_is_swa(c)
+        if swa is not None:
+            writer.add_sliding_window_pattern(swa)
+        if tmap.rope_base_swa:
+            writer.add_rope_freq_base_swa(float(_rope(c, "sliding_attention").get("rope_theta", 10000.0)))
 
 
 def convert_tensor(tmap: TensorMap, key: str, hf_name: str, tensor: torch.Tensor, config: Any) -> np.ndarray:
