@@ -10,7 +10,9 @@ accumulation: the label count of the whole accumulated batch), else the count of
 ``final_logit_softcapping`` ``z -> c * tanh(z / c)`` is applied inside the loss.
 
 **In that case the returned ``logits`` is None** (that is the point: they are never built). Without labels the
-original forward runs unchanged, so ``generate`` and evaluation with logits keep working. A call with TRL's
+original forward runs unchanged, so ``generate`` and evaluation with logits keep working. ``fasttune_token_stats=True``
+(what fasttune's ``SFTTrainer`` passes) also returns the labelled positions' argmax-correct count and entropy sum,
+taken inside the loss's chunks (:class:`FastCausalLMOutput`); the fallbacks below return no statistics. A call with TRL's
 ``fused_lm_head=True`` is handed to the forward that was there before fasttune (TRL's own fused head when TRL added
 it first), and so is a model whose lm_head is not a plain ``nn.Linear`` (LoRA on the lm_head, ``modules_to_save``).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from fasttune.kernels import fused_linear_cross_entropy
+from fasttune.kernels.cross_entropy import TokenStats
 
 IGNORE_INDEX = -100
 # Tokens per loss chunk are chosen so one chunk's fp32 logits (and their gradient) stay near 128 MiB: 1024 tokens
@@ -37,6 +41,13 @@ def loss_chunk_size(vocab_size: int) -> int:
     """Tokens per fused-CE chunk: a power of two in [64, 1024] with ``tokens * vocab <= LOGITS_CHUNK_ELEMENTS``."""
     tokens = max(1, LOGITS_CHUNK_ELEMENTS // max(1, vocab_size))
     return max(64, min(1024, 1 << (tokens.bit_length() - 1)))
+
+
+@dataclass
+class FastCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` (``logits`` None) plus ``token_stats`` when asked for with ``fasttune_token_stats``."""
+
+    token_stats: TokenStats | None = None
 
 
 def shift_for_next_token(labels: torch.Tensor) -> torch.Tensor:
@@ -52,7 +63,7 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
 
     @functools.wraps(type(model).forward)
     def forward(*args, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
-                num_items_in_batch: int | torch.Tensor | None = None, **kwargs):
+                num_items_in_batch: int | torch.Tensor | None = None, fasttune_token_stats: bool = False, **kwargs):
         if len(args) == 1 and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], ()
         lm_head = model.get_output_embeddings()
@@ -71,13 +82,16 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
         outputs = backbone(**kwargs)
         hidden = outputs.last_hidden_state
         targets = shift_labels if shift_labels is not None else shift_for_next_token(labels)
-        loss = fused_linear_cross_entropy(
+        result = fused_linear_cross_entropy(
             hidden, lm_head.weight, targets.to(hidden.device),
             ignore_index=IGNORE_INDEX, softcap=softcap, num_items_in_batch=num_items_in_batch,
             bias=getattr(lm_head, "bias", None), chunk_size=loss_chunk_size(lm_head.weight.shape[0]),
+            return_stats=fasttune_token_stats,
         )
-        return CausalLMOutputWithPast(
+        loss, stats = result if fasttune_token_stats else (result, None)
+        return FastCausalLMOutput(
             loss=loss,
+            token_stats=stats,
             logits=None,
             past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None),

@@ -1,14 +1,18 @@
-"""Let TRL's ``SFTTrainer`` train with fasttune's fused loss.
+"""Let TRL's ``SFTTrainer`` train with fasttune's fused loss, still logging TRL's token metrics.
 
 TRL 1.x's ``SFTTrainer`` wraps the model's forward with its own fused LM head and calls
-``model(**inputs, fused_lm_head=True)``; on CPU that head scores *every* position (prompt and padding included) and
-also computes entropy and top-1 metrics. ``FastLossMixin`` replaces ``compute_loss`` so the trainer calls the model
-with ``labels`` and ``num_items_in_batch`` instead, which a model patched by :func:`fasttune.fast.patch_model`
-answers with :func:`fasttune.kernels.fused_linear_cross_entropy` (only labelled positions reach the lm_head).
+``model(**inputs, fused_lm_head=True)``; on CPU that head scores *every* position (prompt and padding included).
+``FastLossMixin`` replaces ``compute_loss`` so the trainer calls the model with ``labels`` and ``num_items_in_batch``
+instead, which a model patched by :func:`fasttune.fast.patch_model` answers with
+:func:`fasttune.kernels.fused_linear_cross_entropy` (only labelled positions reach the lm_head).
 
     class FastSFTTrainer(FastLossMixin, SFTTrainer): ...
 
-Trade-off: TRL's ``entropy`` and ``mean_token_accuracy`` metrics are not logged (they need the full distribution).
+The metrics TRL's ``compute_loss`` logs are kept, with its names and meaning: ``entropy`` (mean entropy of the
+next-token distribution over labelled positions), ``mean_token_accuracy`` (share of labelled positions whose label is
+the argmax) -- both per micro-batch, averaged by TRL's ``log`` -- and ``num_tokens``. The fused loss computes the first
+two inside its chunks (``fasttune_token_stats=True``), so the full logits are still never built.
+Set ``fasttune_fast_loss = False`` on the trainer to get TRL's own ``compute_loss`` back.
 """
 
 from __future__ import annotations
@@ -18,20 +22,66 @@ from typing import Any
 import torch
 from torch import nn
 
+from fasttune.kernels.cross_entropy import TokenStats, token_stats_ref
+
+from .patch import is_patched
+
 
 class FastLossMixin:
     """``compute_loss`` that asks the model for its own (fused) loss; mix in before ``SFTTrainer``."""
 
+    fasttune_fast_loss: bool = True
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: int | torch.Tensor | None = None):
+        if not self.fasttune_fast_loss:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,  # type: ignore[misc]
+                                        num_items_in_batch=num_items_in_batch)
         inputs = {**inputs, "use_cache": False}
+        call = dict(inputs)
         if num_items_in_batch is not None:
-            inputs["num_items_in_batch"] = num_items_in_batch
-        outputs = model(**inputs)
+            call["num_items_in_batch"] = num_items_in_batch
+        logs_metrics = hasattr(self, "_metrics")
+        if logs_metrics and is_patched(getattr(self, "model", model)):
+            call["fasttune_token_stats"] = True
+        outputs = model(**call)
         loss = outputs.loss
         if loss is None:
             raise ValueError("FastLossMixin: the model returned no loss; the batch must contain 'labels'")
         args = getattr(self, "args", None)
         if args is not None and args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp_size)
+        if logs_metrics:
+            self._log_token_metrics(outputs, inputs)
+        if return_outputs:  # evaluation asks for logits, which the fused loss never built: one more forward
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         return (loss, outputs) if return_outputs else loss
+
+    def _log_token_metrics(self, outputs: Any, inputs: dict[str, Any]) -> None:
+        """Append ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` to TRL's ``_metrics``, as its
+        ``SFTTrainer.compute_loss`` does (same reductions across processes)."""
+        stats = getattr(outputs, "token_stats", None)
+        if stats is None and getattr(outputs, "logits", None) is not None:  # a fallback forward built the logits
+            labels = inputs["labels"]
+            stats = TokenStats(*token_stats_ref(outputs.logits.detach()[:, :-1], labels[:, 1:]))
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        if stats is not None:
+            num_valid = gather(stats.num_labels.reshape(1)).sum()
+            entropy_sum = gather(stats.entropy_sum.reshape(1)).sum()
+            num_correct = gather(stats.num_correct.reshape(1)).sum()
+            valid = bool(num_valid > 0)
+            self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if valid else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if valid else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            else:
+                raise ValueError("FastLossMixin: the batch has neither 'attention_mask' nor 'position_ids' to count "
+                                 "its tokens (num_tokens)")
+            self._total_train_tokens += gather(local.reshape(1)).sum().item() // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

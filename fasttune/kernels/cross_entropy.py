@@ -17,9 +17,19 @@ frozen (the LoRA case). Backward only multiplies them by ``grad_output``. A chun
 temporary: ``chunk_size * V`` values.
 
 Labels must already be aligned with hidden (label i is the target of hidden row i): the caller shifts them.
+
+Token statistics (``return_stats=True``), for the metrics TRL's ``SFTTrainer`` logs, taken from the same chunks under
+no_grad and summed over the labelled rows (never more than one chunk of logits exists)::
+
+    num_correct = sum_i [argmax_v z_iv == y_i]      (first index wins a tie, as torch.argmax and TRL's is_top1)
+    entropy_sum = sum_i H(softmax(z_i)) = sum_i (logsumexp(z_i) - sum_v p_iv z_iv)
+
+They cost one more pass over each chunk's logits and only run when asked for.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +37,15 @@ from fasttune.kernels.compiling import cpu_compiled
 from fasttune.kernels.dispatch import select_backend
 from fasttune.kernels.reference import linear_cross_entropy_ref
 
-__all__ = ["FusedLinearCrossEntropyFunction", "fused_linear_cross_entropy"]
+__all__ = ["FusedLinearCrossEntropyFunction", "TokenStats", "fused_linear_cross_entropy", "token_stats_ref"]
+
+
+class TokenStats(NamedTuple):
+    """Sums over the labelled rows of one loss call (fp32 scalars, no gradient): see the module docstring."""
+
+    num_correct: torch.Tensor
+    entropy_sum: torch.Tensor
+    num_labels: torch.Tensor
 
 
 @cpu_compiled
@@ -67,20 +85,57 @@ def _rows_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: fl
     return _rows_loss_and_grad_torch(logits, targets, softcap, scale)
 
 
+@cpu_compiled
+def _rows_stats_torch(logits: torch.Tensor, targets: torch.Tensor,
+                      softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits ``(c, V)`` (read only), targets ``(c,)`` -> (argmax-correct count, entropy sum), fp32 scalars.
+
+    ``H = log(s) - sum_v e_v z'_v / s`` with ``z' = z - max(z)``, ``e = exp(z')``, ``s = sum_v e_v``: compiled on CPU
+    this is a few fused reductions over the chunk; eager it allocates chunk-sized temporaries.
+    """
+    z = logits.float()
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    correct = (z.argmax(dim=-1) == targets).sum(dtype=torch.float32)
+    shifted = z - z.amax(dim=-1, keepdim=True)
+    exp = shifted.exp()
+    total = exp.sum(dim=-1)
+    entropy = total.log() - (exp * shifted).sum(dim=-1) / total
+    return correct, entropy.sum()
+
+
+def token_stats_ref(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                    ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch reference of the token statistics from full logits ``(..., V)`` and aligned targets ``(...)``.
+
+    Returns (argmax-correct count, entropy sum, labelled count) over the positions whose target is not ignored.
+    """
+    z = logits.float().reshape(-1, logits.shape[-1])
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    keep = targets.reshape(-1) != ignore_index
+    z, y = z[keep], targets.reshape(-1)[keep]
+    log_p = torch.log_softmax(z, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return (z.argmax(-1) == y).sum().float(), entropy.sum(), keep.sum().float()
+
+
 def _times(t: torch.Tensor | None, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """``(t * factor).to(dtype)`` with the product in fp32."""
     return None if t is None else (t.float() * factor).to(dtype)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """``apply(h (M, H), weight (V, H), bias (V,) | None, targets (M,), denom (), softcap, chunk_size, backend)``.
+    """``apply(h (M, H), weight (V, H), bias (V,) | None, targets (M,), denom (), softcap, chunk_size, backend
+    [, want_stats])``.
 
-    Rows of h are the already-selected positions (every target is a class index). Returns ``sum(loss_i) / denom``.
+    Rows of h are the already-selected positions (every target is a class index). Returns ``sum(loss_i) / denom``,
+    and with ``want_stats`` also the (non-differentiable) argmax-correct count and entropy sum of those rows.
     Forward computes ``d(loss)/d(h, weight, bias)`` chunk by chunk (already divided by denom) and saves only them.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, denom, softcap, chunk_size, backend):
+    def forward(ctx, h, weight, bias, targets, denom, softcap, chunk_size, backend, want_stats=False):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         scale = (1.0 / denom) if (need_h or need_w or need_b) else None
@@ -88,9 +143,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.float32, device=h.device)
+        entropy = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc = h[start:start + chunk_size]
             logits = hc @ weight.T if bias is None else torch.addmm(bias, hc, weight.T)
+            if want_stats:  # before the loss overwrites the logits with their gradient
+                chunk_correct, chunk_entropy = _rows_stats_torch(logits, targets[start:start + chunk_size], softcap)
+                correct += chunk_correct
+                entropy += chunk_entropy
             chunk_loss, grad = _rows_loss_and_grad(logits, targets[start:start + chunk_size], softcap, scale, backend)
             loss += chunk_loss
             if grad is None:
@@ -109,14 +170,18 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.w_dtype = weight.dtype
-        return loss / denom
+        if not want_stats:
+            return loss / denom
+        ctx.mark_non_differentiable(correct, entropy)
+        return loss / denom, correct, entropy
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *_stats_grads):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         h_dtype = grad_h.dtype if grad_h is not None else None
-        return (_times(grad_h, grad_output, h_dtype), _times(grad_w, grad_output, ctx.w_dtype),
-                _times(grad_b, grad_output, ctx.w_dtype), None, None, None, None, None)
+        grads = (_times(grad_h, grad_output, h_dtype), _times(grad_w, grad_output, ctx.w_dtype),
+                 _times(grad_b, grad_output, ctx.w_dtype))
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 def _check(hidden, weight, labels, softcap, chunk_size, bias) -> None:
@@ -147,7 +212,8 @@ def fused_linear_cross_entropy(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Mean token cross-entropy of ``hidden @ weight.T (+ bias)`` against labels, as a scalar fp32 loss.
 
     hidden: ``(N, H)`` or ``(batch, seq, H)``; weight: ``(V, H)``; labels: ``(N,)`` or ``(batch, seq)``, ALREADY
@@ -157,7 +223,7 @@ def fused_linear_cross_entropy(
     non-ignored labels (0 labels -> loss 0). ``chunk_size`` tokens of logits exist at a time (each chunk's logits
     take ``chunk_size * V * 4`` bytes in fp32: lower it for very large vocabularies). fp32 or bf16 inputs; the
     log-sum-exp is always accumulated in fp32. Under ``torch.autocast`` the matmuls run in the autocast dtype, as
-    ``F.linear`` would.
+    ``F.linear`` would. ``return_stats=True`` returns ``(loss, TokenStats)`` (see the module docstring).
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -168,12 +234,15 @@ def fused_linear_cross_entropy(
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
-                                              num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, bias=bias)
+                                              num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, bias=bias,
+                                              return_stats=return_stats)
     _check(hidden, weight, labels, softcap, chunk_size, bias)
     backend = select_backend(hidden)
     if backend == "reference":
-        return linear_cross_entropy_ref(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
+        loss = linear_cross_entropy_ref(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
                                         num_items_in_batch=num_items_in_batch, bias=bias)
+        return (loss, _reference_stats(hidden, weight, bias, labels, softcap, ignore_index, chunk_size)) \
+            if return_stats else loss
     flat_labels = labels.reshape(-1)
     keep = (flat_labels != ignore_index).nonzero().squeeze(1)
     targets = flat_labels[keep]
@@ -185,4 +254,19 @@ def fused_linear_cross_entropy(
         denom = torch.tensor(float(max(targets.numel(), 1)), device=hidden.device)
     else:
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32).reshape(())
-    return FusedLinearCrossEntropyFunction.apply(h, weight, bias, targets, denom, softcap, chunk_size, backend)
+    if not return_stats:
+        return FusedLinearCrossEntropyFunction.apply(h, weight, bias, targets, denom, softcap, chunk_size, backend)
+    loss, correct, entropy = FusedLinearCrossEntropyFunction.apply(
+        h, weight, bias, targets, denom, softcap, chunk_size, backend, True)
+    return loss, TokenStats(correct, entropy, torch.tensor(float(targets.numel()), device=hidden.device))
+
+
+@torch.no_grad()
+def _reference_stats(hidden, weight, bias, labels, softcap, ignore_index, chunk_size) -> TokenStats:
+    """The token statistics of the reference backend: :func:`token_stats_ref` over chunks of rows."""
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = torch.nn.functional.linear(h[start:start + chunk_size], weight, bias)
+        sums += torch.stack(token_stats_ref(logits, y[start:start + chunk_size], softcap, ignore_index))
+    return TokenStats(sums[0], sums[1], sums[2])

@@ -1,0 +1,108 @@
+"""``fasttune.trl.SFTTrainer`` / ``SFTConfig``: TRL's classes, taking the Unsloth-era arguments, fast by default.
+
+On top of TRL's ``SFTTrainer`` (a subclass; nothing in TRL is patched):
+
+* the Unsloth-era arguments (``tokenizer=``, trainer-level ``dataset_text_field`` / ``max_seq_length`` / ``packing``...,
+  ``args=TrainingArguments(...)``) are translated, see :mod:`fasttune.train.compat`;
+* the fast path, when the model carries fasttune's fast forwards (``FastLanguageModel``): the fused, label-only loss
+  (:class:`fasttune.fast.FastLossMixin`, still logging TRL's ``entropy`` / ``mean_token_accuracy`` / ``num_tokens``)
+  and, unless the user gave a ``data_collator`` or asked for packing, padding-free batches
+  (:class:`fasttune.fast.PaddingFreeCollator`). Loss options that need the full logits (``loss_type="dft"``,
+  ``compute_loss_func``, label smoothing) keep TRL's own loss;
+* gradient checkpointing is the mode chosen in ``get_peft_model`` (:mod:`fasttune.train.checkpointing`);
+* ``max_length`` defaults to the ``max_seq_length`` given to ``from_pretrained`` (TRL's default is 1024) unless the
+  config sets it;
+* the LoRA weights of a fasttune QLoRA model keep their exact values and dtype (fp32, as peft made them): TRL casts a
+  quantized model's trainable weights to bf16 while the trainer is built (the QLoRA paper's setting), rounding the
+  initial adapters; they are saved before and put back after (``fasttune.lora.precision`` keeps the dtype later on).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trl
+from torch import nn
+
+from ..fast import FastLossMixin, PaddingFreeCollator, is_patched
+from .compat import CompatConfigMixin, CompatTrainerMixin, explicitly_set
+
+logger = logging.getLogger("fasttune")
+
+
+class SFTConfig(CompatConfigMixin, trl.SFTConfig):
+    """TRL's ``SFTConfig``; also takes ``max_seq_length=`` (now ``max_length``)."""
+
+    fasttune_kind = "sft"
+
+
+def _slow_reason(model: Any, config: Any, kwargs: dict[str, Any]) -> str | None:
+    """Why the fused loss cannot be used for this trainer, or None when it can."""
+    if not isinstance(model, nn.Module) or not is_patched(model):
+        return "the model has no fasttune fast path (load it with FastLanguageModel)"
+    if config.loss_type != "nll":
+        return f"loss_type={config.loss_type!r} needs the full logits"
+    if kwargs.get("compute_loss_func") is not None:
+        return "compute_loss_func needs the full logits"
+    if config.label_smoothing_factor > 0:
+        return f"label_smoothing_factor={config.label_smoothing_factor} needs the full logits"
+    return None
+
+
+class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
+    """TRL's ``SFTTrainer`` with the Unsloth-era arguments and fasttune's fast path (see the module docstring).
+
+    ``fasttune_fast_loss`` / ``fasttune_padding_free`` say which parts of the fast path this trainer uses.
+    """
+
+    fasttune_kind = "sft"
+    fasttune_config = SFTConfig
+
+    def _fasttune_prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        model = kwargs.get("model")
+        if kwargs.get("args") is None and isinstance(model, nn.Module):  # TRL's default, built here to adjust it
+            name = (getattr(model.config, "name_or_path", "") or "model").rstrip("/").split("/")[-1]
+            kwargs["args"] = SFTConfig(output_dir=f"{name}-SFT")
+        kwargs = super()._fasttune_prepare(kwargs)
+        config = kwargs["args"]
+        length = getattr(model, "max_seq_length", None) if isinstance(model, nn.Module) else None
+        if config is not None and length is not None and not explicitly_set(config, "max_length"):
+            logger.info("fasttune: SFTConfig.max_length not set; using the model's max_seq_length=%d", length)
+            config.max_length = length
+        reason = _slow_reason(model, config, kwargs) if config is not None else "no config"
+        self.fasttune_fast_loss = reason is None
+        self.fasttune_padding_free = (reason is None and kwargs.get("data_collator") is None and not config.packing
+                                      and not config.padding_free)
+        if reason is not None and isinstance(model, nn.Module) and is_patched(model):
+            logger.info("fasttune: SFTTrainer keeps TRL's loss: %s", reason)
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+        self._fasttune_saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad} \
+            if isinstance(model, nn.Module) and is_patched(model) and quantized else {}
+        return kwargs
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._restore_trainable_weights()
+        if self.fasttune_padding_free and not self._is_vision_dataset:
+            pad = self.args.pad_to_multiple_of
+            self.data_collator = PaddingFreeCollator(
+                completion_only_loss=bool(self.completion_only_loss),
+                pad_to_multiple_of=pad if isinstance(pad, int) else None,
+                pad_token_id=self._tokenizer.pad_token_id or 0,
+            )
+        else:
+            self.fasttune_padding_free = False
+
+    def _restore_trainable_weights(self) -> None:
+        """Undo TRL's bf16 cast of a quantized model's trainable weights, values included (see the module docstring)."""
+        restored = 0
+        for name, param in self.model.named_parameters():
+            saved = self._fasttune_saved.get(name)
+            if saved is not None and param.dtype != saved.dtype:
+                param.data = saved
+                restored += 1
+        self._fasttune_saved = {}
+        if restored:
+            logger.info("fasttune: kept %d trainable weights as they were (TRL casts a quantized model's to bf16)",
+                        restored)
