@@ -137,11 +137,16 @@ def test_fp32_convergence(family, tiny_model_dir):
     _compare(family, tiny_model_dir(family), FP32)
 
 
+# bf16 cases use a narrower model: CPUs without AVX512-BF16/AMX emulate bf16 matmuls (~100x slower than fp32), and
+# the default tiny shape made these two tests take minutes there. 176 keeps the intermediate size off a multiple of 32.
+BF16_SHAPE = dict(hidden_size=64, intermediate_size=176, head_dim=16, num_hidden_layers=2)
+
+
 @pytest.mark.slow
 def test_bf16_convergence_with_unsloth_checkpointing(tiny_model_dir):
-    _compare("qwen2", tiny_model_dir("qwen2"), BF16, dtype=torch.bfloat16, checkpoint="unsloth")
+    _compare("qwen2", tiny_model_dir("qwen2", **BF16_SHAPE), BF16, dtype=torch.bfloat16, checkpoint="unsloth")
 
 
 @pytest.mark.slow
 def test_4bit_convergence(tiny_model_dir):
-    _compare("llama", tiny_model_dir("llama"), BF16, dtype=torch.bfloat16, four_bit=True)
+    _compare("llama", tiny_model_dir("llama", **BF16_SHAPE), BF16, dtype=torch.bfloat16, four_bit=True)
