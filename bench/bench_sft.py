@@ -56,9 +56,10 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from fasttune.fast import PaddingFreeCollator, enable_checkpointing, patch_model
-    from fasttune.fast.trl_loss import FastLossMixin
+    from fasttune.patch import enable_checkpointing, patch_model
     from fasttune.tiny import build_tokenizer
+    from fasttune.train import PaddingFreeCollator
+    from fasttune.train.fused_loss import FastLossMixin
 
     sys.path.insert(0, str(HERE))
     from sft_data import chat_dataset, long_dataset, model_config

@@ -18,29 +18,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from . import export
 from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
 from .device import default_device_map
-from .fast import FAST_PATHS, is_patched, patch_model
 from .lora import inject_lora
 from .lora.precision import keep_adapter_dtype
+from .lora.unwrap import base_model
 from .models import get_family
+from .patch import FAST_PATHS, is_patched, patch_model
+from .patch.checkpointing import is_checkpointing, set_gradient_checkpointing
 from .quant import patch_quantized_layers
+from .quant.config import int8_config, nf4_config
 from .source import resolve_source
-from .train.checkpointing import is_checkpointing, set_gradient_checkpointing
 
 logger = logging.getLogger("fasttune")
 
 
 def _quantization_config(cfg: LoadConfig) -> BitsAndBytesConfig | None:
     if cfg.quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=cfg.dtype,
-            # the head stays in dtype: quantizing it costs quality and saves little
-            llm_int8_skip_modules=["lm_head"],
-        )
+        return nf4_config(cfg.dtype)
     if cfg.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        return int8_config()
     return None
 
 
@@ -97,7 +92,7 @@ class FastLanguageModel:
         model stays loadable by transformers); its forward is fasttune's exact dequantize-and-multiply (see
         ``fasttune.quant``). A folder holding a saved LoRA adapter loads its base model and attaches the adapter.
         ``fast_path=True`` installs fasttune's fused forwards on this instance for supported families
-        (``fasttune.fast.unpatch_model(model)`` undoes it).
+        (``fasttune.patch.unpatch_model(model)`` undoes it).
         """
         if full_finetuning and (load_in_4bit or load_in_8bit):
             logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
@@ -149,6 +144,8 @@ class FastLanguageModel:
                 param.requires_grad_("lora_" in name)
             if isinstance(model, PeftModel):
                 keep_adapter_dtype(model)  # adapters stay fp32 through TRL's bf16 cast (exact resume)
+                # an adapter folder is loaded to train further: same checkpointing as get_peft_model would set
+                set_gradient_checkpointing(model, use_gradient_checkpointing)
         return model, tokenizer
 
     @staticmethod
@@ -211,7 +208,7 @@ class FastLanguageModel:
 
 
 def _set_mode_state(model: PreTrainedModel, training: bool, use_gradient_checkpointing: Any = None) -> None:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = base_model(model)
     tokenizer = getattr(base, "fasttune_tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "right" if training else "left"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fasttune.device import device_args
-from fasttune.fast import PaddingFreeCollator
+from fasttune.train import PaddingFreeCollator
 from fasttune.train.sft import SFTTrainer
 
 FastSFTTrainer = SFTTrainer

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,10 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
+from ..lora.unwrap import base_model
 from .atomic import atomic_directory
-from .merge import NonFiniteWeightError, base_model_of, merged_state_dict, unties_embeddings
+from .hub import split_push_kwargs, upload_folder
+from .merge import NonFiniteWeightError, merged_state_dict, unties_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def _write_tokenizer(tokenizer: Any, folder: Path) -> None:
 def write_merged_16bit(model: nn.Module, folder: Path, tokenizer: Any = None, max_shard_size: int | str = "5GB",
                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Merge and write a loadable transformers folder into ``folder`` (not atomic by itself). Returns the state."""
-    base = base_model_of(model)
+    base = base_model(model)
     state = merged_state_dict(model, dtype=dtype)
     out_dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     write_safetensors(state, folder, max_shard_size)
@@ -130,14 +133,15 @@ def _write_4bit(model: nn.Module, folder: Path, tokenizer: Any, max_shard_size: 
     """Merge in 16-bit, reload that with bitsandbytes NF4 and save the quantized model.
 
     The 16-bit copy lives inside ``folder`` (the save's scratch), so a killed save leaves nothing else behind."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from ..quant.config import nf4_config
 
     dense = folder / ".merged-16bit"
     dense.mkdir()
     write_merged_16bit(model, dense, None, max_shard_size, dtype=torch.bfloat16)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    device = next(base_model_of(model).parameters()).device
+    quant = nf4_config(torch.bfloat16, skip_modules=())  # every linear layer, the head included
+    device = next(base_model(model).parameters()).device
     reloaded = AutoModelForCausalLM.from_pretrained(dense, quantization_config=quant, dtype=torch.bfloat16,
                                                     device_map=str(device))
     reloaded.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -218,8 +222,18 @@ def save_pretrained_merged(
             _write_lora(model, scratch, tokenizer, target)
     logger.info("save_pretrained_merged: wrote %s (%s)", target, save_method)
     if kw.get("push_to_hub"):
-        from .hub import upload_folder
-
         upload_folder(target, str(save_directory), token=kw.get("token"), private=kw.get("private"),
                       commit_message=kw.get("commit_message"))
     return target
+
+
+def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, save_method: str = "merged_16bit",
+                       token: str | None = None, private: bool | None = None, **kw: Any) -> str:
+    """``save_pretrained_merged`` into a temporary folder, then upload it to ``repo_id``; returns the commit URL.
+
+    Extra keywords: ``endpoint``, ``commit_message``, ``revision`` (upload) and those of ``save_pretrained_merged``.
+    """
+    push, save_kw = split_push_kwargs(dict(kw))
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = save_pretrained_merged(model, Path(scratch) / "model", tokenizer, save_method=save_method, **save_kw)
+        return upload_folder(folder, repo_id, token=token, private=private, **push)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fasttune.lora.unwrap import base_model
 from fasttune.quant import dequantize_weight, is_quantized_linear
 
 logger = logging.getLogger(__name__)
@@ -29,12 +30,6 @@ _ADAPTER_CHILDREN = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
 
 class NonFiniteWeightError(ValueError):
     """A merged tensor holds NaN or inf; nothing was written."""
-
-
-def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (the model itself when it is not wrapped)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
@@ -173,7 +168,7 @@ def iter_merged_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> I
     checked for NaN/inf (``NonFiniteWeightError``) and cast to ``dtype``. Only one merged tensor is alive at a time,
     so a GGUF export never holds the whole dense model. A tied output embedding is skipped (see ``tied_output_key``).
     """
-    base = base_model_of(model)
+    base = base_model(model)
     dtype = dtype or default_dtype(base)
     skip = tied_output_key(base)
     for name, tensor in _walk("", base):

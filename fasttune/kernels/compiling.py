@@ -10,7 +10,7 @@ If compiling a function fails, the plain function runs instead; when that succee
 so a ``RuntimeWarning`` names it once and that function stays uncompiled. If the plain function fails too, its error
 is raised: real errors are never hidden.
 
-The ``use_compile`` switch is a ``ContextVar`` (like :mod:`fasttune.fast.recompute`), so a block in one thread or
+The ``use_compile`` switch is a ``ContextVar`` (like :mod:`fasttune.kernels.recompute`), so a block in one thread or
 asyncio task does not switch compiling for another.
 """
 

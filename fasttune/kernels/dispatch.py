@@ -4,7 +4,7 @@ The choice is made per call from the input's device. ``FASTTUNE_KERNEL_BACKEND``
 ``triton``) or the :func:`use_backend` context manager force one; ``auto`` is the default. ``triton`` is optional:
 it is imported only when a Triton kernel is about to run.
 
-The forced backend is a ``ContextVar`` (like :mod:`fasttune.fast.recompute`): a ``use_backend`` block in one thread
+The forced backend is a ``ContextVar`` (like :mod:`fasttune.kernels.recompute`): a ``use_backend`` block in one thread
 or asyncio task does not change what another one runs.
 """
 

@@ -12,6 +12,15 @@ one copy shared by every layer), as autograd on the reference does too; what it 
 this path one product and two in-place fused multiply-adds each way uncompiled, one fused loop compiled (CPU) or
 one Triton pass (CUDA).
 cos/sin get no gradient; when either requires one, the reference (plain autograd) runs instead.
+
+Not used in the model path (on purpose, for now): transformers applies RoPE inside each family's attention forward
+through a module-level ``apply_rotary_pos_emb`` of that family's modeling file, between the q/k norms and the attention
+kernel. fasttune keeps that forward transformers' own (``fasttune.patch.forwards.make_attention_forward`` only hands
+it pre-computed q/k/v), so the attention maths -- q/k norms, partial rotary (phi3), sliding windows, softcapping --
+stays upstream's for every family. Using this kernel would mean owning a copy of every family's attention forward, for
+an op that is a few elementwise passes over q and k (the kernel benchmark: 4.3x faster than the reference in isolation;
+its share of a training step was not measured). It stays a tested, benchmarked op for when fasttune owns attention
+(e.g. a fused RoPE + flash-attention path on CUDA).
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from peft import PeftModel
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .unwrap import base_model
+
 _GUARD = "_fasttune_adapter_dtype_guard"
 
 
@@ -57,7 +59,7 @@ class AdapterDtypeGuard:
 
 def _inner_model(model: PeftModel) -> nn.Module:
     """The transformers model every forward and every state-dict load of ``model`` passes through."""
-    return model.get_base_model()
+    return base_model(model)
 
 
 def keep_adapter_dtype(model: PeftModel) -> AdapterDtypeGuard:

@@ -4,14 +4,14 @@
 
 - the ``model_type`` of its text causal LM, and any multimodal wrappers' (``wrapper_model_types``);
 - the fast path's facts: norm kind, activation, attention / MLP projection names, fused LoRA aliases, and whether
-  :mod:`fasttune.fast` patches it (``fast_path``);
+  :mod:`fasttune.patch` patches it (``fast_path``);
 - ``gguf``: its :class:`~fasttune.models.gguf.TensorMap` (transformers -> GGUF tensor names, q/k permutation, norm
   offset) and the hyper-parameter facts llama.cpp's architecture needs (softcapping, sliding window kind, ...);
 - ``tiny``: its tiny random model's config overrides and tokenizer special tokens (:class:`TinySpec`).
 
 :mod:`fasttune.models.registry` is the only list of families; fast/patch.py, export/gguf and fasttune.tiny ask it
 (``get_family(model_type)``, ``families()``, ``family(name)``). This package imports only the standard library, and
-never fasttune.export / fasttune.fast / fasttune.tiny (they depend on it, not the other way round).
+never fasttune.export / fasttune.patch / fasttune.tiny (they depend on it, not the other way round).
 
 Adding a family
 ---------------

@@ -54,7 +54,7 @@ class FamilySpec:
     ``attention`` / ``mlp`` list the linear projections inside a decoder layer's ``self_attn`` / ``mlp`` module.
     ``fused_aliases`` maps Unsloth's default LoRA target names onto fused projections (phi3 has one ``qkv_proj`` where
     others have q/k/v), so the default ``target_modules`` works on every family.
-    ``fast_path``: :mod:`fasttune.fast` patches this family's models (its fused forwards handle the layout).
+    ``fast_path``: :mod:`fasttune.patch` patches this family's models (its fused forwards handle the layout).
     """
 
     family: str

@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import logging
 from typing import Any, ClassVar
 
-logger = logging.getLogger("fasttune")
+from ..notes import note_once
+from ..patch.checkpointing import honour_checkpointing_mode
 
 # trainer keyword -> TRL 1.16's trainer keyword (every trainer)
 TRAINER_RENAMES: dict[str, str] = {"tokenizer": "processing_class"}
@@ -57,16 +57,6 @@ CONFIG_RENAMES: dict[str, dict[str, str | None]] = {
     "orpo": {"max_prompt_length": None},
     "grpo": {"max_prompt_length": None},
 }
-
-_noted: set[str] = set()
-
-
-def note_once(key: str, message: str) -> None:
-    """Log ``message`` as a warning the first time ``key`` is seen in this process."""
-    if key not in _noted:
-        _noted.add(key)
-        logger.warning("fasttune: %s", message)
-
 
 def _moved(owner: str, old: str, new: str | None, value: Any, where: str) -> None:
     if new is None:
@@ -206,8 +196,6 @@ class CompatTrainerMixin:
         super().__init__(**kwargs)
 
     def _fasttune_prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        from .checkpointing import honour_checkpointing_mode
-
         if kwargs.get("args") is not None and "model" in kwargs:
             honour_checkpointing_mode(kwargs["model"], kwargs["args"])
         return kwargs

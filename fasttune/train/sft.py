@@ -5,11 +5,11 @@ On top of TRL's ``SFTTrainer`` (a subclass; nothing in TRL is patched):
 * the Unsloth-era arguments (``tokenizer=``, trainer-level ``dataset_text_field`` / ``max_seq_length`` / ``packing``...,
   ``args=TrainingArguments(...)``) are translated, see :mod:`fasttune.train.compat`;
 * the fast path, when the model carries fasttune's fast forwards (``FastLanguageModel``): the fused, label-only loss
-  (:class:`fasttune.fast.FastLossMixin`, still logging TRL's ``entropy`` / ``mean_token_accuracy`` / ``num_tokens``)
+  (:class:`fasttune.train.FastLossMixin`, still logging TRL's ``entropy`` / ``mean_token_accuracy`` / ``num_tokens``)
   and, unless the user gave a ``data_collator`` or asked for packing, padding-free batches
-  (:class:`fasttune.fast.PaddingFreeCollator`). Loss options that need the full logits (``loss_type="dft"``,
+  (:class:`fasttune.train.PaddingFreeCollator`). Loss options that need the full logits (``loss_type="dft"``,
   ``compute_loss_func``, label smoothing) keep TRL's own loss;
-* gradient checkpointing is the mode chosen in ``get_peft_model`` (:mod:`fasttune.train.checkpointing`);
+* gradient checkpointing is the mode chosen in ``get_peft_model`` (:mod:`fasttune.patch.checkpointing`);
 * ``max_length`` defaults to the ``max_seq_length`` given to ``from_pretrained`` (TRL's default is 1024) unless the
   config sets it;
 * the LoRA weights of a fasttune QLoRA model keep their exact values and dtype (fp32, as peft made them): TRL casts a
@@ -25,8 +25,10 @@ from typing import Any
 import trl
 from torch import nn
 
-from ..fast import FastLossMixin, PaddingFreeCollator, is_patched
+from ..patch import is_patched
 from .compat import CompatConfigMixin, CompatTrainerMixin, explicitly_set
+from .fused_loss import FastLossMixin
+from .padding_free import PaddingFreeCollator
 
 logger = logging.getLogger("fasttune")
 

@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fasttune import FastLanguageModel, is_bfloat16_supported
+from fasttune.patch import is_checkpointing
 from fasttune.quant import FastLinear4bit, FastLinear8bitLt
 from fasttune.tiny import FAMILIES
 
@@ -117,6 +118,8 @@ def test_adapter_reloads_in_plain_peft_with_same_logits(tiny_model_dir, tmp_path
     again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32,
                                                  load_in_4bit=load_in_4bit)
     assert isinstance(again, PeftModel)
+    # loaded to train further: the default checkpointing mode is on, as after get_peft_model
+    assert is_checkpointing(again) and again.get_base_model().fasttune_checkpointing == "unsloth"
     again.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
@@ -142,7 +145,6 @@ def test_export_methods_bound_on_instances_only(tiny_model_dir, tmp_path):
 
 
 def test_checkpointing_modes_follow_inference_and_training(tiny_model_dir):
-    from fasttune.train.checkpointing import is_checkpointing
 
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(model, r=4)  # use_gradient_checkpointing="unsloth" by default

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fasttune import FastLanguageModel
-from fasttune.fast import is_patched, patch_model, unpatch_model
+from fasttune.patch import is_patched, patch_model, unpatch_model
 from fasttune.quant import FastLinear4bit, dequantize_weight, is_quantized_linear, restore_layers
 
 

@@ -11,9 +11,9 @@ import pytest
 
 import fasttune.models as models_pkg
 from fasttune.export.gguf.tensor_maps import TENSOR_MAPS
-from fasttune.fast import FAST_PATHS
 from fasttune.models import FAMILIES, families, family, get_family
 from fasttune.models.registry import _by_model_type
+from fasttune.patch import FAST_PATHS
 from fasttune.tiny import FAMILIES as TINY_FAMILIES
 from fasttune.tiny import FAMILY_TOKENS, MODEL_TYPES
 
@@ -46,7 +46,7 @@ def test_other_tables_are_derived_from_the_registry():
 
 
 def test_models_package_is_plain_data():
-    """fasttune.models imports only the standard library and itself, never export/fast/tiny (they depend on it)."""
+    """fasttune.models imports only the standard library and itself, never export/patch/tiny (they depend on it)."""
     allowed = set(sys.stdlib_module_names)
     for path in sorted(Path(models_pkg.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -24,8 +24,8 @@ def _eager_kernels_one_thread():
 @pytest.fixture
 def fasttune_logs(caplog):
     """The messages the 'fasttune' logger emitted during the test (compat notes are once per process: reset)."""
-    from fasttune.train import compat
+    from fasttune import notes
 
-    compat._noted.clear()
+    notes._noted.clear()
     caplog.set_level("INFO", logger="fasttune")
     return lambda: [r.getMessage() for r in caplog.records if r.name == "fasttune"]

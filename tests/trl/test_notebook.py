@@ -14,8 +14,8 @@ import re
 import pytest
 import torch
 
-from fasttune.fast import PaddingFreeCollator
 from fasttune.port import port_file
+from fasttune.train import PaddingFreeCollator
 
 CELLS = [
     "%%capture\n!pip install unsloth",

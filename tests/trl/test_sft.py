@@ -11,8 +11,8 @@ import trl
 from transformers import DataCollatorForSeq2Seq
 from trl_helpers import cpu_args, fast_model, logged, text_dataset
 
-from fasttune.fast import PaddingFreeCollator
-from fasttune.fast.checkpointing import offloaded_checkpoint
+from fasttune.kernels.checkpoint import offloaded_checkpoint
+from fasttune.train import PaddingFreeCollator
 from fasttune.trainer import FastSFTTrainer
 from fasttune.trl import SFTConfig, SFTTrainer
 

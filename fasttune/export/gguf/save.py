@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ...lora.unwrap import base_model
 from ..atomic import check_writable, recover_interrupted
-from ..merge import base_model_of, iter_merged_tensors, merged_state_dict, tied_output_key
+from ..hub import split_push_kwargs, upload_folder
+from ..merge import iter_merged_tensors, merged_state_dict, tied_output_key
 from .quants import ALIASES, METHODS, resolve_methods
 from .writer import GGUFReport, write_gguf
 
@@ -63,7 +66,7 @@ def _validate(path: Path, ftype: str, model: torch.nn.Module, tokenizer: Any, pr
     from .reader import reference_model
     from .writer import text_config
 
-    config = text_config(base_model_of(model).config)
+    config = text_config(base_model(model).config)
     if ftype in _UNQUANTIZED:
         reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         reference.load_state_dict(merged_state_dict(model, dtype=torch.float32), strict=False)
@@ -106,7 +109,7 @@ def save_pretrained_gguf(
     check_writable(folder)
     folder.mkdir(parents=True, exist_ok=True)
     recover_interrupted(folder)
-    base = base_model_of(model)
+    base = base_model(model)
     tied = tied_output_key(base) is not None or base.get_output_embeddings() is None
     template = getattr(tokenizer, "fasttune_template", None)
     stem = kw.get("file_stem", "model")
@@ -125,8 +128,6 @@ def save_pretrained_gguf(
     if kw.get("write_modelfile", True):
         _maybe_modelfile(folder, paths[0], tokenizer)
     if kw.get("push_to_hub"):
-        from ..hub import upload_folder
-
         upload_folder(folder, str(save_directory), token=kw.get("token"), private=kw.get("private"),
                       commit_message=kw.get("commit_message"))
     return paths
@@ -139,3 +140,17 @@ def _maybe_modelfile(folder: Path, gguf_path: Path, tokenizer: Any) -> None:
         write_ollama_modelfile(folder / "Modelfile", gguf_path, tokenizer)
     except OllamaTemplateError as err:
         logger.warning("gguf: no Ollama Modelfile written: %s", err)
+
+
+def push_to_hub_gguf(model: torch.nn.Module, repo_id: str, tokenizer: Any = None,
+                     quantization_method: str | list[str] = "fast_quantized", token: str | None = None,
+                     **kw: Any) -> str:
+    """``save_pretrained_gguf`` into a temporary folder (GGUF files + Modelfile), then upload it to ``repo_id``.
+
+    Extra keywords: ``private``, ``endpoint``, ``commit_message``, ``revision`` and those of ``save_pretrained_gguf``.
+    """
+    private = kw.pop("private", None)
+    push, save_kw = split_push_kwargs(dict(kw))
+    with tempfile.TemporaryDirectory() as scratch:
+        save_pretrained_gguf(model, scratch, tokenizer, quantization_method=quantization_method, **save_kw)
+        return upload_folder(scratch, repo_id, token=token, private=private, **push)

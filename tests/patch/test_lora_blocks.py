@@ -9,9 +9,9 @@ from fast_helpers import assert_close, load_peft
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from fasttune.fast.lora_linear import lora_linear, lora_projections
-from fasttune.fast.lora_mlp import lora_mlp
-from fasttune.fast.lora_parts import LoraParts, lora_parts
+from fasttune.kernels.lora_linear import lora_linear, lora_projections
+from fasttune.kernels.lora_mlp import lora_mlp
+from fasttune.kernels.lora_parts import LoraParts, lora_parts
 
 # fp32: the same maths in another order. bf16 (factors in bf16 too): 8 mantissa bits, errors relative to the
 # tensor's largest value.

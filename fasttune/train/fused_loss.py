@@ -3,7 +3,7 @@
 TRL 1.x's ``SFTTrainer`` wraps the model's forward with its own fused LM head and calls
 ``model(**inputs, fused_lm_head=True)``; on CPU that head scores *every* position (prompt and padding included).
 ``FastLossMixin`` replaces ``compute_loss`` so the trainer calls the model with ``labels`` and ``num_items_in_batch``
-instead, which a model patched by :func:`fasttune.fast.patch_model` answers with
+instead, which a model patched by :func:`fasttune.patch.patch_model` answers with
 :func:`fasttune.kernels.fused_linear_cross_entropy` (only labelled positions reach the lm_head).
 
     class FastSFTTrainer(FastLossMixin, SFTTrainer): ...
@@ -24,7 +24,7 @@ from torch import nn
 
 from fasttune.kernels.cross_entropy import TokenStats, token_stats_ref
 
-from .patch import is_patched
+from ..patch import is_patched
 
 
 class FastLossMixin:

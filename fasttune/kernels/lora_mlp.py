@@ -2,13 +2,13 @@
 
 Forward (x ``(N, hidden)``):
     ``g = proj_gate(x)``, ``u = proj_up(x)`` ``(N, inter)``; ``h = act(g) * u``; ``y = proj_down(h)`` ``(N, hidden)``,
-where each ``proj`` is ``x W^T + b + s (x A^T) B^T`` (see :mod:`fasttune.fast.lora_parts`).
+where each ``proj`` is ``x W^T + b + s (x A^T) B^T`` (see :mod:`fasttune.kernels.lora_parts`).
 
 Backward: recompute ``g``, ``u`` (dequantizing ``W_gate``/``W_up`` again) and ``h``; then
 ``dh = dy W_down + s (dy B_down) A_down``, ``(dg, du) = act'`` applied to ``dh``, ``dx = dg W_gate + du W_up + LoRA
-terms``; every ``dA``/``dB`` as in :func:`fasttune.fast.lora_parts.project_backward`.
+terms``; every ``dA``/``dB`` as in :func:`fasttune.kernels.lora_parts.project_backward`.
 
-Saved: ``x`` and the six factors. Inside a checkpoint recompute (:func:`fasttune.fast.recompute.in_recompute`) the
+Saved: ``x`` and the six factors. Inside a checkpoint recompute (:func:`fasttune.kernels.recompute.in_recompute`) the
 layer's activations die with its backward anyway, so ``g`` and ``u`` are kept too and not recomputed a second time.
 The activation comes from :mod:`fasttune.kernels` (``swiglu`` / ``geglu``) and its backward through autograd.
 """

@@ -11,8 +11,9 @@ import pytest
 import torch
 from fast_helpers import load_peft
 
-from fasttune.fast import PaddingFreeCollator, enable_checkpointing, patch_model
+from fasttune.patch import enable_checkpointing, patch_model
 from fasttune.tiny import FAMILIES
+from fasttune.train import PaddingFreeCollator
 
 STEPS = 30
 # Weights are compared through their updates: max |(w_fast - w0) - (w_ref - w0)| <= bound, with w0 the common start.

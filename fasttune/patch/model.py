@@ -3,7 +3,7 @@
 ``patch_model(model)`` replaces the ``forward`` of specific submodules *of that instance* (never a class, never
 library source): every RMSNorm, every decoder MLP (fused LoRA MLP), the attention projections (fused Q/K/V and O) and
 the causal-LM head (fused linear cross-entropy when labels are given); and an SDPA model's attention becomes
-per-segment SDPA for packed rows (:mod:`fasttune.fast.attention`, the one change made through the config). It works on a plain transformers model or a
+per-segment SDPA for packed rows (:mod:`fasttune.patch.attention`, the one change made through the config). It works on a plain transformers model or a
 peft-wrapped one; call it again after ``get_peft_model`` and it installs the fused LoRA blocks over the new layers.
 ``unpatch_model(model)`` restores every replaced forward, so the model computes exactly what it did before.
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fasttune.lora.unwrap import base_model
 from fasttune.models import FamilySpec, families, get_family
 
 from . import attention
@@ -44,12 +45,6 @@ class PatchRecord:
         previous = module.__dict__.get("forward")
         module.forward = new_forward
         self.entries.append((module, previous, new_forward))
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _activation(config, spec: FamilySpec) -> str:
@@ -84,8 +79,8 @@ def _patch_family(hf_model: nn.Module, spec: FamilySpec, record: PatchRecord) ->
             record.install(attn, make_attention_forward(attn, qkv, attn.forward))
     if hasattr(hf_model, "get_output_embeddings") and hf_model.get_output_embeddings() is not None:
         record.install(hf_model, make_causal_lm_forward(hf_model, hf_model.forward))
-    if config._attn_implementation == "sdpa":  # packed rows: SDPA per segment (exact; see fast/attention.py)
-        attention.register()
+    if config._attn_implementation == "sdpa":  # packed rows: SDPA per segment (exact; see patch/attention.py)
+        attention.acquire(config)
         record.attn_implementation = (config, config._attn_implementation)
         config._attn_implementation = attention.NAME
 
@@ -98,12 +93,12 @@ FAST_PATHS: dict[str, Callable[[nn.Module, FamilySpec, PatchRecord], None]] = {
 
 
 def is_patched(model: nn.Module) -> bool:
-    return _RECORD in _hf_model(model).__dict__
+    return _RECORD in base_model(model).__dict__
 
 
 def patch_model(model: nn.Module) -> None:
     """Install fasttune's fast forwards on ``model`` (transformers or peft-wrapped); re-patches if already patched."""
-    hf_model = _hf_model(model)
+    hf_model = base_model(model)
     model_type = hf_model.config.get_text_config().model_type
     if model_type not in FAST_PATHS:
         raise ValueError(
@@ -128,6 +123,7 @@ def _restore(record: PatchRecord) -> None:
         config, previous = record.attn_implementation
         config._attn_implementation = previous
         record.attn_implementation = None
+        attention.release(config)
     for module, previous, ours in reversed(record.entries):
         current = module.__dict__.get("forward")
         if current is not ours:
@@ -144,7 +140,7 @@ def _restore(record: PatchRecord) -> None:
 
 def unpatch_model(model: nn.Module) -> None:
     """Undo :func:`patch_model`: every replaced forward is restored. A no-op on a model that is not patched."""
-    hf_model = _hf_model(model)
+    hf_model = base_model(model)
     record = hf_model.__dict__.pop(_RECORD, None)
     if record is not None:
         _restore(record)

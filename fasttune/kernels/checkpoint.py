@@ -1,30 +1,21 @@
-"""Gradient checkpointing, fasttune's way ("unsloth" mode): keep only each decoder layer's input, off the accelerator.
+"""Offloaded activation checkpointing of one decoder layer: keep only its input, off the accelerator.
 
-Forward runs a layer without building a graph and keeps its input hidden states: on CUDA in pinned CPU memory via an
+Forward runs the layer without building a graph and keeps its input hidden states: on CUDA in pinned CPU memory via an
 asynchronous copy, on CPU as is (the input is the previous layer's output, alive anyway, so nothing is copied).
 Backward brings the input back, re-runs the layer with autograd (same RNG state and autocast state as the first run,
 marked as a recompute so fused blocks may keep their intermediates), and back-propagates through it.
-
-``enable_checkpointing(model, mode)`` is what ``FastLanguageModel`` calls for ``use_gradient_checkpointing``:
-``True`` -> transformers' own checkpointing (non-reentrant), ``"unsloth"`` -> this module's, ``False`` -> off.
-It plugs into transformers' per-layer hook (``_gradient_checkpointing_func`` of every ``GradientCheckpointingLayer``)
-on the instance; nothing global changes.
+:func:`fasttune.patch.enable_checkpointing` installs :func:`offloaded_checkpoint` on a model ("unsloth" mode).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .recompute import recomputing
-
-MODES = (True, False, "unsloth")
 
 
 def _offload(x: torch.Tensor) -> torch.Tensor:
@@ -96,18 +87,3 @@ def offloaded_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any
 
     anchor = torch.empty(0, requires_grad=True)
     return OffloadedCheckpoint.apply(run, anchor, x)
-
-
-def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
-    """Turn gradient checkpointing on the decoder layers of ``model`` on (``True`` / ``"unsloth"``) or off."""
-    if mode not in MODES:
-        raise ValueError(f"use_gradient_checkpointing: {mode!r} is not supported; choose one of {list(MODES)}")
-    get_base = getattr(model, "get_base_model", None)
-    hf_model = get_base() if callable(get_base) else model
-    if mode is False:
-        hf_model._set_gradient_checkpointing(enable=False)
-        return
-    func = offloaded_checkpoint if mode == "unsloth" else partial(checkpoint, use_reentrant=False)
-    hf_model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
-    if getattr(hf_model.config, "use_cache", False):
-        hf_model.config.use_cache = False

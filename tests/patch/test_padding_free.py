@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from fast_helpers import assert_close, load_peft
 
-from fasttune.fast import PaddingFreeCollator, patch_model
-from fasttune.fast.padding_free import segment_lengths
+from fasttune.patch import patch_model
+from fasttune.train import PaddingFreeCollator
+from fasttune.train.padding_free import segment_lengths
 
 
 def test_layout_positions_and_labels():
@@ -90,16 +93,17 @@ def test_packing_without_boundaries_would_differ(tiny_model_dir):
 
 
 def test_packed_attention_choice_on_cpu():
-    from fasttune.fast.padding_free import packed_attention_implementation
+    from fasttune.train.padding_free import packed_attention_implementation
 
     assert packed_attention_implementation("cpu") == "sdpa"
 
 
 def test_packed_rows_use_per_segment_sdpa(tiny_model_dir, monkeypatch):
     """On an SDPA model, patch_model switches packed rows to SDPA per segment; unpatch restores 'sdpa'."""
-    import fasttune.fast.attention as attention
-    from fasttune.fast import unpatch_model
+    import fasttune.patch.attention as attention
+    from fasttune.patch import unpatch_model
 
+    monkeypatch.setattr(attention, "_users", weakref.WeakValueDictionary())  # models patched by earlier tests
     model = load_peft(tiny_model_dir("llama"))
     assert model.config._attn_implementation == "sdpa"
     patch_model(model)
@@ -120,5 +124,21 @@ def test_packed_rows_use_per_segment_sdpa(tiny_model_dir, monkeypatch):
     with torch.no_grad():
         model(**PaddingFreeCollator()(examples))
     assert segments == [37, 90, 5, 21] * model.config.num_hidden_layers
+    assert attention.is_registered()
     unpatch_model(model)
     assert model.config._attn_implementation == "sdpa"
+    assert not attention.is_registered(), "the last unpatch must remove fasttune's name from transformers' registry"
+
+
+def test_packed_attention_stays_registered_while_a_patched_model_uses_it(tiny_model_dir, monkeypatch):
+    import fasttune.patch.attention as attention
+    from fasttune.patch import unpatch_model
+
+    monkeypatch.setattr(attention, "_users", weakref.WeakValueDictionary())  # models patched by earlier tests
+    first, second = load_peft(tiny_model_dir("llama")), load_peft(tiny_model_dir("llama"))
+    patch_model(first)
+    patch_model(second)
+    unpatch_model(first)
+    assert attention.is_registered() and second.config._attn_implementation == attention.NAME
+    unpatch_model(second)
+    assert not attention.is_registered()

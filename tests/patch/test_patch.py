@@ -9,9 +9,9 @@ import torch
 from fast_helpers import assert_close, load_peft
 from transformers import AutoModelForCausalLM
 
-import fasttune.fast.forwards as forwards
-import fasttune.fast.loss as loss_mod
-from fasttune.fast import FAST_PATHS, is_patched, patch_model, unpatch_model
+import fasttune.patch.forwards as forwards
+import fasttune.patch.loss as loss_mod
+from fasttune.patch import FAST_PATHS, is_patched, patch_model, unpatch_model
 from fasttune.tiny import FAMILIES
 
 FP32 = dict(atol=2e-6, rtol=1e-5, scaled=True)
@@ -131,7 +131,7 @@ def test_fallback_with_dropout_logs_once_and_matches_peft(tiny_model_dir, caplog
         ref = model(input_ids=ids, labels=labels).loss
         patch_model(model)
         forwards._LOGGED.clear()
-        with caplog.at_level(logging.WARNING, logger="fasttune.fast"):
+        with caplog.at_level(logging.WARNING, logger="fasttune.patch"):
             got = model(input_ids=ids, labels=labels).loss
     messages = [r.getMessage() for r in caplog.records if "lora_dropout" in r.getMessage()]
     assert messages and len(messages) == len(set(messages)), messages
@@ -176,7 +176,7 @@ def test_patch_before_get_peft_model_then_repatch(tiny_model_dir, monkeypatch):
 
 
 def test_loss_chunk_size_bounds_the_logits_chunk():
-    from fasttune.fast.loss import LOGITS_CHUNK_ELEMENTS, loss_chunk_size
+    from fasttune.patch.loss import LOGITS_CHUNK_ELEMENTS, loss_chunk_size
 
     assert loss_chunk_size(32000) == 1024 and loss_chunk_size(128256) == 256
     for vocab in (1000, 32000, 128256, 262144):

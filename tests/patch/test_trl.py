@@ -8,10 +8,11 @@ from datasets import Dataset
 from fast_helpers import load_peft
 from trl import SFTConfig, SFTTrainer
 
-from fasttune.fast import PaddingFreeCollator, patch_model
-from fasttune.fast.trl_loss import FastLossMixin
 from fasttune.kernels import fused_linear_cross_entropy, use_backend
 from fasttune.kernels.cross_entropy import token_stats_ref
+from fasttune.patch import patch_model
+from fasttune.train import PaddingFreeCollator
+from fasttune.train.fused_loss import FastLossMixin
 
 
 class FastSFTTrainer(FastLossMixin, SFTTrainer):

@@ -1,9 +1,16 @@
-"""Gradient checkpointing switch shared by the loader, the mode helpers and the TRL drop-ins.
+"""Gradient checkpointing on a model instance: which mode runs, and keeping it the one the user chose.
 
-The mode the user chose in ``get_peft_model(use_gradient_checkpointing=...)`` is remembered on the transformers model as
-``fasttune_checkpointing`` and must be the one that runs. TRL's configs default to ``gradient_checkpointing=True``, and
-the Trainer then calls ``model.activation_checkpointing_enable()``, which would install torch's checkpointing over it
-(or turn checkpointing on when the user chose ``False``). Two guards, both on instances only:
+Modes (``use_gradient_checkpointing``, listed once in :data:`fasttune.config.GRADIENT_CHECKPOINTING_MODES`):
+``True`` -> transformers' own checkpointing (non-reentrant), ``"unsloth"`` -> fasttune's offloaded checkpoint
+(:mod:`fasttune.kernels.checkpoint`: only each decoder layer's input is kept, in pinned CPU memory on CUDA),
+``False`` -> off. It plugs into transformers' per-layer hook (``_gradient_checkpointing_func`` of every
+``GradientCheckpointingLayer``) on the instance; nothing global changes.
+
+The mode the user chose in ``get_peft_model(use_gradient_checkpointing=...)`` is remembered on the transformers model
+as ``fasttune_checkpointing`` (written only by :func:`set_gradient_checkpointing`) and must be the one that runs.
+TRL's configs default to ``gradient_checkpointing=True``, and the Trainer then calls
+``model.activation_checkpointing_enable()``, which would install torch's checkpointing over it (or turn checkpointing
+on when the user chose ``False``). Two guards, both on instances only:
 
 * :func:`set_gradient_checkpointing` gives the model instance its own ``activation_checkpointing_enable`` /
   ``gradient_checkpointing_enable`` that (re)apply the remembered mode, so plain ``trl.SFTTrainer`` runs it too;
@@ -14,23 +21,36 @@ the Trainer then calls ``model.activation_checkpointing_enable()``, which would 
 from __future__ import annotations
 
 import types
+from functools import partial
 from typing import Any
 
-from peft import PeftModel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..fast.checkpointing import enable_checkpointing
-from .compat import note_once
+from ..config import GRADIENT_CHECKPOINTING_MODES as MODES
+from ..kernels.checkpoint import offloaded_checkpoint
+from ..lora.unwrap import base_model
+from ..notes import note_once
 
 _HOOKS = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
+    """Turn gradient checkpointing on the decoder layers of ``model`` on (``True`` / ``"unsloth"``) or off."""
+    if mode not in MODES:
+        raise ValueError(f"use_gradient_checkpointing: {mode!r} is not supported; choose one of {list(MODES)}")
+    hf_model = base_model(model)
+    if mode is False:
+        hf_model._set_gradient_checkpointing(enable=False)
+        return
+    func = offloaded_checkpoint if mode == "unsloth" else partial(checkpoint, use_reentrant=False)
+    hf_model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
+    if getattr(hf_model.config, "use_cache", False):
+        hf_model.config.use_cache = False
 
 
 def is_checkpointing(model: nn.Module) -> bool:
-    base = _base(model)
+    base = base_model(model)
     # transformers 5.x renamed gradient_* to activation_* (the old names warn); support both.
     flag = getattr(type(base), "is_activation_checkpointing", None)
     return bool(base.is_activation_checkpointing if flag is not None else base.is_gradient_checkpointing)
@@ -40,17 +60,17 @@ def remembered_mode(model: Any) -> bool | str | None:
     """The checkpointing mode fasttune remembers for ``model`` (True / False / "unsloth"), or None if none."""
     if not isinstance(model, nn.Module):
         return None
-    return _base(model).__dict__.get("fasttune_checkpointing")
+    return base_model(model).__dict__.get("fasttune_checkpointing")
 
 
 def set_gradient_checkpointing(model: nn.Module, mode: Any) -> None:
     """Turn activation recomputation on (``True`` / ``"unsloth"``) or off (``False`` / ``None``).
 
-    Delegates to ``fasttune.fast.enable_checkpointing`` (``True``: non-reentrant recompute; ``"unsloth"``: only each
+    Delegates to :func:`enable_checkpointing` (``True``: non-reentrant recompute; ``"unsloth"``: only each
     decoder layer's input is kept, in pinned CPU memory on CUDA), remembers the mode as ``fasttune_checkpointing`` so
     ``for_training`` can restore it, and makes the instance's checkpointing-enable methods apply that mode.
     """
-    base = _base(model)
+    base = base_model(model)
     enable_checkpointing(base, False if mode is None else mode)
     base.fasttune_checkpointing = mode or False
     _install_enable_hooks(base)
@@ -93,4 +113,4 @@ def honour_checkpointing_mode(model: Any, config: Any) -> None:
     for name in ("activation_checkpointing", "gradient_checkpointing"):
         if hasattr(config, name):
             setattr(config, name, False)
-    enable_checkpointing(_base(model), mode)
+    enable_checkpointing(base_model(model), mode)

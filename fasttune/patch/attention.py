@@ -7,10 +7,13 @@ batch (transformers forwards them to the attention function). Anything else -- n
 a KV cache, a sliding window, attention softcapping -- runs transformers' own SDPA with its mask, unchanged.
 
 It is registered with transformers' attention/mask interfaces under :data:`NAME` (a new name; nothing existing is
-changed) when ``patch_model`` selects it on a model, and the model's previous choice is restored by ``unpatch_model``.
+changed) while at least one patched model uses it: ``patch_model`` acquires it for a model's config, ``unpatch_model``
+restores the model's previous choice and releases it, and the last release removes the name again.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +53,29 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def register() -> None:
-    """Make :data:`NAME` known to transformers (idempotent): our attention, and SDPA's mask for its fallbacks."""
+# id -> config of each patched model that uses NAME (configs are unhashable); weak, so a model dropped without
+# unpatch_model does not pin it
+_users: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+
+
+def acquire(owner: object) -> None:
+    """Make :data:`NAME` known to transformers for ``owner`` (a model config): our attention, SDPA's mask."""
+    _users[id(owner)] = owner
     AttentionInterface.register(NAME, packed_sdpa_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def release(owner: object) -> None:
+    """``owner`` no longer uses :data:`NAME`; when nothing does, remove it from transformers' registries.
+
+    transformers offers ``register`` but no unregister, so this removes the key from the class-wide mapping that
+    ``register`` writes (``GeneralInterface._global_mapping``); only our own key is touched.
+    """
+    _users.pop(id(owner), None)
+    if len(_users) == 0:
+        for interface in (AttentionInterface, AttentionMaskInterface):
+            interface._global_mapping.pop(NAME, None)
+
+
+def is_registered() -> bool:
+    return NAME in AttentionInterface._global_mapping or NAME in AttentionMaskInterface._global_mapping

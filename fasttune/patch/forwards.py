@@ -15,11 +15,11 @@ from torch import nn
 
 from fasttune.kernels import rms_norm
 
-from .lora_linear import lora_linear, lora_projections
-from .lora_mlp import ACTIVATIONS, lora_mlp
-from .lora_parts import LoraParts, lora_parts
+from ..kernels.lora_linear import lora_linear, lora_projections
+from ..kernels.lora_mlp import ACTIVATIONS, lora_mlp
+from ..kernels.lora_parts import LoraParts, lora_parts
 
-logger = logging.getLogger("fasttune.fast")
+logger = logging.getLogger("fasttune.patch")
 _LOGGED: set[str] = set()
 
 # transformers activation names -> fasttune's gated activations

@@ -6,7 +6,8 @@ import pytest
 import torch
 from fast_helpers import assert_close, load_peft
 
-from fasttune.fast import PaddingFreeCollator, enable_checkpointing, patch_model
+from fasttune.patch import enable_checkpointing, patch_model
+from fasttune.train import PaddingFreeCollator
 
 
 def _saved_elements(fn) -> int:
