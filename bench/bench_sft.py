@@ -8,11 +8,16 @@ Run (quick: a few steps per configuration, each in its own process):
 
 Quick runs used FASTTUNE_COMPILE=0 (no torch.compile warm-up) and --threads 1 on the shared 2-core machine.
 
-Configurations (same model, data, seed, LoRA r=16 alpha=16 on all linear layers, dropout 0, AdamW, bf16, threads):
+Configurations (same model, data, seed, LoRA r=16 alpha=16 on all linear layers, dropout 0, AdamW, threads, dtype:
+bf16 where the machine computes it natively -- CUDA, or a CPU with AVX512-BF16/AMX -- else fp32; ``--dtype`` overrides):
 * ``baseline``: TRL ``SFTTrainer`` defaults -- per-batch padding, SDPA, gradient checkpointing, TRL's fused LM head.
 * ``trl_padding_free``: the same with TRL's own ``padding_free=True`` (its faster setting that works on CPU).
 * ``fasttune``: ``patch_model`` (fused LoRA blocks, fused norms, per-segment SDPA for packed rows) +
-  ``PaddingFreeCollator`` + fused linear CE (``FastLossMixin``) + "unsloth" checkpointing.
+  ``PaddingFreeCollator`` + fused linear CE (``FastLossMixin``) + "unsloth" checkpointing, assembled by hand.
+* ``notebook``: the ported-notebook flow -- the model as ``FastLanguageModel.get_peft_model`` leaves it (fast path,
+  "unsloth" checkpointing remembered) in ``fasttune.trl.SFTTrainer`` with its defaults (TRL's ``SFTConfig`` defaults,
+  ``gradient_checkpointing=True`` included): whatever the drop-in picks is what is measured.
+* ``trl_on_fasttune``: the same model in plain ``trl.SFTTrainer`` (an unported notebook): fused blocks only.
 
 Figures: trained tokens/s (tokens carrying a label, first step excluded as warm-up), peak RSS of the process, loss at
 the last step, MFU = 6 x (non-embedding linear params) x tokens/s / (bf16 matmul FLOP/s measured in that process).
@@ -33,7 +38,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODES = ("baseline", "trl_padding_free", "fasttune")
+MODES = ("baseline", "trl_padding_free", "fasttune", "notebook", "trl_on_fasttune")
+FASTTUNE_MODELS = ("fasttune", "notebook", "trl_on_fasttune")  # modes whose model carries fasttune's fast path
 
 
 # ----------------------------------------------------------------------------------------------- worker (one config)
@@ -56,7 +62,8 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from fasttune.patch import enable_checkpointing, patch_model
+    import fasttune.trl
+    from fasttune.patch import enable_checkpointing, patch_model, set_gradient_checkpointing
     from fasttune.tiny import build_tokenizer
     from fasttune.train import PaddingFreeCollator
     from fasttune.train.fused_loss import FastLossMixin
@@ -66,17 +73,21 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
 
     torch.manual_seed(opts.seed)
     config = model_config(opts.model)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    dtype = getattr(torch, opts.dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
                                              bias="none", task_type="CAUSAL_LM"))
     n_rows = opts.steps * opts.batch
     rows = (long_dataset(n_rows, opts.seq_len, config.vocab_size, opts.seed) if opts.seq_len
             else chat_dataset(n_rows, config.vocab_size, opts.seed, opts.max_tokens))
-    args = SFTConfig(
+    config_class = fasttune.trl.SFTConfig if opts.mode == "notebook" else SFTConfig
+    hand_set = {} if opts.mode == "notebook" else dict(gradient_checkpointing=opts.mode not in FASTTUNE_MODELS,
+                                                        padding_free=opts.mode == "trl_padding_free")
+    args = config_class(
         output_dir=workdir, max_steps=opts.steps, per_device_train_batch_size=opts.batch, learning_rate=2e-4,
-        bf16=True, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=opts.seed,
+        bf16=dtype == torch.bfloat16, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=opts.seed,
         max_length=None if opts.mode == "trl_padding_free" else max(opts.seq_len or 0, 2048), dataloader_num_workers=0, disable_tqdm=True,
-        gradient_checkpointing=opts.mode != "fasttune", padding_free=opts.mode == "trl_padding_free",
+        **hand_set,
     )
     kwargs = dict(model=model, args=args, train_dataset=Dataset.from_list(rows),
                   processing_class=build_tokenizer("llama"))
@@ -88,6 +99,10 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
             pass
 
         trainer = FastSFTTrainer(data_collator=PaddingFreeCollator(), **kwargs)
+    elif opts.mode in ("notebook", "trl_on_fasttune"):
+        patch_model(model)  # what FastLanguageModel.get_peft_model leaves: fast path + remembered "unsloth" mode
+        set_gradient_checkpointing(model, "unsloth")
+        trainer = (fasttune.trl.SFTTrainer if opts.mode == "notebook" else SFTTrainer)(**kwargs)
     else:
         trainer = SFTTrainer(**kwargs)
 
@@ -119,7 +134,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(opts.threads)
-    flops = matmul_flops()
+    flops = matmul_flops(opts.dtype)
     with tempfile.TemporaryDirectory() as workdir:
         trainer, model, counts, times = build_trainer(opts, workdir)
         trainer.train()
@@ -136,7 +151,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
         "tokens_per_s": tps, "step_s": times, "trained_tokens": counts[:steps],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "loss_last": losses[-1] if losses else None, "losses": losses,
-        "matmul_gflops": flops / 1e9, "mfu": 6 * linear_params * tps / flops, "linear_params": linear_params,
+        "dtype": opts.dtype, "matmul_gflops": flops / 1e9, "mfu": 6 * linear_params * tps / flops, "linear_params": linear_params,
     }
 
 
@@ -145,7 +160,7 @@ def spawn(model: str, mode: str, opts: argparse.Namespace, seq_len: int | None =
           batch: int | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--mode", mode,
            "--steps", str(steps or opts.steps), "--batch", str(batch or opts.batch), "--threads", str(opts.threads),
-           "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens)]
+           "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens), "--dtype", opts.dtype]
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
@@ -214,12 +229,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", type=int, nargs="*", default=None, help="sequence lengths for the budget sweep")
     parser.add_argument("--budget-gib", type=float, default=6.0)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="compute dtype (default: bfloat16 where the machine computes it natively, else float32)")
     opts = parser.parse_args()
+    if opts.dtype is None:
+        from fasttune.device import default_dtype
+
+        opts.dtype = "bfloat16" if str(default_dtype()) == "torch.bfloat16" else "float32"
     if opts.worker:
         print(json.dumps(run_worker(opts)), flush=True)
         return
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, torch {info['torch']}, {info['date_utc']} "
+    print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, {opts.dtype}, torch {info['torch']}, "
+          f"{info['date_utc']} "
           "UTC (shared, loaded machine: absolute numbers drift, ratios are what count)", flush=True)
     results: list[dict] = []
     if opts.sweep:
