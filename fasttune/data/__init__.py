@@ -33,6 +33,7 @@ from fasttune.data.masking import (
     segmented_response_mask,
 )
 from fasttune.data.pretokenize import tokenize_conversations
+from fasttune.data.prompt_template import apply_chat_template, construct_chat_template
 from fasttune.data.responses import train_on_responses_only
 from fasttune.data.standardize import standardize_data_formats, standardize_sharegpt, to_sharegpt
 from fasttune.data.templates import CHAT_TEMPLATES, ChatTemplate, resolve_template, template_names
@@ -44,8 +45,10 @@ __all__ = [
     "ChatTemplate",
     "DatasetError",
     "TokenTexts",
+    "apply_chat_template",
     "check_dataset",
     "control_strings",
+    "construct_chat_template",
     "conversation_problems",
     "detect_template",
     "encode_chat",

@@ -133,7 +133,29 @@ def get_chat_template(
     tokenizer.chat_template = template.jinja
     tokenizer.fasttune_template = template
     tokenizer.fasttune_added_tokens = added
+    tokenizer._ollama_modelfile = ollama_modelfile(tokenizer, template)
     return tokenizer
+
+
+def ollama_modelfile(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str | None:
+    """Unsloth's ``tokenizer._ollama_modelfile``: the Modelfile text for ``template``, ``FROM {__FILE_LOCATION__}``.
+
+    A user ``(jinja, eos_token)`` template has no Go template of its own; it is converted by measuring it
+    (`fasttune.data.infer_template`). When that is impossible the attribute is None and a warning says why.
+    """
+    from fasttune.data.infer_template import TemplateInferenceError, infer_template
+    from fasttune.export.ollama import modelfile_text
+
+    if not template.ollama_template:
+        try:
+            converted = infer_template(template.jinja, template.eos_token, tokenizer.bos_token, name=template.name)
+        except TemplateInferenceError as error:
+            logger.warning("get_chat_template: no Ollama Modelfile for this custom template (tokenizer."
+                           "_ollama_modelfile is None): %s", error)
+            return None
+        template = dataclasses.replace(template, ollama_template=converted.ollama_template,
+                                       bos_token=converted.bos_token, default_system=converted.default_system)
+    return modelfile_text("{__FILE_LOCATION__}", template)
 
 
 def template_of(tokenizer: PreTrainedTokenizerBase) -> ChatTemplate | None:
@@ -174,4 +196,4 @@ def sync_model_eos(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
         model.generation_config.eos_token_id = eos_id
 
 
-__all__ = ["get_chat_template", "render", "sync_model_eos", "system_prelude", "template_of"]
+__all__ = ["get_chat_template", "ollama_modelfile", "render", "sync_model_eos", "system_prelude", "template_of"]

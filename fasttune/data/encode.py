@@ -28,6 +28,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from fasttune.data.templates import CHAT_TEMPLATES
+from fasttune.data.validate import content_text
 
 # transformers' sanitizer marks control tokens with these two characters and deletes them from message text.
 _SANITIZER_MARKS = ("\U000f0000", "\U000f0001")
@@ -88,6 +89,8 @@ def find_control_strings(messages: Sequence[Any], strings: Sequence[str]) -> lis
     found = []
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, (list, tuple)):
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         if isinstance(content, str):
             for string in dict.fromkeys(pattern.findall(content)):
                 found.append((i, str(message.get("role")), string))
@@ -110,6 +113,21 @@ def _split_reasoning(template: str, messages: Sequence[Any]) -> list[Any]:
     return out
 
 
+def _text_contents(messages: Sequence[Any]) -> list[Any]:
+    """Messages whose content is a list of text parts get that text as a string (see `content_text`).
+
+    Done before rendering so the control-token sanitizer, which reads string content, covers every part's text;
+    a non-text part is a ``ValueError`` naming the message (encode_chat encodes text only).
+    """
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, (list, tuple)):
+            message = {**message, "content": content_text(content, f"message {i}")}
+        out.append(message)
+    return out
+
+
 def encode_chat(
     tokenizer: Any,
     messages: Sequence[dict[str, Any]],
@@ -126,6 +144,7 @@ def encode_chat(
     Returns the ids as a list (shape ``(seq,)``), BOS included when the template writes one.
     """
     tokenizer = _inner_tokenizer(tokenizer)
+    messages = _text_contents(messages)
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str) and any(mark in content for mark in _SANITIZER_MARKS):

@@ -114,8 +114,30 @@ def system_prelude(default_system: str | None) -> str:
     return "{%- set default_system = " + literal + " -%}"
 
 
+# Message content given as a list of parts (``[{"type": "text", "text": ...}]``, as the models' own templates and
+# multimodal datasets write it) becomes the concatenation of its text parts; any other part is a TemplateError naming
+# the message and the part, because these templates render text only. Runs before everything else reads ``messages``.
+CONTENT_PARTS = (
+    "{%- set ns_parts = namespace(messages=[], text='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m is mapping and m['content'] is iterable and m['content'] is not string and m['content'] is not mapping"
+    " and m['content'] | length > 0 -%}"
+    "{%- set message_index = loop.index0 -%}{%- set ns_parts.text = '' -%}"
+    "{%- for part in m['content'] -%}"
+    "{%- if part is mapping and part.get('type') == 'text' and part.get('text') is string -%}"
+    "{%- set ns_parts.text = ns_parts.text + part['text'] -%}"
+    "{%- else -%}"
+    "{{- raise_exception('message ' ~ message_index ~ ': content part ' ~ loop.index0 ~ ' is '"
+    " ~ ((part.get('type') | string) if part is mapping else 'not a dict')"
+    " ~ '; this chat template renders text only, so every part must be {\"type\": \"text\", \"text\": <string>}') -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- set ns_parts.messages = ns_parts.messages + [dict(m, content=ns_parts.text)] -%}"
+    "{%- else -%}{%- set ns_parts.messages = ns_parts.messages + [m] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set messages = ns_parts.messages -%}"
+)
+
 # Splits off a leading system message; `system_message` is none when there is neither a message nor a default.
-SYSTEM_SPLIT = (
+SYSTEM_SPLIT = CONTENT_PARTS + (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}{%- set system_message = default_system -%}{%- set loop_messages = messages -%}{%- endif -%}"
@@ -134,6 +156,6 @@ def role_guard(allowed: tuple[str, ...] = ("user", "assistant")) -> str:
         "{{- raise_exception(" + where + " ~ 'role ' ~ message['role'] ~ ' is not supported here; roles are system "
         "(first message only), user, assistant') -}}"
         "{%- elif message['content'] is not string -%}"
-        "{{- raise_exception(" + where + " ~ 'content must be a string') -}}"
+        "{{- raise_exception(" + where + " ~ 'content must be a string or a list of text parts') -}}"
         "{%- endif -%}{%- endfor -%}"
     )

@@ -49,8 +49,22 @@ def _standardize_messages(messages: Any, roles: dict[str, str], row: int) -> lis
                 f"row {row}, message {i}: role {role!r} is not known; known roles/aliases are {sorted(roles)} "
                 "(extend them with aliases_for_system / aliases_for_user / aliases_for_assistant)"
             )
-        out.append({"role": roles[role], "content": message.get(content_key)})
+        content = message.get(content_key)
+        if isinstance(content, (list, tuple)):  # a list of parts ({"type": "text", "text": ...}), kept as it is
+            _check_parts(content, row, i)
+        out.append({"role": roles[role], "content": content})
     return out
+
+
+def _check_parts(parts: Sequence[Any], row: int, message: int) -> None:
+    """Content given as parts: each must be a dict with a ``type``, and a text part must hold a string ``text``."""
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ValueError(f"row {row}, message {message}, content part {j}: expected a dict with a 'type' "
+                             f"(e.g. {{'type': 'text', 'text': ...}}), got {repr(part)[:60]}")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise ValueError(f"row {row}, message {message}, content part {j}: a text part needs a string 'text', "
+                             f"got {repr(part.get('text'))[:60]}")
 
 
 def standardize_sharegpt(

@@ -3,7 +3,8 @@
 Supported: text and ``{{ ... }}`` actions (with ``{{-`` / ``-}}`` whitespace trimming); ``if`` / ``else if`` /
 ``else`` / ``end``; ``range $i, $m := PIPE`` (and ``range PIPE``); ``with PIPE``; variables ``$x := PIPE`` and
 ``$x = PIPE`` (assignment reaches the enclosing scope, as in Go); fields ``.A.B``, ``$.A``, ``$m.A``; literals
-(strings, integers, true/false/nil); parentheses; and the functions eq, ne, lt, le, gt, ge, and, or, not, len.
+(strings, integers, true/false/nil); parentheses; and the functions eq, ne, lt, le, gt, ge, and, or, not, len, slice
+(``slice x i`` is ``x[i:]``, ``slice x i j`` is ``x[i:j]``).
 Truthiness follows Go: false, 0, nil, "" and empty collections are false. Anything else is a ``GoTemplateError``.
 
 It exists so fasttune can check, without Ollama installed, that a Modelfile's TEMPLATE renders a conversation the way
@@ -237,7 +238,7 @@ def _or(*args: Any) -> Any:
 _FUNCS = {
     "eq": lambda a, *bs: any(a == b for b in bs), "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "and": _and, "or": _or,
-    "not": lambda a: not truthy(a), "len": lambda a: len(a),
+    "not": lambda a: not truthy(a), "len": lambda a: len(a), "slice": lambda a, i=0, j=None: a[i:j],
 }
 
 

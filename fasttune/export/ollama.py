@@ -2,10 +2,12 @@
 
     write_ollama_modelfile("out/Modelfile", "out/model.Q4_K_M.gguf", tokenizer)
 
-The chat format is ``tokenizer.fasttune_template`` (set by ``fasttune.get_chat_template``), or the table entry whose
-Jinja is exactly the tokenizer's ``chat_template``, or ``template=`` (a ``ChatTemplate`` or a table name). A
-tokenizer whose template is none of these is an ``OllamaTemplateError`` that says what to do: a Modelfile without the
-right TEMPLATE/stop is the classic "the model never stops" bug, so fasttune never writes one by guesswork.
+The chat format is ``template=`` (a ``ChatTemplate`` or a table name), or ``tokenizer.fasttune_template`` (set by
+``fasttune.get_chat_template`` / ``apply_chat_template``), or the table entry whose Jinja is exactly the tokenizer's
+``chat_template``, or else the tokenizer's own Jinja template converted to a Go template by measuring it
+(`fasttune.data.infer_template`, e.g. Qwen3's). When none works the ``OllamaTemplateError`` says exactly why and what
+to do: a Modelfile without the right TEMPLATE/stop is the classic "the model never stops" bug, so fasttune never
+writes one by guesswork.
 
 Before writing, the Go TEMPLATE is rendered (``gotemplate``) for sample conversations and compared with the Jinja
 rendering; a mismatch is an error.
@@ -44,12 +46,7 @@ def resolve_chat_template(tokenizer: Any = None, template: Any = None) -> Any:
         jinja = getattr(tokenizer, "chat_template", None)
         template = next((t for t in CHAT_TEMPLATES.values() if jinja and t.jinja == jinja), None)
         if template is None:
-            reason = "it has no chat template" if not jinja else "its chat template is not one of fasttune's table"
-            raise OllamaTemplateError(
-                f"cannot write an Ollama TEMPLATE for this tokenizer: {reason}, so the turn format and stop tokens "
-                "are unknown. Call fasttune.get_chat_template(tokenizer, '<name>') before training/export, or pass "
-                f"template='<name>'; known names: {sorted(CHAT_TEMPLATES)}"
-            )
+            template = _converted(tokenizer, jinja, sorted(CHAT_TEMPLATES))
     if template is None:
         raise OllamaTemplateError("write_ollama_modelfile: pass a tokenizer or template='<name>'")
     if not template.is_bound:
@@ -60,6 +57,26 @@ def resolve_chat_template(tokenizer: Any = None, template: Any = None) -> Any:
     if not template.ollama_template:
         raise OllamaTemplateError(f"template {template.name!r} has no Ollama (Go) template in the table")
     return template
+
+
+def _converted(tokenizer: Any, jinja: Any, names: list[str]) -> Any:
+    """The tokenizer's own Jinja template converted to a Go template (`fasttune.data.infer_template`), or an
+    ``OllamaTemplateError`` saying exactly why it cannot be."""
+    from fasttune.data.infer_template import TemplateInferenceError, infer_template
+
+    advice = (f"Call fasttune.get_chat_template(tokenizer, '<name>') before training/export, or pass template='<name>'; "
+              f"known names: {names}")
+    if not isinstance(jinja, str) or not jinja:
+        raise OllamaTemplateError("cannot write an Ollama TEMPLATE for this tokenizer: it has no chat template, so the "
+                                  "turn format and stop tokens are unknown. " + advice)
+    if not tokenizer.eos_token:
+        raise OllamaTemplateError("cannot write an Ollama TEMPLATE: the tokenizer has no eos_token to stop on. " + advice)
+    try:
+        return infer_template(jinja, tokenizer.eos_token, tokenizer.bos_token,
+                              name=getattr(tokenizer, "name_or_path", "") or "model")
+    except TemplateInferenceError as error:
+        raise OllamaTemplateError(f"cannot convert this tokenizer's own chat template (not in fasttune's table) to an "
+                                  f"Ollama TEMPLATE: {error}. {advice}") from error
 
 
 def go_render_conversation(template: Any, messages: list[dict[str, str]]) -> str:
@@ -80,9 +97,20 @@ def jinja_render_conversation(template: Any, messages: list[dict[str, str]]) -> 
 
 
 def check_template(template: Any, conversations: Any = SAMPLE_CONVERSATIONS) -> None:
-    """Raise ``OllamaTemplateError`` when Go and Jinja renderings differ (Jinja = bos + Go, by the table contract)."""
+    """Raise ``OllamaTemplateError`` when Go and Jinja renderings differ (Jinja = bos + Go, by the table contract).
+
+    A conversation with a system message is skipped when the Jinja template refuses system messages (a format
+    without a system slot, e.g. ``apply_chat_template`` with no ``{SYSTEM}``): there is nothing trained to match.
+    """
+    from jinja2 import TemplateError
+
     for messages in conversations:
-        jinja = jinja_render_conversation(template, list(messages))
+        try:
+            jinja = jinja_render_conversation(template, list(messages))
+        except TemplateError:
+            if messages[0]["role"] != "system":
+                raise
+            continue
         go = template.bos_token + go_render_conversation(template, list(messages))
         if jinja != go:
             at = next((i for i, (a, b) in enumerate(zip(jinja, go)) if a != b), min(len(jinja), len(go)))

@@ -110,6 +110,38 @@ def resolve_target_modules(
     return resolved
 
 
+# Modules that are not linear layers LoRA adapts, but that Unsloth's continued-pretraining notebooks list in
+# target_modules to train them fully: they go to peft's modules_to_save (a trainable copy, saved with the adapter).
+FULLY_TRAINED: tuple[str, ...] = ("embed_tokens", "lm_head")
+
+
+def split_fully_trained(
+    model: nn.Module, target_modules: str | Sequence[str], modules_to_save: Sequence[str] | None
+) -> tuple[str | list[str], list[str] | None]:
+    """Move ``embed_tokens`` / ``lm_head`` from a target list to ``modules_to_save`` (one log note says so).
+
+    Each must be a module of the model (the error lists the leaf names found); a regex or 'all-linear' is unchanged.
+    """
+    if isinstance(target_modules, str):
+        return target_modules, list(modules_to_save) if modules_to_save else None
+    moved = [name for name in target_modules if name in FULLY_TRAINED]
+    if not moved:
+        return list(target_modules), list(modules_to_save) if modules_to_save else None
+    leaves = {full.rsplit(".", 1)[-1] for full, _ in model.named_modules() if full}
+    absent = [name for name in moved if name not in leaves]
+    if absent:
+        raise ValueError(f"target_modules: {absent} are not modules of this {type(model).__name__}; "
+                         f"its modules named like them: {sorted(leaves & set(FULLY_TRAINED))}")
+    rest = [name for name in target_modules if name not in FULLY_TRAINED]
+    if not rest:
+        raise ValueError(f"target_modules: {list(target_modules)} names no linear layer for LoRA; {moved} are trained "
+                         "fully (modules_to_save), so add the linear layers too, e.g. q_proj, v_proj")
+    save = list(dict.fromkeys([*(modules_to_save or ()), *moved]))
+    logger.warning("fasttune: target_modules %s are not LoRA targets; they are trained fully and saved with the "
+                   "adapter (peft modules_to_save=%s), as Unsloth does for continued pretraining", moved, save)
+    return rest, save
+
+
 def resolve_layers(model: nn.Module, layers: Sequence[int] | int | None, spec: FamilySpec | None) -> list[int] | None:
     """``layers_to_transform`` as a list of indices, each checked against the model's number of decoder layers."""
     if layers is None:
@@ -133,7 +165,8 @@ def inject_lora(model: nn.Module, settings: LoraSettings, spec: FamilySpec | Non
     """
     check_no_lora_layers(model)
     layers = resolve_layers(model, settings.layers_to_transform, spec)
-    targets = resolve_target_modules(model, settings.target_modules, spec, has_layers=layers is not None)
+    requested, modules_to_save = split_fully_trained(model, settings.target_modules, settings.modules_to_save)
+    targets = resolve_target_modules(model, requested, spec, has_layers=layers is not None)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.lora_alpha,
@@ -142,7 +175,7 @@ def inject_lora(model: nn.Module, settings: LoraSettings, spec: FamilySpec | Non
         target_modules=targets,
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora,
-        modules_to_save=settings.modules_to_save,
+        modules_to_save=modules_to_save,
         layers_to_transform=layers,
         init_lora_weights=settings.init_lora_weights,
         task_type="CAUSAL_LM",

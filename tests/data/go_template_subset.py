@@ -2,8 +2,8 @@
 
 Supported: literal text; ``{{ expr }}``; ``if``/``else if``/``else``/``end``; ``range $i, $m := expr``; ``with``;
 ``$x := expr`` and ``$x = expr`` (Go scoping: a block opens a scope, ``=`` assigns the nearest definition); the
-functions ``eq ne lt gt and or not len``; fields of maps (a missing field is nil, printed as ``<no value>`` as Go does
-for maps). Trim markers (``{{-``) are rejected: fasttune's templates do not use them.
+functions ``eq ne lt gt and or not len slice``; fields of maps (a missing field is nil, printed as ``<no value>`` as Go
+does for maps). Trim markers (``{{-``) are rejected: fasttune's templates do not use them.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ class Template:
     def _command(self, tokens, scopes, dot):
         funcs = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
                  "gt": lambda a, b: a > b, "not": lambda a: not _truth(a), "len": len,
+                 "slice": lambda a, i=0, j=None: a[i:j],
                  "and": lambda *a: next((x for x in a if not _truth(x)), a[-1]),
                  "or": lambda *a: next((x for x in a if _truth(x)), a[-1])}
         if tokens and tokens[0] in funcs:

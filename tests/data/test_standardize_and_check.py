@@ -100,7 +100,7 @@ def test_check_dataset_reports_every_bad_row_with_reason():
 def test_check_dataset_non_string_content():
     from fasttune.data import conversation_problems
 
-    assert conversation_problems(BAD_ROWS[4]) == ["message 0 (user): content must be a string, got int 42"]
+    assert conversation_problems(BAD_ROWS[4]) == ["message 0 (user): content must be a string or a list of text parts, got int 42"]
 
 
 def test_check_dataset_skip_invalid_drops_and_reports(caplog):

@@ -66,7 +66,7 @@ def test_broken_go_template_is_caught():
 def test_unmapped_template_is_an_explicit_error(tiny_tokenizer, tmp_path):
     tokenizer = tiny_tokenizer("qwen2")
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(OllamaTemplateError, match="not one of fasttune's table.*get_chat_template"):
+    with pytest.raises(OllamaTemplateError, match="not in fasttune.s table.*cannot tell the turns apart.*get_chat_template"):
         write_ollama_modelfile(tmp_path / "Modelfile", tmp_path / "m.gguf", tokenizer)
     tokenizer.chat_template = None
     with pytest.raises(OllamaTemplateError, match="no chat template"):
@@ -98,3 +98,31 @@ def test_go_renderer_subset():
         render_go_template("{{ if .N }}unterminated", data)
     with pytest.raises(GoTemplateError, match="undeclared"):
         render_go_template("{{ $x = 1 }}", data)
+
+
+CHATML_OWN_JINJA = (  # a model's own template, not fasttune's table: system block only when given, no default
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_modelfile_for_a_template_outside_the_table_is_converted(tiny_tokenizer, tmp_path):
+    tokenizer = tiny_tokenizer("qwen2")
+    tokenizer.chat_template = CHATML_OWN_JINJA
+    tokenizer.eos_token = "<|im_end|>"
+    path = write_ollama_modelfile(tmp_path, tmp_path / "model.Q8_0.gguf", tokenizer)
+    parsed = _parse_modelfile(path.read_text(encoding="utf-8"))
+    assert parsed["stops"] == ["<|im_end|>"] and parsed["system"] is None
+    template = resolve_chat_template(tokenizer)
+    for messages in CONVERSATIONS:
+        jinja = tokenizer.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=messages[-1]["role"] != "assistant")
+        assert go_render_conversation(template, messages) == jinja
+
+
+def test_unconvertible_template_says_why(tiny_tokenizer, tmp_path):
+    tokenizer = tiny_tokenizer("qwen2")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    with pytest.raises(OllamaTemplateError, match="cannot convert .*is not rendered exactly once"):
+        write_ollama_modelfile(tmp_path, tmp_path / "model.gguf", tokenizer)
+    assert not (tmp_path / "Modelfile").exists()
