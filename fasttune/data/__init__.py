@@ -20,7 +20,7 @@ Message text that spells a control token (``<|eot_id|>``...) stays plain text wh
 `train_on_responses_only` (re-tokenizes such rows of a TRL-tokenized dataset); `check_dataset` reports them.
 """
 
-from fasttune.data.chat import get_chat_template, render, sync_model_eos, template_of
+from fasttune.data.chat import get_chat_template, sync_model_eos, template_of
 from fasttune.data.check import DatasetError, check_dataset
 from fasttune.data.encode import control_strings, encode_chat
 from fasttune.data.markers import detect_template, markers_for
@@ -34,6 +34,7 @@ from fasttune.data.masking import (
 )
 from fasttune.data.pretokenize import tokenize_conversations
 from fasttune.data.prompt_template import apply_chat_template, construct_chat_template
+from fasttune.data.render import render
 from fasttune.data.responses import train_on_responses_only
 from fasttune.data.standardize import standardize_data_formats, standardize_sharegpt, to_sharegpt
 from fasttune.data.templates import CHAT_TEMPLATES, ChatTemplate, resolve_template, template_names

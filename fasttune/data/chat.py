@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import render_jinja_template
 
+from fasttune.data.infer_template import TemplateInferenceError, infer_template
+from fasttune.data.ollama import modelfile_text
 from fasttune.data.spec import EOS_PLACEHOLDER, ChatTemplate, jinja_string, system_prelude
 from fasttune.data.templates import resolve_template
-from fasttune.data.validate import validate_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,6 @@ def ollama_modelfile(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate)
     A user ``(jinja, eos_token)`` template has no Go template of its own; it is converted by measuring it
     (`fasttune.data.infer_template`). When that is impossible the attribute is None and a warning says why.
     """
-    from fasttune.data.infer_template import TemplateInferenceError, infer_template
-    from fasttune.export.ollama import modelfile_text
-
     if not template.ollama_template:
         try:
             converted = infer_template(template.jinja, template.eos_token, tokenizer.bos_token, name=template.name)
@@ -164,30 +161,6 @@ def template_of(tokenizer: PreTrainedTokenizerBase) -> ChatTemplate | None:
     return template if isinstance(template, ChatTemplate) else None
 
 
-def render(
-    template: ChatTemplate | str,
-    messages: list[dict[str, Any]],
-    add_generation_prompt: bool = False,
-    eos_token: str | None = None,
-    bos_token: str | None = None,
-    **kwargs: Any,
-) -> str:
-    """Render ``messages`` with a template (no tokenizer needed); ``eos_token``/``bos_token`` feed placeholders.
-
-    The conversation is validated first (`validate_conversation`), so bad input raises a ``ValueError`` that names
-    the message and the problem instead of an error from inside Jinja.
-    """
-    validate_conversation(messages, require_assistant=False)
-    if isinstance(template, str):
-        template = resolve_template(template)
-    variables = {k: v for k, v in (("eos_token", eos_token), ("bos_token", bos_token)) if v is not None}
-    rendered, _ = render_jinja_template(
-        conversations=[messages], chat_template=template.jinja, add_generation_prompt=add_generation_prompt,
-        **variables, **kwargs,
-    )
-    return rendered[0]
-
-
 def sync_model_eos(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
     """Point ``model.config`` and ``model.generation_config`` at the tokenizer's (end-of-turn) eos id."""
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
@@ -196,4 +169,4 @@ def sync_model_eos(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
         model.generation_config.eos_token_id = eos_id
 
 
-__all__ = ["get_chat_template", "ollama_modelfile", "render", "sync_model_eos", "system_prelude", "template_of"]
+__all__ = ["get_chat_template", "ollama_modelfile", "sync_model_eos", "system_prelude", "template_of"]

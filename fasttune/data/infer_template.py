@@ -21,6 +21,7 @@ from typing import Any
 from jinja2 import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from fasttune.data.ollama import SAMPLE_CONVERSATIONS, OllamaTemplateError, check_template
 from fasttune.data.spec import ChatTemplate
 
 _S, _U1, _A1, _U2, _A2 = (f"fasttune-probe-{k}" for k in ("system", "user-1", "reply-1", "user-2", "reply-2"))
@@ -128,7 +129,6 @@ def _go(parts: dict[str, str], system: tuple[str, str, str | None] | None, bos: 
 
 def infer_template(jinja: str, eos_token: str, bos_token: str | None = None, name: str = "model") -> ChatTemplate:
     """A `ChatTemplate` holding ``jinja`` and an equivalent Ollama template, checked on sample conversations."""
-    from fasttune.export.ollama import SAMPLE_CONVERSATIONS, OllamaTemplateError, check_template
 
     render = _renderer(jinja, eos_token, bos_token or "")
     parts = _turn_parts(render)

@@ -46,6 +46,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from fasttune.data.check import find_conversation_column
+from fasttune.data.ollama import SAMPLE_CONVERSATIONS, check_template, modelfile_text
 from fasttune.data.spec import SYSTEM_SPLIT, ChatTemplate, jinja_string, role_guard, system_prelude
 
 logger = logging.getLogger("fasttune")
@@ -220,7 +221,6 @@ def set_prompt_template(tokenizer: PreTrainedTokenizerBase, template: ChatTempla
     The Go template is rendered against the Jinja one on sample conversations (with a system message only when the
     format has a ``{SYSTEM}`` slot); a difference is an error, so the Modelfile always matches training.
     """
-    from fasttune.export.ollama import SAMPLE_CONVERSATIONS, check_template, modelfile_text
 
     samples = [c for c in SAMPLE_CONVERSATIONS if template.default_system is not None or c[0]["role"] != "system"]
     check_template(template, samples)

@@ -7,15 +7,10 @@ import re
 import pytest
 
 from fasttune.data.chat import get_chat_template
+from fasttune.data.gotemplate import GoTemplateError, render_go_template
+from fasttune.data.ollama import OllamaTemplateError, check_template, go_render_conversation
 from fasttune.data.templates import CHAT_TEMPLATES
-from fasttune.export.gotemplate import GoTemplateError, render_go_template
-from fasttune.export.ollama import (
-    OllamaTemplateError,
-    check_template,
-    go_render_conversation,
-    resolve_chat_template,
-    write_ollama_modelfile,
-)
+from fasttune.export.ollama import resolve_chat_template, write_ollama_modelfile
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
