@@ -12,6 +12,10 @@ On top of TRL's ``SFTTrainer`` (a subclass; nothing in TRL is patched):
 * gradient checkpointing is the mode chosen in ``get_peft_model`` (:mod:`fasttune.patch.checkpointing`);
 * ``max_length`` defaults to the ``max_seq_length`` given to ``from_pretrained`` (TRL's default is 1024) unless the
   config sets it;
+* a ``messages`` dataset is tokenized by fasttune (:func:`fasttune.data.tokenize_conversations`, i.e. ``encode_chat``)
+  instead of by TRL's ``apply_chat_template``: text in a message that spells a control token (``<|eot_id|>``...)
+  stays text, so a row cannot forge a turn, and a template error names its row. Skipped where TRL's own tokenization
+  is needed: ``assistant_only_loss`` (masks from the template), a ``formatting_func``, ``skip_prepare_dataset``;
 * the LoRA weights of a fasttune QLoRA model keep their exact values and dtype (fp32, as peft made them): TRL casts a
   quantized model's trainable weights to bf16 while the trainer is built (the QLoRA paper's setting), rounding the
   initial adapters; they are saved before and put back after (``fasttune.lora.precision`` keeps the dtype later on).
@@ -25,6 +29,7 @@ from typing import Any
 import trl
 from torch import nn
 
+from ..data.pretokenize import tokenize_conversations
 from ..patch import is_patched
 from .compat import CompatConfigMixin, CompatTrainerMixin, explicitly_set
 from .fused_loss import FastLossMixin
@@ -37,6 +42,17 @@ class SFTConfig(CompatConfigMixin, trl.SFTConfig):
     """TRL's ``SFTConfig``; also takes ``max_seq_length=`` (now ``max_length``)."""
 
     fasttune_kind = "sft"
+
+
+def _tokenize_here(dataset: Any, config: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether fasttune tokenizes ``dataset`` (a plain ``messages`` dataset TRL would render with its template)."""
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or "messages" not in columns or "input_ids" in columns:
+        return False
+    if {"prompt", "completion"} & set(columns) or kwargs.get("processing_class") is None:
+        return False
+    skip = (config.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+    return not (config.assistant_only_loss or kwargs.get("formatting_func") is not None or skip)
 
 
 def _slow_reason(model: Any, config: Any, kwargs: dict[str, Any]) -> str | None:
@@ -72,6 +88,11 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
         if config is not None and length is not None and not explicitly_set(config, "max_length"):
             logger.info("fasttune: SFTConfig.max_length not set; using the model's max_seq_length=%d", length)
             config.max_length = length
+        if config is not None:
+            for split in ("train_dataset", "eval_dataset"):
+                if _tokenize_here(kwargs.get(split), config, kwargs):
+                    kwargs[split] = tokenize_conversations(kwargs[split], kwargs["processing_class"],
+                                                           num_proc=config.dataset_num_proc)
         reason = _slow_reason(model, config, kwargs) if config is not None else "no config"
         self.fasttune_fast_loss = reason is None
         self.fasttune_padding_free = (reason is None and kwargs.get("data_collator") is None and not config.packing
