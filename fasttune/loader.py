@@ -23,7 +23,7 @@ from .lora.precision import keep_adapter_dtype
 from .lora.unwrap import base_model
 from .models import get_family
 from .patch import FAST_PATHS, is_patched, patch_model
-from .patch.checkpointing import is_checkpointing, set_gradient_checkpointing
+from .patch.checkpointing import pause_checkpointing, remembered_mode, set_gradient_checkpointing
 from .quant import patch_quantized_layers
 from .quant.config import int8_config, nf4_config
 from .source import resolve_source
@@ -216,12 +216,10 @@ def _set_mode_state(model: PreTrainedModel, training: bool, use_gradient_checkpo
     if training:
         mode = use_gradient_checkpointing
         if mode is None:
-            mode = getattr(base, "fasttune_checkpointing", False)
+            mode = remembered_mode(base) or False
         set_gradient_checkpointing(model, mode)
-    elif is_checkpointing(base):
-        mode = getattr(base, "fasttune_checkpointing", True)
-        set_gradient_checkpointing(base, False)
-        base.fasttune_checkpointing = mode
+    else:
+        pause_checkpointing(base)
 
 
 class FastModel(FastLanguageModel):

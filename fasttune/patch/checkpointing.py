@@ -76,6 +76,16 @@ def set_gradient_checkpointing(model: nn.Module, mode: Any) -> None:
     _install_enable_hooks(base)
 
 
+def pause_checkpointing(model: nn.Module) -> None:
+    """Turn checkpointing off for inference but keep the remembered mode, so ``for_training`` restores it."""
+    base = base_model(model)
+    if not is_checkpointing(base):
+        return
+    mode = base.__dict__.get("fasttune_checkpointing", True)
+    enable_checkpointing(base, False)
+    base.fasttune_checkpointing = mode
+
+
 def _enable_remembered(base: nn.Module, *args: Any, **kwargs: Any) -> None:
     """The instance's ``activation_checkpointing_enable``: apply the remembered mode; other options are noted."""
     mode = base.__dict__.get("fasttune_checkpointing", False)
