@@ -19,6 +19,7 @@ from . import export
 from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
 from .device import default_device_map
 from .lora import inject_lora
+from .lora.inject import targets_from_switches
 from .lora.precision import keep_adapter_dtype
 from .lora.unwrap import base_model
 from .models import get_family
@@ -166,16 +167,28 @@ class FastLanguageModel:
         init_lora_weights: Any = True,
         loftq_config: Any = None,
         use_dora: bool = False,
+        finetune_vision_layers: bool | None = None,
+        finetune_language_layers: bool | None = None,
+        finetune_attention_modules: bool | None = None,
+        finetune_mlp_modules: bool | None = None,
         **kwargs: Any,
     ) -> PeftModel:
         """Add LoRA adapters (through peft) and prepare the model for training.
 
         ``target_modules`` names must be linear layers of the model (the error lists them); Unsloth's default list
-        also works on families with fused projections (phi3). Returns a ``peft.PeftModel``.
+        also works on families with fused projections (phi3). ``finetune_*`` are ``FastModel``'s switches: given
+        with the default ``target_modules``, attention/MLP pick the family's projections (a text model has no vision
+        tower, so ``finetune_vision_layers`` changes nothing there). Returns a ``peft.PeftModel``.
         """
         if isinstance(model, PeftModel):
             logger.warning("fasttune: the model already has LoRA adapters; returning it unchanged")
             return model
+        switches = {k: v for k, v in (("finetune_vision_layers", finetune_vision_layers),
+                                      ("finetune_language_layers", finetune_language_layers),
+                                      ("finetune_attention_modules", finetune_attention_modules),
+                                      ("finetune_mlp_modules", finetune_mlp_modules)) if v is not None}
+        if switches:
+            target_modules = _switch_targets(model, target_modules, switches)
         settings = LoraSettings(r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
                                 random_state, use_rslora, use_dora, modules_to_save, layers_to_transform,
                                 init_lora_weights)
@@ -205,6 +218,19 @@ class FastLanguageModel:
         model.train()
         _set_mode_state(model, training=True, use_gradient_checkpointing=use_gradient_checkpointing)
         return model
+
+
+def _switch_targets(model: PreTrainedModel, target_modules: Any, switches: dict[str, bool]) -> Any:
+    """``target_modules`` for ``FastModel.get_peft_model``'s ``finetune_*`` switches (text models)."""
+    if target_modules is not DEFAULT_TARGET_MODULES and list(target_modules) != list(DEFAULT_TARGET_MODULES):
+        logger.warning("fasttune: target_modules=%r given; the finetune_* switches %s are not used", target_modules,
+                       sorted(switches))
+        return target_modules
+    if switches.get("finetune_vision_layers"):
+        logger.info("fasttune: finetune_vision_layers=True: %s has no vision tower; its language layers are adapted",
+                    type(model).__name__)
+    return targets_from_switches(get_family(model.config.model_type), has_vision_tower=False,
+                                 **{k: v for k, v in switches.items()})
 
 
 def _set_mode_state(model: PreTrainedModel, training: bool, use_gradient_checkpointing: Any = None) -> None:

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..config import LoraSettings
+from ..config import DEFAULT_TARGET_MODULES, LoraSettings
 from ..models import FamilySpec
 from ..quant import is_quantized_linear
 
@@ -188,3 +188,35 @@ def inject_lora(model: nn.Module, settings: LoraSettings, spec: FamilySpec | Non
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("fasttune: LoRA r=%d on %s; %d of %d parameters trainable", settings.r, targets, trainable, total)
     return peft_model
+
+
+def targets_from_switches(
+    spec: FamilySpec | None,
+    finetune_attention_modules: bool = True,
+    finetune_mlp_modules: bool = True,
+    finetune_language_layers: bool = True,
+    finetune_vision_layers: bool = False,
+    has_vision_tower: bool = False,
+) -> list[str]:
+    """LoRA target names for Unsloth's ``FastModel.get_peft_model(finetune_*=...)`` switches on a text model.
+
+    Attention and MLP select the family's projections (``spec.attention`` / ``spec.mlp``). A text-only model has no
+    vision tower: ``finetune_vision_layers=True`` changes nothing there (the caller notes it), and
+    ``finetune_language_layers=False`` would leave nothing to adapt, so it is an error, as is switching off both
+    attention and MLP.
+    """
+    for name, value in (("finetune_attention_modules", finetune_attention_modules),
+                        ("finetune_mlp_modules", finetune_mlp_modules),
+                        ("finetune_language_layers", finetune_language_layers),
+                        ("finetune_vision_layers", finetune_vision_layers)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {value!r} must be True or False")
+    if not has_vision_tower and not finetune_language_layers:
+        raise ValueError("finetune_language_layers=False: this model has only language layers (no vision tower), so "
+                         "nothing would be adapted; set it to True")
+    if not (finetune_attention_modules or finetune_mlp_modules):
+        raise ValueError("finetune_attention_modules=False and finetune_mlp_modules=False: nothing would be adapted; "
+                         "switch on at least one")
+    attention = spec.attention if spec is not None else DEFAULT_TARGET_MODULES[:4]
+    mlp = spec.mlp if spec is not None else DEFAULT_TARGET_MODULES[4:]
+    return [*(attention if finetune_attention_modules else ()), *(mlp if finetune_mlp_modules else ())]

@@ -153,3 +153,26 @@ def test_safetensors_checkpoint_has_no_pickle_warning(tiny_model_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="fasttune"):
         resolve_source(str(tiny_model_dir("llama")))
     assert not [r for r in caplog.records if "pickle" in r.getMessage()]
+
+
+def test_finetune_switches_pick_the_family_projections(tiny_model_dir):
+    from fasttune import FastModel
+
+    model, _ = FastModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False, dtype="float32")
+    peft_model = FastModel.get_peft_model(model, finetune_vision_layers=False, finetune_language_layers=True,
+                                          finetune_attention_modules=False, finetune_mlp_modules=True, r=4)
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    assert adapted == {"gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize(("switches", "pattern"), [
+    (dict(finetune_language_layers=False), r"finetune_language_layers=False: this model has only language layers"),
+    (dict(finetune_attention_modules=False, finetune_mlp_modules=False), r"nothing would be adapted"),
+    (dict(finetune_mlp_modules="yes"), r"finetune_mlp_modules: 'yes' must be True or False"),
+])
+def test_finetune_switches_that_adapt_nothing_are_refused(tiny_model_dir, switches, pattern):
+    from fasttune import FastModel
+
+    model, _ = FastModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False, dtype="float32")
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        FastModel.get_peft_model(model, **switches)

@@ -3,8 +3,7 @@
 - Alpaca/Ollama: to_sharegpt (merged columns, conversation_extension) -> standardize_sharegpt -> apply_chat_template
   with an Alpaca prompt -> SFTTrainer(dataset_text_field="text") -> generate -> save_pretrained_gguf q8_0 + Modelfile.
 - Gemma-3 (text): get_chat_template("gemma-3"), content as lists of text parts, train_on_responses_only with the gemma
-  markers, generation from list-of-parts messages. Departure: get_peft_model gets target_modules instead of the
-  notebook's finetune_*_layers switches (fasttune's FastModel.get_peft_model does not take them yet).
+  markers, generation from list-of-parts messages; FastModel.get_peft_model with the notebook's finetune_* switches.
 - Continued pretraining: target_modules with embed_tokens/lm_head, UnslothTrainer + UnslothTrainingArguments with
   embedding_learning_rate on plain text, unsloth_train, generate, save and reload.
 Only model paths, in-memory datasets, step counts and CPU/fp32 switches differ from the published notebooks.
@@ -115,8 +114,9 @@ GEMMA3_CELLS = [
     COMMON + """from unsloth import FastModel
 model, tokenizer = FastModel.from_pretrained(model_name = MODEL_DIR, max_seq_length = max_seq_length,
                                              load_in_4bit = load_in_4bit, dtype = dtype, full_finetuning = False)
-model = FastModel.get_peft_model(model, r = 8, lora_alpha = 8, lora_dropout = 0, bias = "none", random_state = 3407,
-    target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])""",
+model = FastModel.get_peft_model(model, finetune_vision_layers = False, finetune_language_layers = True,
+    finetune_attention_modules = True, finetune_mlp_modules = True,
+    r = 8, lora_alpha = 8, lora_dropout = 0, bias = "none", random_state = 3407)""",
     """from unsloth.chat_templates import get_chat_template
 tokenizer = get_chat_template(tokenizer, chat_template = "gemma-3")
 from datasets import Dataset
