@@ -44,3 +44,21 @@ def tiny_tokenizer():
 
 
 ALL_FAMILIES = FAMILIES
+
+
+@pytest.fixture
+def eager_kernels_one_thread():
+    """Run fasttune.kernels' CPU path uncompiled: torch.compile's first-call cost would dominate short training runs
+    (the compiled path has its own parity tests in tests/kernels). One thread: tiny matmuls gain nothing from more,
+    and on a shared machine extra threads only wait for each other. Folders of such runs use it autouse."""
+    import torch
+
+    from fasttune.kernels.compiling import use_compile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with use_compile(False):
+            yield
+    finally:
+        torch.set_num_threads(threads)

@@ -57,11 +57,6 @@ class AdapterDtypeGuard:
         self.restore()
 
 
-def _inner_model(model: PeftModel) -> nn.Module:
-    """The transformers model every forward and every state-dict load of ``model`` passes through."""
-    return base_model(model)
-
-
 def keep_adapter_dtype(model: PeftModel) -> AdapterDtypeGuard:
     """Make ``model``'s trainable parameters keep their current dtype (fp32 adapters stay fp32). Idempotent.
 
@@ -71,7 +66,7 @@ def keep_adapter_dtype(model: PeftModel) -> AdapterDtypeGuard:
         raise TypeError(f"model: keep_adapter_dtype needs a peft PeftModel, got {type(model).__name__}")
     release_adapter_dtype(model)
     guard = AdapterDtypeGuard([(p, p.dtype) for p in model.parameters() if p.requires_grad])
-    inner = _inner_model(model)
+    inner = base_model(model)  # every forward and every state-dict load of ``model`` passes through it
     guard.handles.append(inner.register_forward_pre_hook(guard.hook))
     guard.handles.append(inner.register_load_state_dict_pre_hook(guard.hook))
     setattr(model, _GUARD, guard)
@@ -91,3 +86,23 @@ def release_adapter_dtype(model: PeftModel) -> bool:
 def adapter_dtype_guard(model: nn.Module) -> AdapterDtypeGuard | None:
     """The guard installed on ``model`` (None when its adapter dtypes are not kept)."""
     return model.__dict__.get(_GUARD)
+
+
+def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``model``'s trainable weights, by name: taken before code that casts them (TRL's trainer init casts
+    a quantized model's to bf16, rounding their values), put back exactly by :func:`restore_snapshot`."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_snapshot(model: nn.Module, saved: dict[str, torch.Tensor]) -> int:
+    """Put back the values and dtypes of :func:`snapshot_trainable` where a weight's dtype changed; returns how many.
+
+    Assigning ``.data`` keeps each Parameter object, so optimizers built meanwhile still point at it.
+    """
+    restored = 0
+    for name, param in model.named_parameters():
+        value = saved.get(name)
+        if value is not None and param.dtype != value.dtype:
+            param.data = value
+            restored += 1
+    return restored

@@ -30,6 +30,7 @@ import trl
 from torch import nn
 
 from ..data.pretokenize import tokenize_conversations
+from ..lora.precision import restore_snapshot, snapshot_trainable
 from ..patch import is_patched
 from .compat import CompatConfigMixin, CompatTrainerMixin, explicitly_set
 from .fused_loss import FastLossMixin
@@ -100,8 +101,8 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
         if reason is not None and isinstance(model, nn.Module) and is_patched(model):
             logger.info("fasttune: SFTTrainer keeps TRL's loss: %s", reason)
         quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-        self._fasttune_saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad} \
-            if isinstance(model, nn.Module) and is_patched(model) and quantized else {}
+        self._fasttune_saved = (snapshot_trainable(model) if isinstance(model, nn.Module) and is_patched(model)
+                                and quantized else {})
         return kwargs
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -119,12 +120,7 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
 
     def _restore_trainable_weights(self) -> None:
         """Undo TRL's bf16 cast of a quantized model's trainable weights, values included (see the module docstring)."""
-        restored = 0
-        for name, param in self.model.named_parameters():
-            saved = self._fasttune_saved.get(name)
-            if saved is not None and param.dtype != saved.dtype:
-                param.data = saved
-                restored += 1
+        restored = restore_snapshot(self.model, self._fasttune_saved)
         self._fasttune_saved = {}
         if restored:
             logger.info("fasttune: kept %d trainable weights as they were (TRL casts a quantized model's to bf16)",

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
-from fasttune.kernels.compiling import use_compile
 
 
 @pytest.fixture(autouse=True)
-def _eager_kernels_one_thread():
-    """torch.compile's first-call cost would dominate these short runs (tests/kernels checks the compiled path); one
-    thread because the machine is shared and these matmuls gain nothing from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with use_compile(False):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+def _eager_kernels_one_thread(eager_kernels_one_thread):
+    """tests/conftest.py's ``eager_kernels_one_thread`` for every test here (short runs: uncompiled, one thread)."""
+    yield
 
 
 @pytest.fixture
