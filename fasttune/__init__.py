@@ -1,7 +1,8 @@
 """fasttune: fast, memory-light fine-tuning with an Unsloth-compatible API.
 
 Importing fasttune changes nothing in other libraries; every change is made on the model instances it returns.
-The names Unsloth notebooks import from ``unsloth`` are here: the loaders, the dataset helpers (``to_sharegpt``,
+The names Unsloth notebooks import from ``unsloth`` are here (and vLLM's ``SamplingParams``, for RL notebooks run
+without vLLM): the loaders, the dataset helpers (``to_sharegpt``,
 ``standardize_sharegpt``, ``apply_chat_template``), ``is_bfloat16_supported`` and the trainer names
 (``UnslothTrainer``, ``UnslothTrainingArguments``, ``unsloth_train`` = ``train_model``; imported on first use so
 that ``import fasttune`` does not import TRL).
@@ -15,7 +16,7 @@ from typing import Any
 from .data import apply_chat_template, standardize_data_formats, standardize_sharegpt, to_sharegpt
 from .device import device_args, is_bfloat16_supported
 from .loader import FastLanguageModel, FastModel
-from .rl import PatchFastRL
+from .rl import PatchFastRL, SamplingParams
 from .vision import FastVisionModel
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "FastModel",
     "FastVisionModel",
     "PatchFastRL",
+    "SamplingParams",
     "UnslothTrainer",
     "UnslothTrainingArguments",
     "__version__",

@@ -139,4 +139,28 @@ class LoraSettings:
         _raise_if(problems, "get_peft_model")
 
 
-__all__ = ["ConfigError", "DEFAULT_TARGET_MODULES", "LoadConfig", "LoraSettings"]
+@dataclass
+class RLOptions:
+    """``from_pretrained``'s rollout options (Unsloth passes them to vLLM). fasttune's engine samples on the model
+    itself, so ``fast_inference`` only says rollouts are wanted (they are always available as
+    ``model.fast_generate``), ``max_lora_rank`` bounds the adapters ``get_peft_model`` / ``load_lora`` accept, and
+    ``gpu_memory_utilization`` is checked and kept for vLLM's meaning but reserves nothing (the KV cache is
+    allocated per call)."""
+
+    fast_inference: bool = _help("sample rollouts with model.fast_generate (fasttune's KV-cache engine)", False)
+    max_lora_rank: int | None = _help("largest LoRA rank get_peft_model and load_lora accept (None: any)")
+    gpu_memory_utilization: float | None = _help("vLLM's memory share in (0, 1]; accepted, reserves nothing")
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not isinstance(self.fast_inference, bool):
+            problems.append(f"fast_inference: {self.fast_inference!r} must be True or False")
+        if self.max_lora_rank is not None and (not _is_int(self.max_lora_rank) or self.max_lora_rank <= 0):
+            problems.append(f"max_lora_rank: {self.max_lora_rank!r} must be a positive integer or None")
+        if self.gpu_memory_utilization is not None and (
+                not _is_finite_number(self.gpu_memory_utilization) or not 0 < self.gpu_memory_utilization <= 1):
+            problems.append(f"gpu_memory_utilization: {self.gpu_memory_utilization!r} must be in (0, 1] or None")
+        _raise_if(problems, "from_pretrained")
+
+
+__all__ = ["ConfigError", "DEFAULT_TARGET_MODULES", "LoadConfig", "LoraSettings", "RLOptions"]

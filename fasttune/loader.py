@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from . import export
-from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
+from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings, RLOptions
 from .device import default_device_map
 from .lora import inject_lora
 from .lora.inject import targets_from_switches
@@ -26,6 +26,7 @@ from .models import get_family
 from .patch import FAST_PATHS, is_patched, patch_model
 from .patch.checkpointing import pause_checkpointing, remembered_mode, set_gradient_checkpointing
 from .quant import patch_quantized_layers
+from .rl import RL_METHODS
 from .quant.config import int8_config, nf4_config
 from .source import resolve_source
 
@@ -58,9 +59,12 @@ EXPORT_METHODS: tuple[str, ...] = (
 
 
 def _attach_export_methods(model: PreTrainedModel) -> None:
-    """Unsloth-style ``model.save_pretrained_merged(...)`` etc., bound on this instance only (no class is touched)."""
+    """Unsloth-style ``model.save_pretrained_merged(...)``, ``model.fast_generate(...)``, ``model.save_lora(...)``
+    etc., bound on this instance only (no class is touched)."""
     for name in EXPORT_METHODS:
         setattr(model, name, types.MethodType(getattr(export, name), model))
+    for name, function in RL_METHODS.items():
+        setattr(model, name, types.MethodType(function, model))
 
 
 class FastLanguageModel:
@@ -83,6 +87,8 @@ class FastLanguageModel:
         use_gradient_checkpointing: bool | str = "unsloth",
         revision: str | None = None,
         fast_inference: bool = False,
+        max_lora_rank: int | None = None,
+        gpu_memory_utilization: float | None = None,
         attn_implementation: str | None = None,
         fast_path: bool = True,
         **kwargs: Any,
@@ -93,15 +99,19 @@ class FastLanguageModel:
         model stays loadable by transformers); its forward is fasttune's exact dequantize-and-multiply (see
         ``fasttune.quant``). A folder holding a saved LoRA adapter loads its base model and attaches the adapter.
         ``fast_path=True`` installs fasttune's fused forwards on this instance for supported families
-        (``fasttune.patch.unpatch_model(model)`` undoes it).
+        (``fasttune.patch.unpatch_model(model)`` undoes it). ``fast_inference`` / ``max_lora_rank`` /
+        ``gpu_memory_utilization`` are Unsloth's RL options (see ``fasttune.config.RLOptions``); every model gets
+        ``fast_generate``, ``save_lora`` and ``load_lora``.
         """
         if full_finetuning and (load_in_4bit or load_in_8bit):
             logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
                            "not %s", "4-bit" if load_in_4bit else "8-bit")
         cfg = LoadConfig(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
                          full_finetuning, trust_remote_code)
+        rl_options = RLOptions(fast_inference, max_lora_rank, gpu_memory_utilization)
         if fast_inference:
-            logger.warning("fasttune: fast_inference (vLLM) is not available; generation uses transformers")
+            logger.info("fasttune: fast_inference=True: rollouts (model.fast_generate, fasttune.trl.GRPOTrainer) use "
+                        "fasttune's KV-cache engine on this model; vLLM is not used")
         source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
         has_fast_path = source.config.get_text_config().model_type in FAST_PATHS
         if not has_fast_path:
@@ -131,6 +141,7 @@ class FastLanguageModel:
             _prepare_tokenizer(tokenizer, max_seq_length)
         model.max_seq_length = max_seq_length
         model.fasttune_tokenizer = tokenizer
+        model.max_lora_rank = rl_options.max_lora_rank
         if source.adapter is not None:
             model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
             if is_patched(model):
@@ -189,6 +200,10 @@ class FastLanguageModel:
                                       ("finetune_mlp_modules", finetune_mlp_modules)) if v is not None}
         if switches:
             target_modules = _switch_targets(model, target_modules, switches)
+        max_rank = getattr(model, "max_lora_rank", None)
+        if max_rank is not None and isinstance(r, int) and r > max_rank:
+            raise ValueError(f"r: {r} is above max_lora_rank={max_rank} given to from_pretrained; use r <= {max_rank} "
+                             "or load with a larger max_lora_rank")
         settings = LoraSettings(r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
                                 random_state, use_rslora, use_dora, modules_to_save, layers_to_transform,
                                 init_lora_weights)

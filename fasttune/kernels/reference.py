@@ -16,6 +16,7 @@ __all__ = [
     "geglu_ref",
     "linear_cross_entropy_ref",
     "rms_norm_ref",
+    "selective_log_probs_ref",
     "rotate_half",
     "swiglu_ref",
 ]
@@ -91,3 +92,31 @@ def linear_cross_entropy_ref(
     if num_items_in_batch is None:
         return total / (flat != ignore_index).sum().clamp(min=1)
     return total / num_items_in_batch
+
+
+def selective_log_probs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probabilities of ``targets`` from the full ``(N, V)`` fp32 logits (the naive RL log-prob path).
+
+    hidden: ``(N, H)``; weight: ``(V, H)``; targets: ``(N,)``. With ``y = logit_scale * (h W^T + b)``,
+    ``z = softcap * tanh(y / softcap)`` (or ``y`` without softcap) and ``z = z / temperature`` (TRL's fused LM head
+    order), returns ``(log_softmax(z)[i, targets_i]`` ``(N,)``, the entropy ``-(p * log p).sum(-1)`` ``(N,)``
+    detached, or None without ``with_entropy``).
+    """
+    z = F.linear(hidden, weight, bias).float() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = torch.log_softmax(z / temperature, dim=-1)
+    logps = log_p.gather(1, targets.long().unsqueeze(1)).squeeze(1)
+    if not with_entropy:
+        return logps, None
+    return logps, -(log_p.exp() * log_p).sum(-1).detach()

@@ -2,7 +2,9 @@
 
 They are built on first use from the table below, so ``import fasttune.trl`` imports none of these trainers (nor
 ``trl.experimental``, which warns on import). Only the arguments change (see :mod:`fasttune.train.compat`) and the
-gradient-checkpointing mode chosen in ``get_peft_model`` is the one that runs; the training itself is TRL's.
+gradient-checkpointing mode chosen in ``get_peft_model`` is the one that runs; the training itself is TRL's, except
+where a mixin of :data:`MIXINS` adds fasttune's fast path (GRPO: rollouts, log-probs, exact accumulation;
+ORPO: exact accumulation).
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ DROPINS: dict[str, tuple[str, str, str]] = {
     "ORPOTrainer": ("trl.experimental.orpo", "ORPOConfig", "orpo"),  # TRL 1.x moved ORPO to experimental
 }
 CONFIGS: dict[str, str] = {config: trainer for trainer, (_, config, _) in DROPINS.items()}
+# drop-in name -> fasttune mixin placed between the compat mixin and TRL's class (fasttune's own fast paths)
+MIXINS: dict[str, tuple[str, str]] = {
+    "GRPOTrainer": ("fasttune.train.grpo", "FastGRPOMixin"),
+    "GRPOConfig": ("fasttune.train.grpo", "FastGRPOConfigMixin"),
+    "ORPOTrainer": ("fasttune.train.orpo", "FastORPOMixin"),
+}
+
+
+def _mixins(name: str) -> tuple[type, ...]:
+    if name not in MIXINS:
+        return ()
+    module_name, attr = MIXINS[name]
+    return (getattr(importlib.import_module(module_name), attr),)
 
 
 @functools.cache
@@ -34,7 +49,8 @@ def dropin(name: str) -> type:
     attrs = {"fasttune_kind": kind, "__module__": "fasttune.trl"}
     if name == config_name:
         doc = f"TRL's ``{name}``; also takes the Unsloth-era spellings of its options (fasttune.train.compat)."
-        return type(name, (CompatConfigMixin, getattr(module, name)), {**attrs, "__doc__": doc, "__qualname__": name})
+        return type(name, (CompatConfigMixin, *_mixins(name), getattr(module, name)),
+                    {**attrs, "__doc__": doc, "__qualname__": name})
     doc = f"TRL's ``{name}``; also takes the Unsloth-era arguments (fasttune.train.compat)."
-    return type(name, (CompatTrainerMixin, getattr(module, name)),
+    return type(name, (CompatTrainerMixin, *_mixins(name), getattr(module, name)),
                 {**attrs, "fasttune_config": dropin(config_name), "__doc__": doc, "__qualname__": name})
