@@ -15,7 +15,7 @@ Why it is faster than ``model.generate`` for RL rollouts (each measured in ``ben
 * sampling filters work on the logits once (top-k before the top-p sort, the exponential-race draw).
 
 The model is never merged, unmerged or patched: a ``PeftModel``'s active adapters run through its LoRA layers, so
-the completions come from the weights being trained. It runs under ``torch.inference_mode`` in eval mode (no
+the completions come from the weights being trained. It runs under ``torch.no_grad`` in eval mode (no
 dropout); every module's train/eval flag is put back afterwards. Gradient checkpointing is left untouched: it only
 runs when gradients are enabled, so a model in the middle of training (train mode, checkpointing on, ``use_cache``
 off in its config) generates with the cache and is left exactly as it was found.
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from fasttune.lora.unwrap import base_model
 
@@ -52,7 +53,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def _rollout_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``torch.inference_mode`` for the rollout; each module's training flag is restored after.
+    """Eval mode and ``torch.no_grad`` for the rollout; each module's training flag is restored after.
 
     Flags are saved per module (not ``model.train(was_training)``) so a model with some submodules deliberately in
     eval mode comes back exactly as it was.
@@ -60,11 +61,80 @@ def _rollout_mode(model: nn.Module) -> Iterator[None]:
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: caches built here (4-bit, RoPE) are reused by training
             yield
     finally:
         for module, training in flags:
             module.training = training
+
+
+# ---- the KV cache ---------------------------------------------------------------------------------------------------
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values live in buffers sized for the whole rollout: ``update`` writes the new
+    positions in place and returns views, where ``DynamicLayer`` concatenates (copies the whole cache) every step.
+
+    Buffers are ``(batch, kv_heads, capacity, head_dim)``; ``keys`` / ``values`` are the filled ``[:, :, :length]``
+    views, so everything that reads a ``DynamicLayer`` (masks, ``get_seq_length``) sees the same thing.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"GrowingLayer: {end} positions do not fit the {self.capacity} allocated")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+            self._views()
+
+    def reset(self) -> None:
+        self.length = 0
+        self.keys = self.values = self.key_buffer = self.value_buffer = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("GrowingLayer: the rollout cache only grows")
+
+
+def rollout_cache(config: Any, capacity: int) -> DynamicCache:
+    """``DynamicCache(config=config)`` with every full-attention layer a :class:`GrowingLayer` of ``capacity``
+    positions; sliding-window and other special layers stay transformers' own."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 # ---- checking the request -------------------------------------------------------------------------------------------
@@ -138,7 +208,7 @@ class _Rollout:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         padded = bool((mask[:, :width] == 0).any())
-        self.cache = DynamicCache(config=self.lm.config)
+        self.cache = rollout_cache(self.lm.config, width + self.steps)
         logits = self._forward(ids, mask[:, :width] if padded else None, positions)
         rows = torch.tensor(owner, device=self.device).repeat_interleave(self.params.n)
         self.cache.batch_select_indices(rows)
@@ -177,12 +247,10 @@ class _Rollout:
             logits = self._decode(drawn.tokens[~done] if bool(done.any()) else drawn.tokens, step)
 
     def _banned(self, vocab: int) -> torch.Tensor | None:
-        """``(1, vocab)`` bool of the tokens that may not end a row before ``min_tokens`` (eos and stop tokens)."""
+        """The token ids that may not end a row before ``min_tokens`` (eos and stop tokens), or None."""
         if self.params.min_tokens == 0 or self.stop_ids.numel() == 0:
             return None
-        banned = torch.zeros(1, vocab, dtype=torch.bool, device=self.device)
-        banned[0, self.stop_ids[self.stop_ids < vocab]] = True
-        return banned
+        return self.stop_ids[self.stop_ids < vocab]
 
     def _record(self, drawn: Any, step: int) -> None:
         self.tokens[self.alive, step] = drawn.tokens

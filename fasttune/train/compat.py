@@ -57,6 +57,9 @@ CONFIG_RENAMES: dict[str, dict[str, str | None]] = {
     "orpo": {"max_prompt_length": None},
     "grpo": {"max_prompt_length": None},
 }
+# every config: transformers 5 folded warmup_ratio into warmup_steps (a float in [0, 1) is a ratio of total steps)
+for _renames in CONFIG_RENAMES.values():
+    _renames["warmup_ratio"] = "warmup_steps"
 
 def _moved(owner: str, old: str, new: str | None, value: Any, where: str) -> None:
     if new is None:
@@ -73,6 +76,8 @@ def translate_config_kwargs(kind: str, owner: str, kwargs: dict[str, Any]) -> di
         if old not in out:
             continue
         value = out.pop(old)
+        if old == "warmup_ratio" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ValueError(f"{owner}: warmup_ratio={value!r} must be a fraction in [0, 1) of the training steps")
         if new is not None and new in kwargs:
             raise TypeError(f"{owner}: both {old}={value!r} and {new}={kwargs[new]!r} given; {old} is the old "
                             f"spelling of {new}, pass only {new}=")

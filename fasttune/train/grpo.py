@@ -113,10 +113,24 @@ class FastGRPOMixin:
             top_k=self.top_k if self.top_k else -1, min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty, max_tokens=self.max_completion_length)
         model = self._fasttune_model()
+        self._check_prompt_lengths(prompts, getattr(model, "max_seq_length", None))
         completions = generate_ids(model, prompts, params, eos_token_ids=self.eos_token_ids,
                                    pad_token_id=self._tokenizer.pad_token_id,
                                    max_length=getattr(model, "max_seq_length", None))
         return [list(c.token_ids) for per_prompt in completions for c in per_prompt], None
+
+    def _check_prompt_lengths(self, prompts: list[list[int]], max_length: int | None) -> None:
+        """A prompt that leaves no room for ``max_completion_length`` is reported with its text, never cut."""
+        if max_length is None:
+            return
+        for index, ids in enumerate(prompts):
+            if len(ids) + self.max_completion_length > max_length:
+                text = self._tokenizer.decode(ids[:24], skip_special_tokens=True)
+                raise ValueError(
+                    f"prompt {index} of this generation batch ({text!r}...) has {len(ids)} tokens; with "
+                    f"max_completion_length={self.max_completion_length} it needs max_seq_length >= "
+                    f"{len(ids) + self.max_completion_length}, and the model's is {max_length}. Shorten or filter "
+                    "long prompts, or load the model with a larger max_seq_length")
 
     # ---------------------------------------------------------------- log-probs
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,

@@ -58,3 +58,17 @@ def preference_margin(model: Any, tokenizer: Any) -> float:
 
 def lora_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def favour_eos(model: Any, tokenizer: Any, bias: float = 5.0) -> None:
+    """Give the LM head a bias towards eos, so that sampled completions end at varied lengths (a random tiny model
+    almost never samples eos; accumulation tests need micro-batches with different token counts)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[tokenizer.eos_token_id] = bias
+    biased.bias.requires_grad_(False)
+    lm.set_output_embeddings(biased)
