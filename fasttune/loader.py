@@ -26,8 +26,8 @@ from .models import get_family
 from .patch import FAST_PATHS, is_patched, patch_model
 from .patch.checkpointing import pause_checkpointing, remembered_mode, set_gradient_checkpointing
 from .quant import patch_quantized_layers
-from .rl import RL_METHODS
 from .quant.config import int8_config, nf4_config
+from .rl import RL_METHODS
 from .source import resolve_source
 
 logger = logging.getLogger("fasttune")

@@ -1,7 +1,8 @@
 """``fasttune port``: apply the port rule to an Unsloth notebook (.ipynb) or script (.py), writing a new file.
 
 The rule, and nothing else: imports from ``unsloth`` (and its submodules, e.g. ``unsloth.chat_templates``) come from
-``fasttune``; imports from ``trl`` come from ``fasttune.trl``. Only import statements are rewritten, found with ``ast``
+``fasttune``; imports from ``trl`` come from ``fasttune.trl``; RL notebooks' ``from vllm import SamplingParams`` (and
+``from vllm.lora.request import LoRARequest``) come from fasttune, which samples without vLLM. Only import statements are rewritten, found with ``ast``
 (comments, strings and other code are never touched); in a notebook only code cells change, IPython lines (``%``,
 ``!``) are left as they are, and the JSON is written back in the notebook's own layout. ``import unsloth`` becomes
 ``import fasttune as unsloth`` when the code uses the name ``unsloth`` later (so ``unsloth.X`` keeps working).
@@ -21,6 +22,12 @@ from pathlib import Path
 
 # module prefix of the old import -> module of the new one
 RULE: dict[str, str] = {"unsloth": "fasttune", "trl": "fasttune.trl"}
+# vLLM module -> (fasttune module, the names it provides): RL notebooks import these from vLLM, which fasttune does
+# not use; a `from vllm ... import` of only these names is rewritten, any other vLLM import is left alone.
+VLLM: dict[str, tuple[str, frozenset[str]]] = {
+    "vllm": ("fasttune", frozenset({"SamplingParams"})),
+    "vllm.lora.request": ("fasttune.rl", frozenset({"LoRARequest"})),
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,17 @@ def new_module(name: str) -> str | None:
     if name == "trl":
         return RULE["trl"]
     return None
+
+
+def _from_target(node: ast.ImportFrom) -> str | None:
+    """The module a ``from X import ...`` statement should import from under the rule, or None."""
+    if node.level:
+        return None
+    module = node.module or ""
+    if module in VLLM:
+        target, names = VLLM[module]
+        return target if all(alias.name in names for alias in node.names) else None
+    return new_module(module)
 
 
 _MAGIC = re.compile(r"^\s*[%!]")
@@ -86,7 +104,7 @@ def port_source(source: str, cell: int | None = None) -> tuple[str, list[Change]
     lines = source.splitlines(keepends=True)
     edits: list[tuple[ast.stmt, str]] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and new_module(node.module or ""):
+        if isinstance(node, ast.ImportFrom) and _from_target(node):
             edits.append((node, "from"))
         elif isinstance(node, ast.Import) and any(new_module(a.name) for a in node.names):
             edits.append((node, "import"))
@@ -97,7 +115,7 @@ def port_source(source: str, cell: int | None = None) -> tuple[str, list[Change]
         start = _chars(lines[first], node.col_offset)
         end = len(text) - len(lines[last]) + _chars(lines[last], node.end_col_offset)
         if kind == "from":
-            stmt = _FROM.sub(lambda m: m.group(1) + new_module(m.group(2)), text[start:end], count=1)
+            stmt = _FROM.sub(lambda m: m.group(1) + _from_target(node), text[start:end], count=1)
         else:
             stmt = _import_text(node, used)
         new_text = text[:start] + stmt + text[end:]

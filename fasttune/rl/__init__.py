@@ -4,7 +4,8 @@ handles (``save_lora`` / ``load_lora``), reward checks and the GRPO losses. Impo
 
 from __future__ import annotations
 
-from .generate import fast_generate
+from .engine import generate
+from .fast_generate import fast_generate
 from .lora import LoRARequest, load_lora, save_lora
 from .patch import RL_ALGORITHMS, PatchFastRL
 from .sampling import SamplingParams
@@ -13,4 +14,4 @@ from .sampling import SamplingParams
 RL_METHODS = {"fast_generate": fast_generate, "save_lora": save_lora, "load_lora": load_lora}
 
 __all__ = ["RL_ALGORITHMS", "RL_METHODS", "LoRARequest", "PatchFastRL", "SamplingParams", "fast_generate",
-           "load_lora", "save_lora"]
+           "generate", "load_lora", "save_lora"]

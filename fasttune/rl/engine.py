@@ -10,7 +10,8 @@ Why it is faster than ``model.generate`` for RL rollouts (each measured in ``ben
 * the loop is a plain forward per step with an explicit cache, left padding with matching ``position_ids``, and the
   LM head applied to the last position only (``logits_to_keep=1``); no logits processors, stopping criteria or
   generation-config merging;
-* rows that finished are dropped from the batch and from the cache, so late steps compute only live rows;
+* rows that finished are dropped from the batch and from the cache (once they are an eighth of it, so the cache is
+  not copied at every finish), so late steps compute only live rows;
 * no padding mask at all when every prompt has the same length (attention then needs no mask);
 * sampling filters work on the logits once (top-k before the top-p sort, the exponential-race draw).
 
@@ -39,6 +40,11 @@ from .sampling import SamplingParams, make_generator, sample
 
 # Tokens decoded at the end of each row to look for stop strings: the longest stop string plus this many.
 STOP_TAIL_SLACK = 8
+# New-token positions the KV cache holds before it first grows (it doubles when full, up to max_tokens).
+FIRST_ALLOCATION = 256
+# Finished rows leave the batch (and the cache is copied without them) once they are 1/COMPACT_WHEN_DEAD of it:
+# compacting at every finish costs a full cache copy per step when rows end one by one.
+COMPACT_WHEN_DEAD = 8
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
@@ -70,22 +76,22 @@ def _rollout_mode(model: nn.Module) -> Iterator[None]:
 
 # ---- the KV cache ---------------------------------------------------------------------------------------------------
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys/values live in buffers sized for the whole rollout: ``update`` writes the new
-    positions in place and returns views, where ``DynamicLayer`` concatenates (copies the whole cache) every step.
+    """A ``DynamicLayer`` whose keys/values live in preallocated buffers: ``update`` writes the new positions in
+    place and returns views, where ``DynamicLayer`` concatenates (copies the whole cache) at every step.
 
     Buffers are ``(batch, kv_heads, capacity, head_dim)``; ``keys`` / ``values`` are the filled ``[:, :, :length]``
-    views, so everything that reads a ``DynamicLayer`` (masks, ``get_seq_length``) sees the same thing.
+    views, so everything that reads a ``DynamicLayer`` (masks, ``get_seq_length``) sees the same thing. A buffer that
+    fills up is reallocated at twice its size (at most ``limit``), so a rollout whose rows all stop early never holds
+    room for ``max_tokens`` it did not use, and the copies stay amortised O(1) per position.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, limit: int):
         super().__init__()
-        self.capacity = capacity
-        self.length = 0
+        self.capacity, self.limit, self.length = min(capacity, limit), limit, 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, _ = key_states.shape
-        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
-        self.value_buffer = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
         self.device = key_states.device
         self.is_initialized = True
 
@@ -95,12 +101,25 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
-            raise RuntimeError(f"GrowingLayer: {end} positions do not fit the {self.capacity} allocated")
+            if end > self.limit:
+                raise RuntimeError(f"GrowingLayer: {end} positions are more than the {self.limit} this rollout needs")
+            self._reallocate(None, min(self.limit, max(end, 2 * self.capacity)))
         self.key_buffer[:, :, self.length:end] = key_states
         self.value_buffer[:, :, self.length:end] = value_states
         self.length = end
         self._views()
         return self.keys, self.values
+
+    def _reallocate(self, rows: torch.Tensor | None, capacity: int) -> None:
+        """New buffers of ``capacity`` positions holding the filled part of ``rows`` (None: every row)."""
+        def moved(buffer: torch.Tensor) -> torch.Tensor:
+            kept = buffer[:, :, :self.length] if rows is None else buffer[rows, :, :self.length]
+            new = buffer.new_empty(kept.shape[0], buffer.shape[1], capacity, buffer.shape[-1])
+            new[:, :, :self.length] = kept
+            return new
+
+        self.key_buffer, self.value_buffer, self.capacity = moved(self.key_buffer), moved(self.value_buffer), capacity
+        self._views()
 
     def _views(self) -> None:
         self.keys = self.key_buffer[:, :, :self.length]
@@ -111,14 +130,12 @@ class GrowingLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self._views()
+            self._reallocate(indices, self.capacity)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
-            self._views()
+            rows = torch.arange(self.key_buffer.shape[0], device=self.key_buffer.device)
+            self._reallocate(rows.repeat_interleave(repeats), self.capacity)
 
     def reset(self) -> None:
         self.length = 0
@@ -129,11 +146,13 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("GrowingLayer: the rollout cache only grows")
 
 
-def rollout_cache(config: Any, capacity: int) -> DynamicCache:
-    """``DynamicCache(config=config)`` with every full-attention layer a :class:`GrowingLayer` of ``capacity``
-    positions; sliding-window and other special layers stay transformers' own."""
+def rollout_cache(config: Any, prompt_width: int, max_new: int) -> DynamicCache:
+    """``DynamicCache(config=config)`` whose full-attention layers are :class:`GrowingLayer` s (room for the prompt
+    and up to :data:`FIRST_ALLOCATION` new tokens at first, ``max_new`` at most); sliding-window and other special
+    layers stay transformers' own."""
     cache = DynamicCache(config=config)
-    cache.layers = [GrowingLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    first, limit = prompt_width + min(max_new, FIRST_ALLOCATION), prompt_width + max_new
+    cache.layers = [GrowingLayer(first, limit) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -170,8 +189,9 @@ def _token_limits(prompts: list[list[int]], params: SamplingParams, max_length: 
 class _Rollout:
     """State of one batched rollout: the live rows, their cache, and what each row generated so far.
 
-    Rows are the ``n`` samples of each prompt (row ``r`` samples prompt ``r // n``); ``alive`` holds the row ids
-    still generating, in the order of the batch dimension of the cache and of every per-row tensor below.
+    Rows are the ``n`` samples of each prompt (row ``r`` samples prompt ``r // n``); ``alive`` holds the row ids in
+    the batch, in the order of the batch dimension of the cache and of every per-row tensor below, and ``live``
+    which of them are still generating (finished rows stay until enough of them are there to compact the batch).
     """
 
     def __init__(self, lm: nn.Module, prompts: list[list[int]], limits: list[int], params: SamplingParams,
@@ -191,7 +211,13 @@ class _Rollout:
         self.top: list[tuple[torch.Tensor, ...]] = []
         self.lengths = torch.zeros(n_rows, dtype=torch.long, device=self.device)
         self.reasons: list[tuple[str, int | str | None]] = [("length", None)] * n_rows
-        self.stop_tail = (max(len(s) for s in params.stop) + STOP_TAIL_SLACK) if params.stop else 0
+        self.special_stops = _special_token_stops(tokenizer, params.stop)
+        # what ends a row once min_tokens are out: eos, stop token ids and the stop strings that are special tokens
+        special_ids = torch.tensor(sorted(self.special_stops), dtype=torch.long, device=self.device)
+        self.late_stop_ids = torch.cat([self.stop_ids, special_ids])
+        texts = [s for s in params.stop if s not in self.special_stops.values()]
+        self.stop_texts = texts
+        self.stop_tail = (max(len(s) for s in texts) + STOP_TAIL_SLACK) if texts else 0
 
     # -- prefill ----------------------------------------------------------------------------------------------------
     def prefill(self) -> torch.Tensor:
@@ -208,20 +234,22 @@ class _Rollout:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         padded = bool((mask[:, :width] == 0).any())
-        self.cache = rollout_cache(self.lm.config, width + self.steps)
+        self.cache = rollout_cache(self.lm.config, width, self.steps)
         logits = self._forward(ids, mask[:, :width] if padded else None, positions)
         rows = torch.tensor(owner, device=self.device).repeat_interleave(self.params.n)
         self.cache.batch_select_indices(rows)
         self.alive = torch.arange(len(rows), device=self.device)
+        self.live = torch.ones(len(rows), dtype=torch.bool, device=self.device)
         self.positions = positions[rows, -1:] + 1
         self.width = width
         self.mask = mask[rows] if padded else None
-        self.seen = self._prompt_tokens(ids[rows], mask[rows, :width]) if self.params.repetition_penalty != 1 else None
+        self.seen = None
+        if self.params.repetition_penalty != 1:
+            self.seen = self._prompt_tokens(ids[rows], mask[rows, :width], logits.shape[-1])
         return logits[rows]
 
-    def _prompt_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _prompt_tokens(self, ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
         """``(rows, vocab)`` bool: the tokens of each row's prompt (for the repetition penalty)."""
-        vocab = self.lm.config.get_text_config().vocab_size
         counts = torch.zeros(ids.shape[0], vocab, dtype=torch.long, device=self.device)
         return counts.scatter_add_(1, ids, mask.long()) > 0
 
@@ -239,12 +267,14 @@ class _Rollout:
             drawn = sample(logits, self.params, self.generator, self.seen,
                            banned if step < self.params.min_tokens else None)
             self._record(drawn, step)
-            done = self._finished(drawn.tokens, step)
-            if bool(done.all()):
+            self.live &= ~self._finished(drawn.tokens, step)
+            if not bool(self.live.any()):
                 return
-            if bool(done.any()):
-                self._drop(~done)
-            logits = self._decode(drawn.tokens[~done] if bool(done.any()) else drawn.tokens, step)
+            tokens = drawn.tokens
+            if int((~self.live).sum()) * COMPACT_WHEN_DEAD >= len(self.live):
+                tokens = tokens[self.live]
+                self._drop(self.live)
+            logits = self._decode(tokens, step)
 
     def _banned(self, vocab: int) -> torch.Tensor | None:
         """The token ids that may not end a row before ``min_tokens`` (eos and stop tokens), or None."""
@@ -253,43 +283,51 @@ class _Rollout:
         return self.stop_ids[self.stop_ids < vocab]
 
     def _record(self, drawn: Any, step: int) -> None:
-        self.tokens[self.alive, step] = drawn.tokens
-        self.logprobs[self.alive, step] = drawn.logprobs
-        self.lengths[self.alive] = step + 1
+        """Store the live rows' draws (rows that finished but are still in the batch are skipped)."""
+        rows = self.alive[self.live]
+        self.tokens[rows, step] = drawn.tokens[self.live]
+        self.logprobs[rows, step] = drawn.logprobs[self.live]
+        self.lengths[rows] = step + 1
         if drawn.ranks is not None:
-            self.top.append((self.alive, drawn.ranks, drawn.top_ids, drawn.top_logprobs))
+            self.top.append((rows, drawn.ranks[self.live], drawn.top_ids[self.live], drawn.top_logprobs[self.live]))
         if self.seen is not None:
             self.seen.scatter_(1, drawn.tokens[:, None], True)
 
     def _finished(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        """``(rows,)`` bool: rows that end at this step (stop token, length, or stop string); reasons recorded."""
-        by_token = torch.isin(tokens, self.stop_ids) if self.stop_ids.numel() else torch.zeros_like(tokens, dtype=bool)
-        by_length = self.limit[self.alive] <= step + 1
-        done = by_token | by_length
-        for i in done.nonzero()[:, 0].tolist():
-            row, token = int(self.alive[i]), int(tokens[i])
-            if bool(by_token[i]):
-                self.reasons[row] = ("stop", token if token in self.params.stop_token_ids else None)
+        """``(batch,)`` bool: live rows that end at this step (stop token, length or stop string); reasons recorded."""
+        stop_set = self.stop_ids if step + 1 < self.params.min_tokens else self.late_stop_ids
+        by_token = torch.isin(tokens, stop_set) & self.live
+        done = by_token | ((self.limit[self.alive] <= step + 1) & self.live)
+        for i in by_token.nonzero()[:, 0].tolist():
+            self.reasons[int(self.alive[i])] = ("stop", self._stop_reason(int(tokens[i])))
         if self.stop_tail and step + 1 >= self.params.min_tokens:
-            for i in (~done).nonzero()[:, 0].tolist():
+            for i in (self.live & ~done).nonzero()[:, 0].tolist():
                 matched = self._stop_string(int(self.alive[i]), step)
                 if matched is not None:
                     done[i] = True
                     self.reasons[int(self.alive[i])] = ("stop", matched)
         return done
 
+    def _stop_reason(self, token: int) -> int | str | None:
+        """vLLM's ``stop_reason`` for a row ended by ``token``: the stop string it spells, a stop token id, or None
+        (eos)."""
+        if token in self.special_stops:
+            return self.special_stops[token]
+        return token if token in self.params.stop_token_ids else None
+
     def _stop_string(self, row: int, step: int) -> str | None:
         """The stop string that the end of ``row``'s text contains now, if any (only its last tokens are decoded)."""
         first = max(0, step + 1 - self.stop_tail)
         tail = self.tokenizer.decode(self.tokens[row, first:step + 1].tolist(),
                                      skip_special_tokens=self.params.skip_special_tokens)
-        return next((s for s in self.params.stop if s in tail), None)
+        return next((s for s in self.stop_texts if s in tail), None)
 
     def _drop(self, keep: torch.Tensor) -> None:
-        """Keep only the rows ``keep`` ``(rows,)`` bool in the batch, in the cache and in every per-row tensor."""
+        """Keep only the rows ``keep`` ``(batch,)`` bool in the batch, in the cache and in every per-row tensor."""
         index = keep.nonzero()[:, 0]
         self.cache.batch_select_indices(index)
         self.alive = self.alive[index]
+        self.live = self.live[index]
         self.positions = self.positions[index]
         if self.seen is not None:
             self.seen = self.seen[index]
@@ -332,6 +370,22 @@ class _Rollout:
                 ranks[row].append(r)
                 tops[row].append(dict(zip(row_ids, row_values)))
         return ranks, tops
+
+
+def _special_token_stops(tokenizer: Any, stops: list[str]) -> dict[int, str]:
+    """Stop strings that are one special token (``stop=[tokenizer.eos_token]`` in Unsloth's GRPO notebooks) ->
+    ``{token id: string}``: they end a row by id, since text decoded with ``skip_special_tokens`` never shows them."""
+    if tokenizer is None or not stops:
+        return {}
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    special |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    out = {}
+    for text in stops:
+        if text in special:
+            token = tokenizer.convert_tokens_to_ids(text)
+            if isinstance(token, int) and token >= 0:
+                out[token] = text
+    return out
 
 
 def completion_text(tokenizer: Any, completion: Completion, params: SamplingParams) -> str:

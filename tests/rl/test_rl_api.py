@@ -11,6 +11,7 @@ from rl_helpers import fast_model
 
 from fasttune import FastLanguageModel, PatchFastRL, SamplingParams
 from fasttune.config import ConfigError
+from fasttune.port import port_source
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -88,11 +89,10 @@ def test_load_lora_rejects_adapters_of_another_shape(tiny_model_dir, tmp_path):
         model.load_lora(tmp_path / "nothing")
 
 
-# An Unsloth GRPO notebook's cells (Qwen3 (4B)-GRPO / Llama3.1 (8B)-GRPO), ported by the rule: only the import lines
-# differ (`from unsloth import ...` -> `from fasttune import ...`, `from trl import ...` -> `from fasttune.trl ...`,
-# `from vllm import SamplingParams` -> `from fasttune import SamplingParams`). Sizes shrunk for a tiny CPU model.
+# An Unsloth GRPO notebook's cells (Qwen3 (4B)-GRPO / Llama3.1 (8B)-GRPO) as Unsloth wrote them, sizes shrunk for a
+# tiny CPU model; the test ports them with `fasttune port`'s rule (only import lines change) and runs the result.
 NOTEBOOK = '''
-from fasttune import FastLanguageModel, PatchFastRL
+from unsloth import FastLanguageModel, PatchFastRL
 PatchFastRL("GRPO", FastLanguageModel)
 max_seq_length = 96
 lora_rank = 8
@@ -123,7 +123,7 @@ def correctness_reward_func(prompts, completions, answer, **kwargs):
 def int_reward_func(completions, **kwargs):
     responses = [completion[0]["content"] for completion in completions]
     return [0.5 if r.strip().isdigit() else 0.0 for r in responses]
-from fasttune.trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 training_args = GRPOConfig(
     learning_rate = 5e-6,
     adam_beta1 = 0.9,
@@ -155,7 +155,7 @@ trainer = GRPOTrainer(
 trainer.train()
 text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 2?"}],
                                      tokenize = False, add_generation_prompt = True)
-from fasttune import SamplingParams
+from vllm import SamplingParams
 sampling_params = SamplingParams(temperature = 0.8, top_p = 0.95, max_tokens = 16)
 output = model.fast_generate([text], sampling_params = sampling_params, lora_request = None)[0].outputs[0].text
 model.save_lora(LORA_DIR)
@@ -166,16 +166,19 @@ model.save_pretrained_merged(MERGED_DIR, tokenizer, save_method = "merged_16bit"
 
 
 def test_unsloth_grpo_notebook_runs_with_only_imports_changed(tiny_model_dir, tmp_path):
-    from fasttune.tiny import build_tiny_model, build_tokenizer
-
     from fasttune.chat_templates import get_chat_template
+    from fasttune.tiny import build_tiny_model, build_tokenizer
 
     tokenizer = get_chat_template(build_tokenizer("qwen3"), chat_template="qwen3")  # a real Qwen3 ships one
     model_dir = build_tiny_model("qwen3", tmp_path / "base", tokenizer=tokenizer)
-    assert not re.search(r"^\s*(from|import)\s+(unsloth|trl|vllm)\b", NOTEBOOK, re.M)
+    ported, changes = port_source(NOTEBOOK)
+    assert [c.new.split(" import")[0] for c in changes] == ["from fasttune", "from fasttune.trl", "from fasttune"]
+    assert [ln for ln in ported.splitlines() if "import" not in ln] == [
+        ln for ln in NOTEBOOK.splitlines() if "import" not in ln]
+    assert not re.search(r"^\s*(from|import)\s+(unsloth|trl|vllm)\b", ported, re.M)
     scope = {"MODEL_DIR": str(model_dir), "OUTPUT_DIR": str(tmp_path / "outputs"), "LORA_DIR": str(tmp_path / "lora"),
              "MERGED_DIR": str(tmp_path / "merged")}
-    exec(compile(NOTEBOOK, "grpo_notebook", "exec"), scope)
+    exec(compile(ported, "grpo_notebook", "exec"), scope)
     assert [h["step"] for h in scope["trainer"].state.log_history if "reward" in h] == [1, 2]
     assert isinstance(scope["output"], str) and isinstance(scope["output_lora"], str)
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

@@ -89,3 +89,14 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a .ipynb notebook or .py script"):
         port_file(tmp_path / "notes.txt")
     assert path.read_text(encoding="utf-8") == SCRIPT
+
+
+def test_vllm_sampling_imports_of_rl_notebooks_come_from_fasttune():
+    """RL notebooks import SamplingParams / LoRARequest from vLLM; fasttune provides both (no vLLM needed). Other
+    vLLM imports, or a statement mixing names fasttune does not provide, are left alone."""
+    source = ("from vllm import SamplingParams\nfrom vllm import LLM, SamplingParams\n"
+              "from vllm.lora.request import LoRARequest\nimport vllm\n")
+    new, changes = port_source(source)
+    assert new == ("from fasttune import SamplingParams\nfrom vllm import LLM, SamplingParams\n"
+                   "from fasttune.rl import LoRARequest\nimport vllm\n")
+    assert [c.line for c in changes] == [1, 3]
