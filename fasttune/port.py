@@ -115,7 +115,8 @@ def port_source(source: str, cell: int | None = None) -> tuple[str, list[Change]
         start = _chars(lines[first], node.col_offset)
         end = len(text) - len(lines[last]) + _chars(lines[last], node.end_col_offset)
         if kind == "from":
-            stmt = _FROM.sub(lambda m: m.group(1) + _from_target(node), text[start:end], count=1)
+            target = _from_target(node)
+            stmt = _FROM.sub(lambda m, target=target: m.group(1) + target, text[start:end], count=1)
         else:
             stmt = _import_text(node, used)
         new_text = text[:start] + stmt + text[end:]
