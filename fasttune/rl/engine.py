@@ -12,8 +12,12 @@ Why it is faster than ``model.generate`` for RL rollouts (each measured in ``ben
   generation-config merging;
 * rows that finished are dropped from the batch and from the cache (once they are an eighth of it, so the cache is
   not copied at every finish), so late steps compute only live rows;
+* the KV cache is written in place into buffers that double when full (:class:`GrowingLayer`), where
+  ``DynamicLayer`` copies the whole cache at every step to append one position;
 * no padding mask at all when every prompt has the same length (attention then needs no mask);
-* sampling filters work on the logits once (top-k before the top-p sort, the exponential-race draw).
+* sampling never sorts the vocabulary when it can help it and draws with one random number per row
+  (:mod:`fasttune.rl.sampling`); on one CPU core ``model.generate``'s top-p sort and ``torch.multinomial`` cost
+  ~125 ms and ~35 ms per step for 64 rows of a 32k vocabulary.
 
 The model is never merged, unmerged or patched: a ``PeftModel``'s active adapters run through its LoRA layers, so
 the completions come from the weights being trained. It runs under ``torch.no_grad`` in eval mode (no
@@ -411,7 +415,7 @@ def generate_ids(
     prompt_ids: Sequence[Sequence[int]],
     params: SamplingParams,
     *,
-    eos_token_ids: Sequence[int],
+    eos_token_ids: Sequence[int] | int,
     pad_token_id: int,
     tokenizer: Any = None,
     max_length: int | None = None,
@@ -430,12 +434,16 @@ def generate_ids(
         raise TypeError(f"params: expected fasttune.rl.SamplingParams, got {type(params).__name__}")
     if params.stop and tokenizer is None:
         raise ValueError(f"stop: {params.stop!r} needs the tokenizer (pass tokenizer=...) to read the generated text")
+    if not isinstance(pad_token_id, int) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id: {pad_token_id!r} must be a token id (an int >= 0); the tokenizer's pad or eos "
+                         "id will do, padded positions are masked")
+    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
     prompts = _check_prompts(prompt_ids)
     limits = _token_limits(prompts, params, max_length)
     lm = causal_lm(model)
     if generator is None:
         generator = make_generator(params, next(lm.parameters()).device)
-    rollout = _Rollout(lm, prompts, limits, params, list(eos_token_ids), pad_token_id, tokenizer, generator)
+    rollout = _Rollout(lm, prompts, limits, params, eos, pad_token_id, tokenizer, generator)
     with _rollout_mode(model):
         rollout.run()
     return rollout.completions()

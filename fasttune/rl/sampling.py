@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fasttune.config import SEED_RANGE, _help, _is_finite_number, _is_int, _raise_if
+
 # vLLM treats temperatures below this as greedy.
 GREEDY_EPS = 1e-5
 # With top-p and no top-k, the largest this many logits are tried before sorting the whole vocabulary.
@@ -31,64 +33,73 @@ TOP_P_CANDIDATES = 1024
 
 @dataclass
 class SamplingParams:
-    """How to sample completions (vLLM's names and defaults). Bad values raise ``ValueError`` naming the field."""
+    """How to sample completions (vLLM's names and defaults).
 
-    n: int = 1  # completions per prompt
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling mass, in (0, 1]; 1 = off
-    top_k: int = -1  # keep the k most likely tokens; 0 or -1 = off
-    min_p: float = 0.0  # drop tokens below min_p * (probability of the most likely token); 0 = off
-    max_tokens: int | None = 16  # most tokens per completion; None: up to generate's max_length
-    min_tokens: int = 0  # eos and stop_token_ids cannot end a completion before this many tokens
-    stop: str | list[str] | None = None  # strings that end a completion (trimmed from the text)
-    stop_token_ids: list[int] | None = None  # token ids that end a completion (kept in token_ids)
-    ignore_eos: bool = False  # keep generating past eos
-    seed: int | None = None  # seeds this request's random generator (reproducible runs)
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
-    logprobs: int | None = None  # also return this many top log-probs per position (0: the sampled token's only)
-    skip_special_tokens: bool = True  # drop special tokens from the decoded text
-    include_stop_str_in_output: bool = False  # keep the matched stop string in the text
+    Bad values raise :class:`fasttune.config.ConfigError` (a ``ValueError``) listing every bad field with its value
+    and what is allowed."""
+
+    n: int = _help("completions per prompt", 1)
+    temperature: float = _help("softmax temperature; 0 = greedy", 1.0)
+    top_p: float = _help("nucleus sampling: keep the most likely tokens up to this mass, in (0, 1]; 1 = off", 1.0)
+    top_k: int = _help("keep the k most likely tokens; 0 or -1 = off", -1)
+    min_p: float = _help("drop tokens below min_p * (probability of the most likely token), in [0, 1]; 0 = off", 0.0)
+    max_tokens: int | None = _help("most tokens per completion; None: up to generate's max_length", 16)
+    min_tokens: int = _help("eos and stop_token_ids cannot end a completion before this many tokens", 0)
+    stop: str | list[str] | None = _help("strings that end a completion (cut from the text)", None)
+    stop_token_ids: list[int] | None = _help("token ids that end a completion (kept in token_ids)", None)
+    ignore_eos: bool = _help("keep generating past eos", False)
+    seed: int | None = _help("seed of this request's random generator (reproducible runs); None: torch's", None)
+    repetition_penalty: float = _help("> 1 discourages tokens already in the prompt or output; 1 = off", 1.0)
+    logprobs: int | None = _help("also return this many top log-probs per position (0: the sampled token's)", None)
+    skip_special_tokens: bool = _help("drop special tokens from the decoded text", True)
+    include_stop_str_in_output: bool = _help("keep the matched stop string (or stop token) in the text", False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        problems = _problems(self)
-        if problems:
-            raise ValueError("SamplingParams: " + "; ".join(problems))
+        _raise_if(_problems(self), "SamplingParams")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
 
+def _number_in(value: object, low: float, high: float, low_open: bool = False) -> bool:
+    if not _is_finite_number(value):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
+
+
 def _problems(p: SamplingParams) -> list[str]:
-    """Every bad field of ``p``, each as ``field: value is ...; allowed ...`` (all reported at once)."""
+    """Every bad field of ``p``, each as ``field: value ...; what is allowed`` (all reported at once)."""
     out = []
-    if not isinstance(p.n, int) or p.n < 1:
+    if not _is_int(p.n) or p.n < 1:
         out.append(f"n: {p.n!r} must be an integer >= 1")
-    if p.temperature < 0:
-        out.append(f"temperature: {p.temperature!r} must be >= 0 (0 = greedy)")
-    if not 0 < p.top_p <= 1:
+    if not _number_in(p.temperature, 0.0, math.inf):
+        out.append(f"temperature: {p.temperature!r} must be a number >= 0 (0 = greedy)")
+    if not _number_in(p.top_p, 0.0, 1.0, low_open=True):
         out.append(f"top_p: {p.top_p!r} is outside (0, 1]")
-    if not isinstance(p.top_k, int) or p.top_k < -1:
+    if not _is_int(p.top_k) or p.top_k < -1:
         out.append(f"top_k: {p.top_k!r} must be an integer >= 1, or 0 / -1 to turn it off")
-    if not 0 <= p.min_p <= 1:
+    if not _number_in(p.min_p, 0.0, 1.0):
         out.append(f"min_p: {p.min_p!r} is outside [0, 1]")
-    if p.max_tokens is not None and (not isinstance(p.max_tokens, int) or p.max_tokens < 1):
+    if p.max_tokens is not None and (not _is_int(p.max_tokens) or p.max_tokens < 1):
         out.append(f"max_tokens: {p.max_tokens!r} must be an integer >= 1, or None (up to max_length)")
-    if not isinstance(p.min_tokens, int) or p.min_tokens < 0:
+    if not _is_int(p.min_tokens) or p.min_tokens < 0:
         out.append(f"min_tokens: {p.min_tokens!r} must be an integer >= 0")
-    elif isinstance(p.max_tokens, int) and p.min_tokens > p.max_tokens:
+    elif _is_int(p.max_tokens) and p.min_tokens > p.max_tokens:
         out.append(f"min_tokens: {p.min_tokens} is larger than max_tokens ({p.max_tokens})")
-    if p.repetition_penalty <= 0:
-        out.append(f"repetition_penalty: {p.repetition_penalty!r} must be > 0 (1 = off)")
-    if p.logprobs is not None and (not isinstance(p.logprobs, int) or p.logprobs < 0):
+    if not _number_in(p.repetition_penalty, 0.0, math.inf, low_open=True):
+        out.append(f"repetition_penalty: {p.repetition_penalty!r} must be a number > 0 (1 = off)")
+    if p.logprobs is not None and (not _is_int(p.logprobs) or p.logprobs < 0):
         out.append(f"logprobs: {p.logprobs!r} must be None or an integer >= 0")
+    if p.seed is not None and not (_is_int(p.seed) and SEED_RANGE[0] <= p.seed <= SEED_RANGE[1]):
+        out.append(f"seed: {p.seed!r} must be None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     if any(not isinstance(s, str) or s == "" for s in p.stop):
         out.append(f"stop: {p.stop!r} must be non-empty strings")
-    if any(not isinstance(t, int) or t < 0 for t in p.stop_token_ids):
+    if any(not _is_int(t) or t < 0 for t in p.stop_token_ids):
         out.append(f"stop_token_ids: {p.stop_token_ids!r} must be token ids (integers >= 0)")
     return out
 
