@@ -20,6 +20,7 @@ from fasttune.export import save_pretrained_gguf, save_pretrained_merged, write_
 from fasttune.export.atomic import recover_interrupted
 from fasttune.export.gguf.reader import read_gguf_state
 from fasttune.export.merge import merged_state_dict
+from fasttune.quant import patch_quantized_layers
 
 HF_KINDS = ("merged_16bit", "merged_4bit_forced", "lora")
 USER_FILES = {"notes.txt": b"keep me", "checkpoint-10": b"<dir>", "checkpoint-10/trainer_state.json": b"{}"}
@@ -53,6 +54,9 @@ def _check_loads(kind: str, model, folder: Path, base_dir: Path) -> None:
     elif kind == "merged_4bit_forced":
         reloaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")  # NF4: lossy, so only that it runs
         assert reloaded.config.quantization_config.quant_method == "bitsandbytes"
+        # bitsandbytes' own CPU 4-bit kernel asserts on this model's 688-wide MLP on CPUs with AVX512-BF16 ("N must
+        # be divisible by block_n"); run the loaded NF4 weights through fasttune's exact dequantize-and-multiply
+        patch_quantized_layers(reloaded)
         with torch.no_grad():
             assert torch.isfinite(reloaded(input_ids=ids).logits).all()
         return

@@ -51,7 +51,7 @@ from transformers import TrainingArguments
 from unsloth import is_bfloat16_supported
 options = dict(
     per_device_train_batch_size = 4, gradient_accumulation_steps = 1, warmup_steps = 0, max_steps = MAX_STEPS,
-    learning_rate = 1e-2, fp16 = False, bf16 = False, use_cpu = True, logging_steps = 1, optim = "adamw_torch",
+    learning_rate = 5e-3, fp16 = False, bf16 = False, use_cpu = True, logging_steps = 1, optim = "adamw_torch",
     weight_decay = 0.01, lr_scheduler_type = "constant", seed = 3407, output_dir = OUTPUT_DIR, report_to = "none",
     save_strategy = "no", disable_tqdm = True,
 )
