@@ -141,15 +141,15 @@ class LoraSettings:
 
 @dataclass
 class RLOptions:
-    """``from_pretrained``'s rollout options (Unsloth passes them to vLLM). fasttune's engine samples on the model
-    itself, so ``fast_inference`` only says rollouts are wanted (they are always available as
-    ``model.fast_generate``), ``max_lora_rank`` bounds the adapters ``get_peft_model`` / ``load_lora`` accept, and
-    ``gpu_memory_utilization`` is checked and kept for vLLM's meaning but reserves nothing (the KV cache is
-    allocated per call)."""
+    """``from_pretrained``'s rollout options (Unsloth passes them to vLLM). ``fast_inference=True`` on a CUDA
+    machine with vLLM installed makes ``fasttune.trl.GRPOTrainer`` sample through TRL's vLLM integration (colocate
+    mode, ``gpu_memory_utilization`` as vLLM's share); elsewhere fasttune's own engine samples on the model itself
+    (``model.fast_generate`` always uses it). ``max_lora_rank`` bounds the adapters ``get_peft_model`` /
+    ``load_lora`` accept."""
 
     fast_inference: bool = _help("sample rollouts with model.fast_generate (fasttune's KV-cache engine)", False)
     max_lora_rank: int | None = _help("largest LoRA rank get_peft_model and load_lora accept (None: any)")
-    gpu_memory_utilization: float | None = _help("vLLM's memory share in (0, 1]; accepted, reserves nothing")
+    gpu_memory_utilization: float | None = _help("vLLM's GPU memory share in (0, 1] (vLLM rollouts only)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []

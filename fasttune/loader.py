@@ -109,9 +109,6 @@ class FastLanguageModel:
         cfg = LoadConfig(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
                          full_finetuning, trust_remote_code)
         rl_options = RLOptions(fast_inference, max_lora_rank, gpu_memory_utilization)
-        if fast_inference:
-            logger.info("fasttune: fast_inference=True: rollouts (model.fast_generate, fasttune.trl.GRPOTrainer) use "
-                        "fasttune's KV-cache engine on this model; vLLM is not used")
         source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
         has_fast_path = source.config.get_text_config().model_type in FAST_PATHS
         if not has_fast_path:
@@ -142,6 +139,7 @@ class FastLanguageModel:
         model.max_seq_length = max_seq_length
         model.fasttune_tokenizer = tokenizer
         model.max_lora_rank = rl_options.max_lora_rank
+        model.fasttune_rl_options = rl_options  # read by fasttune.trl.GRPOTrainer (vLLM rollouts on CUDA)
         if source.adapter is not None:
             model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
             if is_patched(model):

@@ -3,7 +3,8 @@ gradient accumulation, and reward functions checked by name.
 
 Each piece replaces one TRL method and falls back to TRL's own wherever its conditions do not hold (vLLM,
 multimodal inputs, loss types other than grpo/bnpo/dr_grpo/dapo, entropy masks or bonuses, DDP/FSDP wrappers), so
-every TRL option keeps working; the fasttune path is the common single-process LoRA/QLoRA text case:
+every TRL option keeps working; the fasttune path is the common single-process LoRA/QLoRA text case. A model loaded
+with ``fast_inference=True`` on CUDA with vLLM installed samples through TRL's own vLLM integration (colocate mode).
 
 - ``_generate_single_turn``: completions from :func:`fasttune.rl.engine.generate_ids` (KV cache over the live LoRA
   weights, each prompt prefilled once for its ``num_generations`` samples, finished rows dropped) instead of
@@ -19,6 +20,7 @@ every TRL option keeps working; the fasttune path is the common single-process L
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging
 import os
@@ -28,6 +30,8 @@ import torch
 
 from fasttune.notes import note_once
 from fasttune.rl.rewards import checked_reward_funcs
+
+from .compat import explicitly_set
 
 logger = logging.getLogger("fasttune")
 
@@ -72,10 +76,31 @@ class FastGRPOConfigMixin:
         super().__post_init__()
 
 
+def vllm_rollouts_wanted(model: Any, args: Any) -> bool:
+    """Whether to sample through TRL's vLLM integration: the model was loaded with ``fast_inference=True``, a CUDA
+    device and vLLM are there, and the config did not choose ``use_vllm`` itself."""
+    options = getattr(model, "fasttune_rl_options", None)
+    if options is None or not options.fast_inference or args is None or explicitly_set(args, "use_vllm"):
+        return False
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
+def use_vllm_colocate(model: Any, args: Any) -> None:
+    """Set ``args`` (the trainer's own copy) to TRL's vLLM colocate mode with the model's memory share."""
+    args.use_vllm, args.vllm_mode = True, "colocate"
+    share = model.fasttune_rl_options.gpu_memory_utilization
+    if share is not None:
+        args.vllm_gpu_memory_utilization = share
+    note_once("grpo.vllm", "GRPOTrainer: fast_inference=True with vLLM installed on CUDA: rollouts use TRL's vLLM "
+                           f"integration (colocate, gpu_memory_utilization={args.vllm_gpu_memory_utilization})")
+
+
 class FastGRPOMixin:
     """Mixed in before TRL's ``GRPOTrainer`` (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if vllm_rollouts_wanted(kwargs.get("model"), kwargs.get("args")):
+            use_vllm_colocate(kwargs["model"], kwargs["args"])
         super().__init__(*args, **kwargs)
         self.reward_funcs = checked_reward_funcs(self.reward_funcs, self.reward_func_names,
                                                  lambda: self.state.global_step)

@@ -181,3 +181,28 @@ def test_prompt_longer_than_the_limit_is_reported(tiny_model_dir, tmp_path):
                                          r"max_completion_length=12 it needs max_seq_length >= \d+, and the "
                                          r"model's is 24"):
         trainer.train()
+
+
+def test_fast_inference_on_cuda_with_vllm_uses_trls_vllm_colocate(tiny_model_dir, tmp_path, monkeypatch):
+    """Where CUDA and vLLM exist (not on this machine), fast_inference=True switches the trainer's copy of the config
+    to TRL's vLLM colocate mode with the model's memory share; an explicit use_vllm is left alone."""
+    import importlib.util
+
+    from fasttune import FastLanguageModel
+    from fasttune.train import grpo
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False, fast_inference=True,
+                                                 gpu_memory_utilization=0.6)
+    args = ft.GRPOConfig(**cpu_args(tmp_path), num_generations=4)
+    chosen = ft.GRPOConfig(**cpu_args(tmp_path), num_generations=4, use_vllm=False)
+    plain, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False)
+    assert not grpo.vllm_rollouts_wanted(model, args)  # no CUDA here
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(grpo.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(grpo.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    assert grpo.vllm_rollouts_wanted(model, args)
+    assert not grpo.vllm_rollouts_wanted(model, chosen)  # the user chose use_vllm
+    assert not grpo.vllm_rollouts_wanted(plain, args)  # loaded without fast_inference
+    grpo.use_vllm_colocate(model, args)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_gpu_memory_utilization) == (True, "colocate", 0.6)
