@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from fasttune.kernels.compiling import cpu_compiled
-from fasttune.kernels.dispatch import select_backend
+from fasttune.kernels.dispatch import autocast_linear_inputs, select_backend
 from fasttune.kernels.reference import linear_cross_entropy_ref
 
 __all__ = ["FusedLinearCrossEntropyFunction", "TokenStats", "fused_linear_cross_entropy", "token_stats_ref"]
@@ -225,14 +225,10 @@ def fused_linear_cross_entropy(
     log-sum-exp is always accumulated in fp32. Under ``torch.autocast`` the matmuls run in the autocast dtype, as
     ``F.linear`` would. ``return_stats=True`` returns ``(loss, TokenStats)`` (see the module docstring).
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # what F.linear does under autocast: the matmuls run in the autocast dtype; the casts are autograd ops, so
-        # gradients still reach the original tensors in their own dtype
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
+    cast = autocast_linear_inputs(hidden, weight, bias)
+    if cast is not None:
+        hidden, weight, bias = cast
+        with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap,
                                               num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, bias=bias,
                                               return_stats=return_stats)

@@ -67,3 +67,15 @@ def select_backend(tensor: torch.Tensor) -> str:
     if tensor.device.type == "cpu":
         return "torch"
     return "reference"
+
+
+def autocast_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """Under ``torch.autocast``: the inputs of a fused LM-head kernel cast to the autocast dtype, what ``F.linear``
+    does (the casts are autograd ops, so gradients still reach the originals in their own dtypes); None outside it.
+    The caller then runs itself again with autocast disabled."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None

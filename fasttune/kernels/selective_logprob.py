@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from fasttune.kernels.dispatch import select_backend
+from fasttune.kernels.dispatch import autocast_linear_inputs, select_backend
 from fasttune.kernels.reference import selective_log_probs_ref
 
 __all__ = ["SelectiveLogProbFunction", "selective_log_probs"]
@@ -205,13 +205,10 @@ def selective_log_probs(
     ``chunk_size`` rows of logits exist at a time (``chunk_size * V * 4`` bytes). Under ``torch.autocast`` the
     matmuls run in the autocast dtype, as ``F.linear`` would.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        # what F.linear does under autocast; the casts are autograd ops, so gradients reach the originals
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
+    cast = autocast_linear_inputs(hidden, weight, bias)
+    if cast is not None:
+        hidden, weight, bias = cast
+        with torch.autocast(hidden.device.type, enabled=False):
             return selective_log_probs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                        logit_scale=logit_scale, chunk_size=chunk_size, with_entropy=with_entropy)
     _check_options(temperature, softcap, logit_scale, chunk_size)
