@@ -123,4 +123,13 @@ def honour_checkpointing_mode(model: Any, config: Any) -> None:
     for name in ("activation_checkpointing", "gradient_checkpointing"):
         if hasattr(config, name):
             setattr(config, name, False)
+    if mode == "unsloth" and hasattr(config, "ddp_find_unused_parameters"):
+        # "unsloth" recomputes each layer inside backward (reentrant), so DDP's search for unused parameters would
+        # mark the layer's parameters ready twice ("Expected to mark a variable ready only once"); every parameter
+        # of a LoRA model is used in every step, so the search finds nothing anyway
+        if config.ddp_find_unused_parameters:
+            raise ValueError("ddp_find_unused_parameters=True cannot run with use_gradient_checkpointing='unsloth' "
+                             "under DDP (the layer recompute happens inside backward); leave it unset or False, or "
+                             "choose use_gradient_checkpointing=True in get_peft_model")
+        config.ddp_find_unused_parameters = False
     enable_checkpointing(base_model(model), mode)

@@ -1,0 +1,40 @@
+"""One process of the DDP equality test (run by torchrun, or alone for the single-process reference).
+
+argv: model_dir out_json. Trains a fasttune LoRA model (default "unsloth" checkpointing, fast path on) with
+fasttune.trl.SFTTrainer for 3 plain-SGD steps (Adam would magnify fp32 reduction-order noise in near-zero
+gradients) at a global batch of 4 (split over the processes) and writes, from rank 0, the
+loss per step and the LoRA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trl"))
+from trl_helpers import cpu_args, fast_model, text_dataset  # noqa: E402
+
+from fasttune.trl import SFTConfig, SFTTrainer  # noqa: E402
+
+
+def main(model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model, tokenizer = fast_model(model_dir, checkpointing="unsloth")
+    args = SFTConfig(**cpu_args(Path(out).parent / f"run{world}", max_steps=3, per_device_train_batch_size=4 // world,
+                                learning_rate=1.0, optim="sgd"))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(), args=args)
+    trainer.train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        lora = {n: p.detach().tolist() for n, p in model.named_parameters() if "lora_" in n}
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        Path(out).write_text(json.dumps({"losses": losses, "lora": lora,
+                                         "find_unused": trainer.args.ddp_find_unused_parameters}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

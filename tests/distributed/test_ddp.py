@@ -1,0 +1,50 @@
+"""DDP on CPU (gloo, 2 processes under torchrun) equals one process with the same global batch, with fasttune's
+defaults: "unsloth" checkpointing, fused blocks, fused loss, padding-free batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+pytestmark = pytest.mark.slow
+
+
+def _run(command: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTTUNE_COMPILE": "0"}  # uncompiled kernels: short runs
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
+    model_dir = str(tiny_model_dir("llama"))
+    _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one.json")], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(WORKER), model_dir, str(tmp_path / "two.json")], tmp_path)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["find_unused"] is False  # set by the drop-in: "unsloth" recomputes inside backward
+    assert len(one["losses"]) == 3 and one["losses"][-1] < one["losses"][0]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["lora"].keys() == two["lora"].keys()
+    for name, weights in one["lora"].items():
+        torch.testing.assert_close(torch.tensor(two["lora"][name]), torch.tensor(weights), rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+def test_find_unused_parameters_with_unsloth_checkpointing_is_refused(tiny_model_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trl"))
+    from trl_helpers import cpu_args, fast_model, text_dataset
+
+    from fasttune.trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = fast_model(tiny_model_dir("llama"), checkpointing="unsloth")
+    args = SFTConfig(**cpu_args(tmp_path, ddp_find_unused_parameters=True))
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters=True cannot run with "
+                                         "use_gradient_checkpointing='unsloth'"):
+        SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(), args=args)
