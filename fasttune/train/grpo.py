@@ -160,9 +160,9 @@ class FastGRPOMixin:
     # ---------------------------------------------------------------- log-probs
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
-        transform = _logit_transform(_causal_lm(model).config.get_text_config())
-        if (compute_aux_loss or any(v is not None for v in multimodal.values()) or transform is None
-                or model is not self._fasttune_model()):
+        ours = model is self._fasttune_model()  # a DDP/FSDP wrapper is called as TRL calls it (gradient sync)
+        transform = _logit_transform(_causal_lm(model).config.get_text_config()) if ours else None
+        if compute_aux_loss or any(v is not None for v in multimodal.values()) or transform is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal)

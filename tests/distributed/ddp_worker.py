@@ -1,9 +1,9 @@
 """One process of the DDP equality test (run by torchrun, or alone for the single-process reference).
 
-argv: model_dir out_json. Trains a fasttune LoRA model (default "unsloth" checkpointing, fast path on) with
+argv: model_dir out_json [sft|grpo]. sft trains a fasttune LoRA model (default "unsloth" checkpointing, fast path on) with
 fasttune.trl.SFTTrainer for 3 plain-SGD steps (Adam would magnify fp32 reduction-order noise in near-zero
 gradients) at a global batch of 4 (split over the processes) and writes, from rank 0, the
-loss per step and the LoRA weights.
+loss per step and the LoRA weights. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses.
 """
 
 from __future__ import annotations
@@ -18,10 +18,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trl"))
 from trl_helpers import cpu_args, fast_model, text_dataset  # noqa: E402
 
-from fasttune.trl import SFTConfig, SFTTrainer  # noqa: E402
+from fasttune.trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 
-def main(model_dir: str, out: str) -> None:
+def length_reward(completions, **kwargs):
+    return [len(c) / 10 for c in completions]
+
+
+def grpo(model_dir: str, out: str) -> None:
+    from datasets import Dataset
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model, tokenizer = fast_model(model_dir, checkpointing="unsloth", max_seq_length=128)
+    args = GRPOConfig(**cpu_args(Path(out).parent / f"grpo{world}", max_steps=2, per_device_train_batch_size=8 // world),
+                      num_generations=4, max_completion_length=8, beta=0.04, loss_type="dapo")
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[length_reward], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": [f"Count {i}:" for i in range(16)]}))
+    trainer.train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps({"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}))
+
+
+def main(model_dir: str, out: str, kind: str = "sft") -> None:
+    if kind == "grpo":
+        return grpo(model_dir, out)
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model, tokenizer = fast_model(model_dir, checkpointing="unsloth")
@@ -37,4 +58,4 @@ def main(model_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -48,3 +48,12 @@ def test_find_unused_parameters_with_unsloth_checkpointing_is_refused(tiny_model
     with pytest.raises(ValueError, match="ddp_find_unused_parameters=True cannot run with "
                                          "use_gradient_checkpointing='unsloth'"):
         SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(), args=args)
+
+
+def test_grpo_trains_under_two_process_ddp(tiny_model_dir, tmp_path):
+    """fasttune.trl.GRPOTrainer under DDP: rollouts from the engine on the unwrapped model, the loss's log-probs
+    through the DDP wrapper (gradient sync), the dapo normaliser reduced over the ranks."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(WORKER), str(tiny_model_dir("llama")), str(tmp_path / "grpo.json"), "grpo"], tmp_path)
+    losses = json.loads((tmp_path / "grpo.json").read_text())["losses"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
