@@ -38,10 +38,9 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
 
 
 def test_find_unused_parameters_with_unsloth_checkpointing_is_refused(tiny_model_dir, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trl"))
-    from trl_helpers import cpu_args, fast_model, text_dataset
-
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from fasttune.trl import SFTConfig, SFTTrainer
+    from tests.trl.trl_helpers import cpu_args, fast_model, text_dataset
 
     model, tokenizer = fast_model(tiny_model_dir("llama"), checkpointing="unsloth")
     args = SFTConfig(**cpu_args(tmp_path, ddp_find_unused_parameters=True))

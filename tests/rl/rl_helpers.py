@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trl"))
-from trl_helpers import cpu_args, fast_model  # noqa: E402,F401  (re-exported for the RL tests)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.trl is importable
+from tests.trl.trl_helpers import cpu_args, fast_model  # noqa: E402,F401  (re-exported for the RL tests)
 
 COLOURS = [("grass", "green", "purple"), ("sky", "blue", "orange"), ("snow", "white", "black"),
            ("coal", "black", "yellow"), ("blood", "red", "grey"), ("sun", "yellow", "brown"),
