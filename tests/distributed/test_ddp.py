@@ -56,3 +56,23 @@ def test_grpo_trains_under_two_process_ddp(tiny_model_dir, tmp_path):
           str(WORKER), str(tiny_model_dir("llama")), str(tmp_path / "grpo.json"), "grpo"], tmp_path)
     losses = json.loads((tmp_path / "grpo.json").read_text())["losses"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
+
+
+@pytest.mark.parametrize("checkpointing", ["unsloth", "off"])
+def test_two_process_fsdp2_equals_one_process(checkpointing, tiny_model_dir, tmp_path):
+    """PyTorch FSDP2 (fully_shard, gloo) over a fasttune LoRA model: the same losses and LoRA weights as one
+    process, with "unsloth" checkpointing and without."""
+    model_dir = str(tiny_model_dir("llama"))
+    _run([sys.executable, str(FSDP2_WORKER), model_dir, str(tmp_path / "one.json"), checkpointing], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(FSDP2_WORKER), model_dir, str(tmp_path / "two.json"), checkpointing], tmp_path)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["losses"][-1] < one["losses"][0]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["lora"].keys() == two["lora"].keys() and one["lora"]
+    for name, weights in one["lora"].items():
+        torch.testing.assert_close(torch.tensor(two["lora"][name]), torch.tensor(weights), rtol=1e-4, atol=1e-6,
+                                   msg=name)

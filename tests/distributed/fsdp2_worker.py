@@ -1,0 +1,61 @@
+"""One process of the FSDP2 equality test (run by torchrun, or alone for the single-process reference).
+
+argv: model_dir out_json checkpointing. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
+FSDP2 (``fully_shard`` on each decoder layer, then on the whole model; gloo on CPU, where accelerate ignores FSDP
+configs) trains 3 plain-SGD steps on a global batch of 4 texts of uneven lengths, split over the processes. Each
+rank's loss is its label-token sum over the *global* label count times the world size, so FSDP2's gradient average
+is the one-process mean. Rank 0 writes the global loss per step and the gathered LoRA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.trl is importable
+from tests.trl.trl_helpers import TEXTS, fast_model  # noqa: E402
+
+
+def main(model_dir: str, out: str, checkpointing: str) -> None:
+    torch.set_num_threads(1)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    model, tokenizer = fast_model(model_dir, checkpointing=checkpointing if checkpointing != "off" else False)
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.get_base_model().model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    batch = tokenizer(TEXTS[:4], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    total = int((labels[:, 1:] != -100).sum())  # every label a next-token prediction scores, all ranks together
+    rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    losses = []
+    for _ in range(3):
+        out_ = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                     labels=labels[rows], num_items_in_batch=total / world)
+        out_.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = out_.loss.detach() / world
+        if world > 1:
+            dist.all_reduce(loss)
+        losses.append(float(loss))
+    lora = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
+            for n, p in model.named_parameters() if "lora_" in n}
+    if rank == 0:
+        Path(out).write_text(json.dumps({"losses": losses, "lora": lora}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
