@@ -22,19 +22,37 @@ def _run(command: list[str], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def _close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and want
+    for name, weights in want.items():
+        torch.testing.assert_close(torch.as_tensor(got[name]), torch.as_tensor(weights), rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
 def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
+    """Losses, LoRA weights and the merged export equal one process's; the checkpoint is written once and a run
+    resumed from it under DDP continues the same loss curve."""
+    from safetensors.torch import load_file
+
     model_dir = str(tiny_model_dir("llama"))
     _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one.json")], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(WORKER), model_dir, str(tmp_path / "two.json")], tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    _run([*torchrun, model_dir, str(tmp_path / "two.json")], tmp_path)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["find_unused"] is False  # set by the drop-in: "unsloth" recomputes inside backward
-    assert len(one["losses"]) == 3 and one["losses"][-1] < one["losses"][0]
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
-    assert one["lora"].keys() == two["lora"].keys()
-    for name, weights in one["lora"].items():
-        torch.testing.assert_close(torch.tensor(two["lora"][name]), torch.tensor(weights), rtol=1e-4, atol=1e-6,
-                                   msg=name)
+    assert list(one["losses"]) == ["1", "2", "3", "4"] and one["losses"]["4"] < one["losses"]["1"]
+    assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
+    _close(two["lora"], one["lora"])
+    _close(load_file(tmp_path / "merged2" / "model.safetensors"), load_file(tmp_path / "merged1" / "model.safetensors"))
+    checkpoints = sorted(p.name for p in (tmp_path / "run2").iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "run2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+    _run([*torchrun, model_dir, str(tmp_path / "resumed.json"), "resume"], tmp_path)
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [resumed["losses"][s] for s in ("3", "4")] == pytest.approx([two["losses"][s] for s in ("3", "4")],
+                                                                       rel=1e-6)
+    _close(resumed["lora"], two["lora"])
 
 
 def test_find_unused_parameters_with_unsloth_checkpointing_is_refused(tiny_model_dir, tmp_path):
