@@ -1,6 +1,6 @@
 """One process of the DDP equality test (run by torchrun, or alone for the single-process reference).
 
-argv: model_dir out_json [sft|resume|grpo]. sft trains a fasttune LoRA model (default "unsloth" checkpointing, fast
+argv: model_dir out_json [sft|resume|full|grpo] (full: sft's run, fully fine-tuned, no checkpoint). sft trains a fasttune LoRA model (default "unsloth" checkpointing, fast
 path on) with fasttune.trl.SFTTrainer for 4 plain-SGD steps (Adam would magnify fp32 reduction-order noise in
 near-zero gradients) at a global batch of 4 (split over the processes), checkpointing at step 2; rank 0 writes the
 loss per step and the LoRA weights, and saves the merged model. resume reruns from that checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses.
@@ -44,16 +44,26 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
         return grpo(model_dir, out)
     torch.set_num_threads(1)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    model, tokenizer = fast_model(model_dir, checkpointing="unsloth")
-    run = Path(out).parent / f"run{world}"
-    args = SFTConfig(**cpu_args(run, max_steps=4, per_device_train_batch_size=4 // world, learning_rate=1.0,
-                                optim="sgd", save_strategy="steps", save_steps=2))
+    if kind == "full":  # full fine-tuning: every weight trains
+        from fasttune import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, dtype="float32",
+                                                             full_finetuning=True, load_in_4bit=False,
+                                                             use_gradient_checkpointing="unsloth")
+    else:
+        model, tokenizer = fast_model(model_dir, checkpointing="unsloth")
+    run = Path(out).parent / f"{kind}{world}"
+    args = SFTConfig(**cpu_args(run, max_steps=4, per_device_train_batch_size=4 // world,
+                                learning_rate=1e-2 if kind == "full" else 1.0, optim="sgd",
+                                save_strategy="no" if kind == "full" else "steps", save_steps=2))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(), args=args)
-    trainer.train(resume_from_checkpoint=str(run / "checkpoint-2") if kind == "resume" else None)
+    trainer.train(resume_from_checkpoint=str(Path(out).parent / f"sft{world}" / "checkpoint-2")
+                  if kind == "resume" else None)
     if rank == 0:
         if kind == "sft":  # the export a user makes after training, from rank 0
             model.save_pretrained_merged(Path(out).parent / f"merged{world}", tokenizer)
-        lora = {n: p.detach().tolist() for n, p in model.named_parameters() if "lora_" in n}
+        lora = {n: p.detach().tolist() for n, p in model.named_parameters()
+                if "lora_" in n or (kind == "full" and "layers.1." in n)}  # full: one layer's weights suffice
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
         Path(out).write_text(json.dumps({"losses": losses, "lora": lora,
                                          "find_unused": trainer.args.ddp_find_unused_parameters}))

@@ -44,15 +44,27 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
     _close(two["lora"], one["lora"])
     _close(load_file(tmp_path / "merged2" / "model.safetensors"), load_file(tmp_path / "merged1" / "model.safetensors"))
-    checkpoints = sorted(p.name for p in (tmp_path / "run2").iterdir() if p.name.startswith("checkpoint-"))
+    checkpoints = sorted(p.name for p in (tmp_path / "sft2").iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
-    assert (tmp_path / "run2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "sft2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
     _run([*torchrun, model_dir, str(tmp_path / "resumed.json"), "resume"], tmp_path)
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert [resumed["losses"][s] for s in ("3", "4")] == pytest.approx([two["losses"][s] for s in ("3", "4")],
                                                                        rel=1e-6)
     _close(resumed["lora"], two["lora"])
+
+
+def test_two_process_ddp_full_finetuning_equals_one_process(tiny_model_dir, tmp_path):
+    model_dir = str(tiny_model_dir("llama"))
+    _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one.json"), "full"], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+          model_dir, str(tmp_path / "two.json"), "full"], tmp_path)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["losses"]["4"] < one["losses"]["1"]
+    assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
+    assert any(".mlp.down_proj.weight" in name for name in one["lora"])  # base weights trained and compared
+    _close(two["lora"], one["lora"])
 
 
 def test_find_unused_parameters_with_unsloth_checkpointing_is_refused(tiny_model_dir, tmp_path):
