@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -58,7 +59,15 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def default_device_map() -> dict[str, str] | str:
-    return "sequential" if torch.cuda.is_available() else {"": "cpu"}
+    """Where ``from_pretrained`` puts the model by default: all on CPU without CUDA; under a distributed launcher
+    (torchrun / accelerate set ``LOCAL_RANK``) all on this process's own GPU, since DDP and FSDP2 want one whole copy
+    or shard per rank; otherwise spread over the visible GPUs in order."""
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        return {"": f"cuda:{int(local_rank)}"}
+    return "sequential"
 
 
 def device_args() -> dict[str, Any]:

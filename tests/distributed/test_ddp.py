@@ -106,3 +106,30 @@ def test_two_process_fsdp2_equals_one_process(checkpointing, tiny_model_dir, tmp
     for name, weights in one["lora"].items():
         torch.testing.assert_close(torch.tensor(two["lora"][name]), torch.tensor(weights), rtol=1e-4, atol=1e-6,
                                    msg=name)
+
+
+def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
+    """Under torchrun/accelerate (LOCAL_RANK set) the default device_map is the process's own GPU, not "sequential"
+    (which would put every rank's copy on GPU 0 first); without CUDA it is the CPU."""
+    from fasttune import device
+
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device.default_device_map() == {"": "cuda:3"}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert device.default_device_map() == "sequential"
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device.default_device_map() == {"": "cpu"}
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "multinode"])
+def test_accelerate_configs_parse(name):
+    """The ready configs of examples/accelerate load with the installed accelerate (they are not run here: no GPUs)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).resolve().parents[2] / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == ("FSDP" if name == "fsdp2" else "MULTI_GPU")
+    assert config.num_processes == (16 if name == "multinode" else 8)
+    if name == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2 and not config.fsdp_config["fsdp_activation_checkpointing"]
