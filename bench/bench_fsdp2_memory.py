@@ -1,0 +1,93 @@
+"""Memory per rank for full fine-tuning: PyTorch FSDP2 (``fully_shard``) vs DDP, 2 processes, gloo on CPU.
+
+    python bench/bench_fsdp2_memory.py                 # the `small` llama (hidden 1024, 8 layers, vocab 32000)
+
+Each mode runs in its own ``torchrun --standalone --nproc_per_node 2`` job: a fasttune model loaded with
+``full_finetuning=True`` (fp32, "unsloth" checkpointing, fused blocks and loss), AdamW, 3 steps on 2 x 256-token rows
+per rank. ``ddp`` wraps it in ``DistributedDataParallel``; ``fsdp2`` applies ``fully_shard`` to each decoder layer
+and to the model, so weights, gradients and AdamW state are split between the ranks. Figure: each rank's peak RSS
+(``resource.getrusage``), the larger of the two ranks, and FSDP2's over DDP's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SMALL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=4, head_dim=64, vocab_size=32000)
+
+
+def worker(mode: str, folder: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from fasttune import FastLanguageModel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=512, dtype="float32", load_in_4bit=False,
+                                                 full_finetuning=True, use_gradient_checkpointing="unsloth")
+    model.train()
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        ids = torch.randint(10, 32000, (2, 256), generator=generator)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak)
+    if rank == 0:
+        print(json.dumps({"mode": mode, "peak_rss_gib": peaks, "loss": float(loss)}), flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", choices=["ddp", "fsdp2"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.worker:
+        worker(opts.worker, opts.folder)
+        return
+    from fasttune.tiny import build_tiny_model, build_tokenizer
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTTUNE_COMPILE": "0", "PYTHONPATH": str(HERE.parent),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        folder = build_tiny_model("llama", Path(workdir) / "small", tokenizer=build_tokenizer("llama"), **SMALL)
+        for mode in ("ddp", "fsdp2"):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(Path(__file__).resolve()), "--worker", mode, "--folder", str(folder)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            results[mode] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-1500:]}
+            print(json.dumps(results[mode]), flush=True)
+    if all("error" not in r for r in results.values()):
+        ddp, fsdp = max(results["ddp"]["peak_rss_gib"]), max(results["fsdp2"]["peak_rss_gib"])
+        print(f"peak RSS per rank, full fine-tuning of `small`: DDP {ddp:.2f} GiB, FSDP2 {fsdp:.2f} GiB "
+              f"({fsdp / ddp:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
