@@ -173,14 +173,11 @@ def main() -> None:
     if opts.side:
         print(json.dumps(run_worker(opts)), flush=True)
         return
-    import platform
+    from bench_sft import machine  # bench/ is sys.path[0] when run as a script
 
-    import torch
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"# {cpu}, {os.cpu_count()} cores, {opts.threads} threads, fp32, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC; llama hidden {opts.hidden} x {opts.layers} layers, "
+    info = machine()
+    print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, fp32, torch {info['torch']}, "
+          f"{info['date_utc']} UTC; llama hidden {opts.hidden} x {opts.layers} layers, "
           f"vocab {opts.vocab}; {opts.prompts} prompts x {opts.num_generations} generations, completion "
           f"{opts.completion}, {opts.steps} timed steps", flush=True)
     results = {side: spawn(side, opts) for side in SIDES}

@@ -35,13 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_sft import machine  # bench/ is sys.path[0] when run as a script
 
 HERE = Path(__file__).resolve().parent
 SIDES = ("baseline", "fasttune")
@@ -173,18 +174,6 @@ def spawn(side: str, opts: argparse.Namespace) -> dict:
     if proc.returncode != 0 or not lines:
         return {"side": side, "error": proc.stderr[-2000:]}
     return json.loads(lines[-1])
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 def best_per_side(results: list[dict]) -> dict[str, dict]:

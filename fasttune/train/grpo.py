@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fasttune.lora.unwrap import base_model
 from fasttune.notes import note_once
 from fasttune.rl.rewards import checked_reward_funcs
 
@@ -138,10 +139,10 @@ class FastGRPOMixin:
             top_k=self.top_k if self.top_k else -1, min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty, max_tokens=self.max_completion_length)
         model = self._fasttune_model()
-        self._check_prompt_lengths(prompts, getattr(model, "max_seq_length", None))
+        max_length = getattr(model, "max_seq_length", None)
+        self._check_prompt_lengths(prompts, max_length)
         completions = generate_ids(model, prompts, params, eos_token_ids=self.eos_token_ids,
-                                   pad_token_id=self._tokenizer.pad_token_id,
-                                   max_length=getattr(model, "max_seq_length", None))
+                                   pad_token_id=self._tokenizer.pad_token_id, max_length=max_length)
         return [list(c.token_ids) for per_prompt in completions for c in per_prompt], None
 
     def _check_prompt_lengths(self, prompts: list[list[int]], max_length: int | None) -> None:
@@ -161,14 +162,14 @@ class FastGRPOMixin:
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         ours = model is self._fasttune_model()  # a DDP/FSDP wrapper is called as TRL calls it (gradient sync)
-        transform = _logit_transform(_causal_lm(model).config.get_text_config()) if ours else None
+        transform = _logit_transform(base_model(model).config.get_text_config()) if ours else None
         if compute_aux_loss or any(v is not None for v in multimodal.values()) or transform is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal)
         from fasttune.kernels.selective_logprob import selective_log_probs
 
-        causal_lm = _causal_lm(model)
+        causal_lm = base_model(model)
         backbone, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
         softcap, scale = transform
         batch_size = batch_size or input_ids.size(0)
@@ -252,11 +253,6 @@ class FastGRPOMixin:
         for name, value in (("low_mean", out.clip_low_frac), ("high_mean", out.clip_high_frac),
                             ("region_mean", out.clip_region_frac)):
             metrics[f"clip_ratio/{name}"].append(self.accelerator.gather(value.detach()).nanmean().item())
-
-
-def _causal_lm(model: Any) -> Any:
-    """The transformers ``*ForCausalLM`` inside a peft model (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # config fields of heads that scale their logits in ways selective_log_probs is not told about (TRL's path handles them)

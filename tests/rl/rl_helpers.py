@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from fasttune.lora.unwrap import base_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.trl is importable
 from tests.trl.trl_helpers import cpu_args, fast_model  # noqa: E402,F401  (re-exported for the RL tests)
 
@@ -63,7 +65,7 @@ def lora_state(model: Any) -> dict[str, torch.Tensor]:
 def favour_eos(model: Any, tokenizer: Any, bias: float = 5.0) -> None:
     """Give the LM head a bias towards eos, so that sampled completions end at varied lengths (a random tiny model
     almost never samples eos; accumulation tests need micro-batches with different token counts)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_model(model)
     head = lm.get_output_embeddings()
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
     biased.weight = head.weight

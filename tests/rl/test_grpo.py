@@ -28,10 +28,7 @@ def _grpo(model, tokenizer, tmp_path, plain_trl=False, reward_funcs=(length_rewa
     options = dict(max_steps=1, per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
                    beta=0.0, loss_type="grpo")
     options.update(overrides)
-    config_fields = {k: options.pop(k) for k in list(options) if k in ("num_generations", "max_completion_length",
-                                                                       "beta", "loss_type", "epsilon_high",
-                                                                       "importance_sampling_level", "temperature")}
-    args = ft.GRPOConfig(**cpu_args(tmp_path, **options), **config_fields)
+    args = ft.GRPOConfig(**cpu_args(tmp_path, **options))
     cls = ft.GRPOTrainer
     if plain_trl:
         cls = next(c for c in cls.__mro__ if c.__module__.startswith("trl."))

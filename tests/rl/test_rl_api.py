@@ -61,7 +61,6 @@ def test_fast_generate_follows_vllm_lora_semantics(tiny_model_dir, tmp_path):
     _perturb_lora(model, seed=1)
     saved_text = _greedy_text(model, tokenizer, prompt)
     model.save_lora(tmp_path / "saved")
-    live = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     _perturb_lora(model, seed=2)  # training went on after the save
     live = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     current_text = _greedy_text(model, tokenizer, prompt)
