@@ -1,0 +1,5 @@
+"""Vision-language fine-tuning: ``FastVisionModel``, processor loading, selective LoRA, the image-text collator."""
+
+from .facade import FastVisionModel
+
+__all__ = ["FastVisionModel"]
