@@ -7,7 +7,6 @@ LoRA injection in ``lora``, the training-time patches in ``fast``.
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,20 +14,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from . import export
+from . import modes
 from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings, RLOptions
 from .device import default_device_map
 from .lora import inject_lora
 from .lora.inject import targets_from_switches
 from .lora.precision import keep_adapter_dtype
-from .lora.unwrap import base_model
+from .modes import attach_model_methods
 from .models import get_family
 from .patch import FAST_PATHS, is_patched, patch_model
-from .patch.checkpointing import pause_checkpointing, remembered_mode, set_gradient_checkpointing
+from .patch.checkpointing import set_gradient_checkpointing
 from .quant import patch_quantized_layers
 from .quant.config import int8_config, nf4_config
-from .rl import RL_METHODS
 from .source import resolve_source
+from .vision.facade import FastVisionModel, is_vision_config
+from .vision.towers import has_vision_tower
 
 logger = logging.getLogger("fasttune")
 
@@ -51,20 +51,6 @@ def _prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
         logger.info("fasttune: the tokenizer had no pad token; using %r", tokenizer.pad_token)
     return tokenizer
-
-
-EXPORT_METHODS: tuple[str, ...] = (
-    "save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf"
-)
-
-
-def _attach_export_methods(model: PreTrainedModel) -> None:
-    """Unsloth-style ``model.save_pretrained_merged(...)``, ``model.fast_generate(...)``, ``model.save_lora(...)``
-    etc., bound on this instance only (no class is touched)."""
-    for name in EXPORT_METHODS:
-        setattr(model, name, types.MethodType(getattr(export, name), model))
-    for name, function in RL_METHODS.items():
-        setattr(model, name, types.MethodType(function, model))
 
 
 class FastLanguageModel:
@@ -144,7 +130,7 @@ class FastLanguageModel:
             model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
             if is_patched(model):
                 patch_model(model)  # fuse the LoRA blocks over the adapter's layers
-        _attach_export_methods(model)
+        attach_model_methods(model)
         if full_finetuning:
             for param in model.parameters():
                 param.requires_grad_(True)
@@ -215,22 +201,18 @@ class FastLanguageModel:
         set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         peft_model.config.use_cache = False
         keep_adapter_dtype(peft_model)  # adapters stay fp32 through TRL's bf16 cast (exact resume)
-        _attach_export_methods(peft_model)
+        attach_model_methods(peft_model)
         return peft_model
 
     @staticmethod
     def for_inference(model: PreTrainedModel) -> PreTrainedModel:
         """Eval mode, no checkpointing, KV cache on, left padding (for batched ``generate``)."""
-        model.eval()
-        _set_mode_state(model, training=False)
-        return model
+        return modes.for_inference(model)
 
     @staticmethod
     def for_training(model: PreTrainedModel, use_gradient_checkpointing: bool | str | None = None) -> PreTrainedModel:
         """Undo ``for_inference``: train mode, checkpointing as before, KV cache off, right padding."""
-        model.train()
-        _set_mode_state(model, training=True, use_gradient_checkpointing=use_gradient_checkpointing)
-        return model
+        return modes.for_training(model, use_gradient_checkpointing)
 
 
 def _switch_targets(model: PreTrainedModel, target_modules: Any, switches: dict[str, bool]) -> Any:
@@ -246,20 +228,21 @@ def _switch_targets(model: PreTrainedModel, target_modules: Any, switches: dict[
                                  **{k: v for k, v in switches.items()})
 
 
-def _set_mode_state(model: PreTrainedModel, training: bool, use_gradient_checkpointing: Any = None) -> None:
-    base = base_model(model)
-    tokenizer = getattr(base, "fasttune_tokenizer", None)
-    if tokenizer is not None:
-        tokenizer.padding_side = "right" if training else "left"
-    base.config.use_cache = not training
-    if training:
-        mode = use_gradient_checkpointing
-        if mode is None:
-            mode = remembered_mode(base) or False
-        set_gradient_checkpointing(model, mode)
-    else:
-        pause_checkpointing(base)
-
-
 class FastModel(FastLanguageModel):
-    """Unsloth's catch-all facade; for text models it is ``FastLanguageModel``."""
+    """Unsloth's catch-all facade: ``FastVisionModel`` for vision-language models, else ``FastLanguageModel``."""
+
+    @staticmethod
+    def from_pretrained(model_name: str = "unsloth/gemma-3-4b-it", *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """Load a text model (returns ``(model, tokenizer)``) or a vision-language model (``(model, processor)``)."""
+        source = resolve_source(model_name, token=kwargs.get("token"), revision=kwargs.get("revision"),
+                                trust_remote_code=kwargs.get("trust_remote_code", False))
+        if is_vision_config(source.config):
+            return FastVisionModel.from_pretrained(model_name, *args, **kwargs)
+        return FastLanguageModel.from_pretrained(model_name, *args, **kwargs)
+
+    @staticmethod
+    def get_peft_model(model: PreTrainedModel, *args: Any, **kwargs: Any) -> PeftModel:
+        """``FastVisionModel.get_peft_model`` for a model with a vision tower, else ``FastLanguageModel``'s."""
+        if not isinstance(model, PeftModel) and has_vision_tower(model):
+            return FastVisionModel.get_peft_model(model, *args, **kwargs)
+        return FastLanguageModel.get_peft_model(model, *args, **kwargs)

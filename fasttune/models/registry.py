@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
-from . import gemma, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
+from . import gemma, gemma2, gemma3, llama, mistral, mllama, phi3, qwen2, qwen2_vl, qwen3
 from .spec import FamilySpec
 
 _MODULES = (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3)
 
-_SPECS: tuple[FamilySpec, ...] = tuple(m.SPEC for m in _MODULES)
+# vision-language towers (no tiny text model, no GGUF map): their text model types get the fast path
+_VLM_SPECS = (qwen2_vl.SPEC, qwen2_vl.SPEC_2_5, mllama.SPEC)
+
+_SPECS: tuple[FamilySpec, ...] = (*(m.SPEC for m in _MODULES), *_VLM_SPECS)
 
 
 def _by_model_type(specs: tuple[FamilySpec, ...]) -> dict[str, FamilySpec]:

@@ -73,7 +73,8 @@ TINY_VLMS: dict[str, TinyVLM] = {
     "gemma3": TinyVLM(
         "gemma3", "gemma3", ("<start_of_image>", "<end_of_image>", "<image_soft_token>"), _GEMMA, "<start_of_image>",
         dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8),
+                                num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8,
+                                vision_use_head=False),
              mm_tokens_per_image=16,
              text=dict(query_pre_attn_scalar=32, sliding_window=64, sliding_window_pattern=2,
                        hidden_activation="gelu_pytorch_tanh")),

@@ -1,30 +1,193 @@
-"""``FastVisionModel``: the vision-language facade (not implemented yet; the name exists so imports port)."""
+"""``FastVisionModel``: load, adapt and switch modes of vision-language models (Unsloth-compatible API).
+
+It orchestrates like ``FastLanguageModel``: the model is transformers' own (``AutoModelForImageTextToText``), the
+processor comes from :func:`fasttune.vision.processor.load_processor` (works without torchvision), 4-bit/8-bit keep
+the vision tower and projector in 16-bit (:data:`fasttune.vision.towers.QUANT_SKIP`), the language tower gets the
+text fast path of its family (fused norms, LoRA Q/K/V/O and MLP, fused linear cross-entropy), and LoRA targets come
+from Unsloth's four ``finetune_*`` switches (:func:`fasttune.vision.towers.lora_targets`).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
-_MESSAGE = (
-    "FastVisionModel.{name}: vision-language fine-tuning is not implemented in this version of fasttune; "
-    "use FastLanguageModel for text models"
-)
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, PreTrainedModel
+
+from fasttune import modes
+from fasttune.config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
+from fasttune.device import default_device_map
+from fasttune.lora import inject_lora
+from fasttune.lora.precision import keep_adapter_dtype
+from fasttune.models import get_family
+from fasttune.modes import attach_model_methods
+from fasttune.patch import FAST_PATHS, is_patched, patch_model
+from fasttune.patch.checkpointing import set_gradient_checkpointing
+from fasttune.quant import patch_quantized_layers
+from fasttune.quant.config import int8_config, nf4_config
+from fasttune.source import resolve_source
+
+from .processor import load_processor
+from .towers import QUANT_SKIP, has_vision_tower, lora_targets
+
+logger = logging.getLogger("fasttune")
+
+
+def is_vision_config(config: Any) -> bool:
+    """Whether a transformers config is a vision-language model's (it has a vision tower config)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def _prepare_processor(processor: Any, max_seq_length: int) -> Any:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = max_seq_length
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("fasttune: the tokenizer had no pad token; using %r", tokenizer.pad_token)
+    return processor
 
 
 class FastVisionModel:
-    """Placeholder for the vision workflow: every call raises NotImplementedError with the reason."""
+    """Vision-language models with Unsloth's names and defaults; the models are transformers/peft models."""
 
     @staticmethod
-    def from_pretrained(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(_MESSAGE.format(name="from_pretrained"))
+    def from_pretrained(
+        model_name: str = "unsloth/Qwen2.5-VL-7B-Instruct",
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | str | None = None,
+        load_in_4bit: bool = True,
+        load_in_8bit: bool = False,
+        load_in_16bit: bool = False,
+        full_finetuning: bool = False,
+        token: str | None = None,
+        device_map: Any = "sequential",
+        trust_remote_code: bool = False,
+        use_gradient_checkpointing: bool | str = "unsloth",
+        revision: str | None = None,
+        attn_implementation: str | None = None,
+        fast_path: bool = True,
+        **kwargs: Any,
+    ) -> tuple[PreTrainedModel, Any]:
+        """Load ``model_name`` (a folder or Hub id) and its processor; returns ``(model, processor)``.
+
+        4-bit is NF4 with double quantization on the language tower; the vision tower and projector stay in
+        ``dtype`` (16-bit on GPU). A folder holding a saved LoRA adapter loads its base and attaches the adapter.
+        """
+        if full_finetuning and (load_in_4bit or load_in_8bit):
+            logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
+                           "not %s", "4-bit" if load_in_4bit else "8-bit")
+        cfg = LoadConfig(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
+                         full_finetuning, trust_remote_code)
+        source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+        if not is_vision_config(source.config):
+            raise ValueError(f"model_name: {model_name!r} is a text model ({type(source.config).__name__}, no "
+                             "vision tower); load it with FastLanguageModel (or FastModel)")
+        quantization = None
+        if cfg.quantization == "4bit":
+            quantization = nf4_config(cfg.dtype, skip_modules=QUANT_SKIP)
+        elif cfg.quantization == "8bit":
+            quantization = int8_config(skip_modules=QUANT_SKIP)
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(
+            source.base, dtype=cfg.dtype, quantization_config=quantization,
+            device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
+            token=token, revision=revision, trust_remote_code=trust_remote_code, **kwargs,
+        )
+        patch_quantized_layers(model)
+        text_type = model.config.get_text_config().model_type
+        if fast_path and text_type in FAST_PATHS:
+            patch_model(model)
+        elif fast_path:
+            logger.warning("fasttune: %s's language tower (model_type %r) has no fast path; it trains through "
+                           "transformers' forward", type(model).__name__, text_type)
+        processor = load_processor(source.adapter or source.base, token=token, revision=revision,
+                                   trust_remote_code=trust_remote_code)
+        _prepare_processor(processor, max_seq_length)
+        model.max_seq_length = max_seq_length
+        model.fasttune_tokenizer = getattr(processor, "tokenizer", processor)
+        model.fasttune_processor = processor
+        if source.adapter is not None:
+            model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
+            if is_patched(model):
+                patch_model(model)
+        attach_model_methods(model)
+        if full_finetuning:
+            for param in model.parameters():
+                param.requires_grad_(True)
+            set_gradient_checkpointing(model, use_gradient_checkpointing)
+        else:
+            for name, param in model.named_parameters():
+                param.requires_grad_("lora_" in name)
+            if isinstance(model, PeftModel):
+                keep_adapter_dtype(model)
+                set_gradient_checkpointing(model, use_gradient_checkpointing)
+        return model, processor
 
     @staticmethod
-    def get_peft_model(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(_MESSAGE.format(name="get_peft_model"))
+    def get_peft_model(
+        model: PreTrainedModel,
+        r: int = 16,
+        target_modules: str | Sequence[str] | None = None,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        finetune_vision_layers: bool = True,
+        finetune_language_layers: bool = True,
+        finetune_attention_modules: bool = True,
+        finetune_mlp_modules: bool = True,
+        layers_to_transform: list[int] | int | None = None,
+        use_gradient_checkpointing: bool | str = "unsloth",
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        modules_to_save: list[str] | None = None,
+        init_lora_weights: Any = True,
+        loftq_config: Any = None,
+        use_dora: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Add LoRA adapters on the layers the four ``finetune_*`` switches select (or ``target_modules``).
+
+        ``target_modules`` (a list of layer names or a regex over full module names) overrides the switches. The
+        vision side is the vision tower and the projector; attention and MLP are the blocks' attention and MLP
+        linears (the projector counts as MLP). Returns a ``peft.PeftModel``.
+        """
+        if isinstance(model, PeftModel):
+            logger.warning("fasttune: the model already has LoRA adapters; returning it unchanged")
+            return model
+        if target_modules is None or target_modules == "all-linear" or (
+                not isinstance(target_modules, str) and list(target_modules) == list(DEFAULT_TARGET_MODULES)):
+            if not has_vision_tower(model):
+                raise ValueError(f"model: {type(model).__name__} has no vision tower; use "
+                                 "FastLanguageModel.get_peft_model for text models")
+            target_modules, chosen = lora_targets(model, finetune_vision_layers, finetune_language_layers,
+                                                  finetune_attention_modules, finetune_mlp_modules)
+            logger.info("fasttune: LoRA on %d layers (vision=%s, language=%s, attention=%s, mlp=%s)", len(chosen),
+                        finetune_vision_layers, finetune_language_layers, finetune_attention_modules,
+                        finetune_mlp_modules)
+        settings = LoraSettings(r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
+                                random_state, use_rslora, use_dora, modules_to_save, layers_to_transform,
+                                init_lora_weights)
+        extra = {"loftq_config": loftq_config} if loftq_config else {}
+        peft_model = inject_lora(model, settings, get_family(model.config.model_type), **extra, **kwargs)
+        if is_patched(peft_model):
+            patch_model(peft_model)
+        set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+        peft_model.config.use_cache = False
+        keep_adapter_dtype(peft_model)
+        attach_model_methods(peft_model)
+        return peft_model
 
     @staticmethod
-    def for_inference(model: Any) -> Any:
-        raise NotImplementedError(_MESSAGE.format(name="for_inference"))
+    def for_inference(model: PreTrainedModel) -> PreTrainedModel:
+        """Eval mode, no checkpointing, KV cache on, left padding (for batched ``generate``)."""
+        return modes.for_inference(model)
 
     @staticmethod
-    def for_training(model: Any) -> Any:
-        raise NotImplementedError(_MESSAGE.format(name="for_training"))
+    def for_training(model: PreTrainedModel, use_gradient_checkpointing: bool | str | None = None) -> PreTrainedModel:
+        """Undo ``for_inference``: train mode, checkpointing as before, KV cache off, right padding."""
+        return modes.for_training(model, use_gradient_checkpointing)
