@@ -27,6 +27,7 @@ import logging
 from typing import Any
 
 import trl
+from datasets import Dataset
 from torch import nn
 
 from ..data.pretokenize import tokenize_conversations
@@ -69,6 +70,16 @@ def _slow_reason(model: Any, config: Any, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def rows_to_dataset(rows: list | tuple, split: str) -> Dataset:
+    """A ``datasets.Dataset`` of a list of example dicts (PIL images inside are stored as PNG bytes)."""
+    bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise TypeError(f"{split}: row {bad} is a {type(rows[bad]).__name__}; a list dataset must hold dicts "
+                        "(e.g. {'messages': [...]})")
+    logger.info("fasttune: %s is a list of %d rows; converting it to a datasets.Dataset", split, len(rows))
+    return Dataset.from_list(list(rows))
+
+
 class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
     """TRL's ``SFTTrainer`` with the Unsloth-era arguments and fasttune's fast path (see the module docstring).
 
@@ -89,6 +100,9 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
         if config is not None and length is not None and not explicitly_set(config, "max_length"):
             logger.info("fasttune: SFTConfig.max_length not set; using the model's max_seq_length=%d", length)
             config.max_length = length
+        for split in ("train_dataset", "eval_dataset"):
+            if isinstance(kwargs.get(split), (list, tuple)):  # Unsloth's vision notebooks pass a list of dicts
+                kwargs[split] = rows_to_dataset(kwargs[split], split)
         if config is not None:
             for split in ("train_dataset", "eval_dataset"):
                 if _tokenize_here(kwargs.get(split), config, kwargs):

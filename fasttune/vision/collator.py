@@ -1,0 +1,252 @@
+"""The image-text data collator for vision-language SFT (``UnslothVisionDataCollator`` is the same class).
+
+Each example is a conversation (``messages``, Unsloth's and TRL's layout) whose images are either entries inside the
+content (``{"type": "image", "image": <PIL image | path | URL | {"bytes": ...}>}``) or, in TRL's layout, an
+``images`` column whose images fill the content's ``{"type": "image"}`` placeholders in order. The collator:
+
+1. loads every image (RGB), shrinking it to ``image_size`` (longest side, aspect kept) when given;
+2. renders the conversation with the processor's chat template and runs the processor on the batch (padding to the
+   longest row, never truncating: cutting a row would cut image tokens, so a row longer than ``max_seq_length`` is an
+   error naming it);
+3. builds labels: assistant answers only (``train_on_responses_only=True``, markers read from the chat template or
+   given), and never an image placeholder, vision token or padding.
+
+Errors name the row (its index in the batch and, with datasets' indices, the example) and the problem: a missing or
+unreadable image, more or fewer images than placeholders, message text that spells a control token (it could forge a
+turn), images given to a text-only model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fasttune.data.infer_template import infer_template
+from fasttune.data.masking import IGNORE_INDEX, TokenTexts, response_mask
+
+logger = logging.getLogger("fasttune")
+
+_URL_TIMEOUT_S = 30
+
+
+class VisionCollatorError(ValueError):
+    """A row the collator cannot turn into model inputs; the message names the row and the fix."""
+
+
+def _image_token_ids(processor: Any, model_config: Any) -> set[int]:
+    """Every token id that stands for (part of) an image: placeholders, soft tokens, begin/end markers."""
+    tokenizer = processor.tokenizer
+    ids: set[int] = set()
+    for holder in (processor, model_config):
+        for attr in ("image_token_id", "image_token_index", "boi_token_index", "eoi_token_index",
+                     "vision_start_token_id", "vision_end_token_id", "video_token_id", "boi_token_id",
+                     "eoi_token_id"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and value >= 0:
+                ids.add(value)
+    for attr in ("image_token", "boi_token", "eoi_token"):
+        token = getattr(tokenizer, attr, None) or getattr(processor, attr, None)
+        if isinstance(token, str):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                ids.add(token_id)
+    return ids
+
+
+def load_image(value: Any, where: str) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path, an http(s) URL or datasets' ``{"bytes", "path"}`` dict."""
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        elif isinstance(value, (str, os.PathLike)) and str(value).startswith(("http://", "https://")):
+            with urllib.request.urlopen(str(value), timeout=_URL_TIMEOUT_S) as response:  # noqa: S310 (http(s) only)
+                image = Image.open(io.BytesIO(response.read()))
+        elif isinstance(value, (str, os.PathLike)):
+            if not os.path.isfile(value):
+                raise VisionCollatorError(f"{where}: image file {str(value)!r} does not exist")
+            image = Image.open(value)
+        else:
+            raise VisionCollatorError(f"{where}: {type(value).__name__} is not an image; give a PIL image, a file "
+                                      "path, an http(s) URL or a {'bytes': ...} dict")
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise VisionCollatorError(f"{where}: the image cannot be read ({error})") from error
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _resized(image: Image.Image, size: int | None) -> Image.Image:
+    if size is None or max(image.size) <= size:
+        return image
+    scale = size / max(image.size)
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+class VisionDataCollator:
+    """Batches image-text conversations for a vision-language model (see the module docstring).
+
+    ``model`` is read for its config (image token ids) and ``max_seq_length``; ``processor`` is the model's
+    processor. ``image_size``: shrink images so their longest side is at most this many pixels (None: as given;
+    the processor's own resizing still applies). ``train_on_responses_only``: labels only on assistant answers,
+    with markers from the chat template unless ``instruction_part`` / ``response_part`` are given.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        max_seq_length: int | None = None,
+        train_on_responses_only: bool = True,
+        instruction_part: str | None = None,
+        response_part: str | None = None,
+        end_parts: Sequence[str] | None = None,
+        image_size: int | None = None,
+        formatting_func: Any = None,
+        messages_field: str = "messages",
+        images_field: str = "images",
+    ) -> None:
+        if not hasattr(processor, "image_processor"):
+            raise VisionCollatorError(f"processor: a {type(processor).__name__} has no image processor, so this is a "
+                                      "text-only model; images cannot be trained on it (use a vision-language model "
+                                      "loaded with FastVisionModel, or drop the images)")
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
+            raise ValueError(f"image_size: {image_size!r} must be an int of at least 8 pixels (the longest side), "
+                             "or None")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        config = getattr(model, "config", None)
+        self.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
+        self.image_size = image_size
+        self.formatting_func = formatting_func
+        self.messages_field = messages_field
+        self.images_field = images_field
+        self.image_ids = _image_token_ids(processor, config)
+        self.train_on_responses_only = train_on_responses_only
+        self.texts = TokenTexts(self.tokenizer)
+        self.special_tokens = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
+        self.markers: tuple[str, str, tuple[str, ...]] | None = None
+        if train_on_responses_only:
+            self.markers = self._markers(instruction_part, response_part, end_parts)
+
+    def _markers(self, instruction_part, response_part, end_parts) -> tuple[str, str, tuple[str, ...]]:
+        if (instruction_part is None) != (response_part is None):
+            raise ValueError("instruction_part / response_part: give both or neither (neither: read from the "
+                             "processor's chat template)")
+        if response_part is not None:
+            return instruction_part, response_part, tuple(end_parts or ())
+        jinja = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if not isinstance(jinja, str):
+            raise ValueError("train_on_responses_only: the processor has no chat template to read the turn markers "
+                             "from; pass instruction_part=... and response_part=...")
+        template = infer_template(jinja, self.tokenizer.eos_token or "", self.tokenizer.bos_token)
+        parts = end_parts if end_parts is not None else template.end_parts
+        return template.instruction_part, template.response_part, tuple(parts)
+
+    # -- one row ------------------------------------------------------------------------------------------------
+    def _row(self, example: dict, row: int) -> tuple[list[dict], list[Image.Image]]:
+        """The conversation with bare image placeholders, and its images in order, checked."""
+        where = f"row {row}"
+        if self.formatting_func is not None:
+            example = self.formatting_func(example)
+        messages = example.get(self.messages_field) if isinstance(example, dict) else None
+        if not isinstance(messages, list) or not messages:
+            keys = sorted(example) if isinstance(example, dict) else type(example).__name__
+            raise VisionCollatorError(f"{where}: no {self.messages_field!r} list of messages (found {keys}); give "
+                                      "each example a 'messages' column of {'role', 'content'} dicts")
+        column = example.get(self.images_field)
+        column = [] if column is None else list(column) if isinstance(column, (list, tuple)) else [column]
+        images: list[Image.Image] = []
+        rendered: list[dict] = []
+        placeholders = 0
+        for m, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, str):
+                self._check_text(content, f"{where}, message {m}")
+                rendered.append({"role": message["role"], "content": content})
+                continue
+            parts = []
+            for p, part in enumerate(content or []):
+                kind = part.get("type")
+                if kind == "image":
+                    value = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
+                    if value is None:
+                        if placeholders >= len(column):
+                            raise VisionCollatorError(
+                                f"{where}, message {m}: an image placeholder with no image: the content has more "
+                                f"{{'type': 'image'}} entries than the {len(column)} image(s) in "
+                                f"{self.images_field!r}")
+                        value = column[placeholders]
+                        placeholders += 1
+                    images.append(_resized(load_image(value, f"{where}, message {m}, part {p}"), self.image_size))
+                    parts.append({"type": "image"})
+                elif kind == "text":
+                    text = part.get("text") or ""  # a dataset's table fills absent keys with None
+                    self._check_text(text, f"{where}, message {m}")
+                    parts.append({"type": "text", "text": text})
+                else:
+                    raise VisionCollatorError(f"{where}, message {m}, part {p}: type {kind!r} is not supported; "
+                                              "use 'text' or 'image'")
+            rendered.append({"role": message["role"], "content": parts})
+        if placeholders < len(column):
+            raise VisionCollatorError(f"{where}: {len(column)} image(s) in {self.images_field!r} but only "
+                                      f"{placeholders} {{'type': 'image'}} placeholder(s) in the messages")
+        return rendered, images
+
+    def _check_text(self, text: Any, where: str) -> None:
+        if not isinstance(text, str):
+            raise VisionCollatorError(f"{where}: text {text!r} is not a string")
+        for token in self.special_tokens:
+            if token in text:
+                raise VisionCollatorError(f"{where}: the message text contains the control token {token!r}, which "
+                                          "would be read as a turn or image marker; remove or rewrite it")
+
+    # -- the batch ----------------------------------------------------------------------------------------------
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        conversations, images = [], []
+        for row, example in enumerate(examples):
+            messages, row_images = self._row(example, row)
+            conversations.append(self.processor.apply_chat_template(messages, tokenize=False))
+            images.append(row_images)
+        has_images = any(images)
+        if has_images and not all(images):
+            # processors batch images per row; a row without one still needs an entry, which they do not accept
+            missing = [i for i, imgs in enumerate(images) if not imgs]
+            raise VisionCollatorError(f"rows {missing}: no image, while other rows of the batch have images; give "
+                                      "every row at least one image, or batch text-only rows separately")
+        batch = self.processor(text=conversations, images=images if has_images else None, padding=True,
+                               return_tensors="pt")
+        input_ids = batch["input_ids"]
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        if self.max_seq_length is not None:
+            long = [(i, n) for i, n in enumerate(lengths) if n > self.max_seq_length]
+            if long:
+                raise VisionCollatorError(
+                    f"rows {[i for i, _ in long]}: {[n for _, n in long]} tokens (image tokens included) exceed "
+                    f"max_seq_length={self.max_seq_length}; rows are not truncated (that would cut image tokens): "
+                    "shorten them, set image_size smaller, or raise max_seq_length")
+        labels = input_ids.clone()
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        if self.image_ids:
+            labels[torch.isin(input_ids, torch.tensor(sorted(self.image_ids)))] = IGNORE_INDEX
+        if self.markers is not None:
+            instruction, response, end_parts = self.markers
+            for i, ids in enumerate(input_ids.tolist()):
+                mask = torch.tensor(response_mask(ids, self.texts, instruction, response, end_parts), dtype=torch.bool)
+                if not mask.any():
+                    raise VisionCollatorError(f"row {i}: no assistant answer found (response marker {response!r}); "
+                                              "every row needs an assistant message to train on")
+                labels[i][~mask] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+
+UnslothVisionDataCollator = VisionDataCollator
