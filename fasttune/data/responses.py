@@ -198,7 +198,13 @@ def train_on_responses_only(
     skip_invalid: bool = False,
     num_proc: int | None = None,
 ) -> Any:
-    """Make ``trainer`` (a TRL ``SFTTrainer``, already built) compute the loss on assistant tokens only."""
+    """Make ``trainer`` (a TRL ``SFTTrainer``, already built) compute the loss on assistant tokens only.
+
+    With a vision collator (``UnslothVisionDataCollator``) the markers go to the collator, which masks every batch."""
+    collator = getattr(trainer, "data_collator", None)
+    if hasattr(collator, "set_response_markers"):  # a vision collator masks each batch as it builds it
+        collator.set_response_markers(instruction_part, response_part, end_parts)
+        return trainer
     tokenizer = tokenizer or getattr(trainer, "processing_class", None)
     if tokenizer is None:
         raise ValueError("tokenizer: the trainer has no processing_class; pass tokenizer=...")

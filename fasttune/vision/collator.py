@@ -137,6 +137,12 @@ class VisionDataCollator:
         if train_on_responses_only:
             self.markers = self._markers(instruction_part, response_part, end_parts)
 
+    def set_response_markers(self, instruction_part: str | None = None, response_part: str | None = None,
+                             end_parts: Sequence[str] | None = None) -> None:
+        """Train on assistant answers only from now on (``train_on_responses_only(trainer, ...)`` calls this)."""
+        self.markers = self._markers(instruction_part, response_part, end_parts)
+        self.train_on_responses_only = True
+
     def _markers(self, instruction_part, response_part, end_parts) -> tuple[str, str, tuple[str, ...]]:
         if (instruction_part is None) != (response_part is None):
             raise ValueError("instruction_part / response_part: give both or neither (neither: read from the "
@@ -230,7 +236,7 @@ class VisionDataCollator:
             long = [(i, n) for i, n in enumerate(lengths) if n > self.max_seq_length]
             if long:
                 raise VisionCollatorError(
-                    f"rows {[i for i, _ in long]}: {[n for _, n in long]} tokens (image tokens included) exceed "
+                    f"{', '.join(f'row {i}: {n} tokens' for i, n in long)} (image tokens included), more than "
                     f"max_seq_length={self.max_seq_length}; rows are not truncated (that would cut image tokens): "
                     "shorten them, set image_size smaller, or raise max_seq_length")
         labels = input_ids.clone()
