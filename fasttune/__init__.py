@@ -17,9 +17,11 @@ from .data import apply_chat_template, standardize_data_formats, standardize_sha
 from .device import device_args, is_bfloat16_supported
 from .loader import FastLanguageModel, FastModel
 from .rl import PatchFastRL, SamplingParams
-from .vision import FastVisionModel
+from .vision import FastVisionModel, UnslothVisionDataCollator
 
 __version__ = "0.1.0"
+
+is_bf16_supported = is_bfloat16_supported  # the name Unsloth's vision notebooks import
 
 _LAZY: dict[str, str] = {name: "fasttune.train.unsloth_trainer" for name in (
     "UnslothTrainer", "UnslothTrainingArguments", "train_model", "unsloth_train")}
@@ -32,9 +34,11 @@ __all__ = [
     "SamplingParams",
     "UnslothTrainer",
     "UnslothTrainingArguments",
+    "UnslothVisionDataCollator",
     "__version__",
     "apply_chat_template",
     "device_args",
+    "is_bf16_supported",
     "is_bfloat16_supported",
     "standardize_data_formats",
     "standardize_sharegpt",
