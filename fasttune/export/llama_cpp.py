@@ -186,3 +186,86 @@ def validate_gguf(path: str | os.PathLike, reference: torch.nn.Module, tokenizer
             f"mean KL {kl:.3e} (limit {max_kl:.1e}), top-1 agreement {top1:.2f}"
         )
     return report
+
+
+@dataclass
+class MMProjReport:
+    """Outcome of :func:`validate_mmproj`: llama.cpp's image embeddings against transformers' for one image."""
+
+    path: Path
+    n_tokens: int
+    max_abs_diff: float
+    rel_diff: float
+    passed: bool
+
+
+def llama_cpp_image_embeddings(text_gguf: str | os.PathLike, mmproj_gguf: str | os.PathLike, image: Any,
+                               n_threads: int = 1) -> np.ndarray:
+    """``(n_image_tokens, n_embd)``: the embeddings llama.cpp's mtmd computes for ``image`` (a PIL image)."""
+    from llama_cpp import mtmd_cpp
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    with LlamaCppModel(text_gguf, n_ctx=64, n_threads=n_threads) as lm:
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = False
+        params.n_threads = n_threads
+        params.warmup = False
+        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_gguf).encode(), lm.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp (mtmd) could not load the projector {mmproj_gguf}")
+        data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bitmap = mtmd_cpp.mtmd_bitmap_init(width, height, data)
+        chunks = mtmd_cpp.mtmd_input_chunks_init()
+        try:
+            marker = mtmd_cpp.mtmd_default_marker()
+            text = mtmd_cpp.mtmd_input_text(marker, len(marker), False, True)
+            bitmaps = (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            status = mtmd_cpp.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1)
+            if status != 0:
+                raise RuntimeError(f"mtmd_tokenize failed with status {status}")
+            for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
+                if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    continue
+                if mtmd_cpp.mtmd_encode_chunk(ctx, chunk) != 0:
+                    raise RuntimeError("mtmd_encode_chunk failed")
+                n_tokens = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+                n_embd = lm.lib.llama_model_n_embd(lm.model)
+                out = mtmd_cpp.mtmd_get_output_embd(ctx)
+                return np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()
+            raise RuntimeError("mtmd_tokenize produced no image chunk")
+        finally:
+            mtmd_cpp.mtmd_input_chunks_free(chunks)
+            mtmd_cpp.mtmd_bitmap_free(bitmap)
+            mtmd_cpp.mtmd_free(ctx)
+
+
+def validate_mmproj(text_gguf: str | os.PathLike, mmproj_gguf: str | os.PathLike, model: torch.nn.Module,
+                    processor: Any, image: Any, max_rel: float = 1e-2, n_threads: int = 1,
+                    raise_on_failure: bool = True) -> MMProjReport:
+    """Compare llama.cpp's embeddings of ``image`` (projector output, what enters the language model) with
+    transformers' ``model.get_image_features`` on the processor's pixels. ``rel_diff`` is
+    ``max |diff| / max |reference|``; give an image already at the processor's size so both resize nothing."""
+    from fasttune.lora.unwrap import base_model
+
+    got = llama_cpp_image_embeddings(text_gguf, mmproj_gguf, image, n_threads)
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    base = base_model(model)
+    with torch.no_grad():
+        features = base.get_image_features(pixel_values=pixels.to(base.dtype))
+    features = getattr(features, "pooler_output", features)
+    ref = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
+    ref = ref.reshape(-1, ref.shape[-1]).float().cpu().numpy()
+    if ref.shape != got.shape:
+        raise GGUFValidationError(f"{mmproj_gguf}: llama.cpp made {got.shape[0]} image tokens of width "
+                                  f"{got.shape[1]}, transformers {ref.shape[0]} of width {ref.shape[1]}")
+    worst = float(np.abs(ref - got).max())
+    rel = worst / max(float(np.abs(ref).max()), 1e-12)
+    report = MMProjReport(Path(mmproj_gguf), got.shape[0], worst, rel, rel <= max_rel)
+    logger.info("validate %s: %d image tokens, max|diff| %.2e (relative %.2e)", Path(mmproj_gguf).name,
+                got.shape[0], worst, rel)
+    if not report.passed and raise_on_failure:
+        raise GGUFValidationError(f"{mmproj_gguf}: llama.cpp's image embeddings differ from transformers': "
+                                  f"max |diff| {worst:.3e}, relative {rel:.3e} (limit {max_rel:.1e})")
+    return report

@@ -24,6 +24,7 @@ from ...lora.unwrap import base_model
 from ..atomic import check_writable, recover_interrupted
 from ..hub import split_push_kwargs, upload_folder
 from ..merge import iter_merged_tensors, merged_state_dict, tied_output_key
+from .mmproj import language_tensors, mmproj_map, write_mmproj
 from .quants import ALIASES, METHODS, resolve_methods
 from .writer import GGUFReport, write_gguf
 
@@ -69,12 +70,27 @@ def _validate(path: Path, ftype: str, model: torch.nn.Module, tokenizer: Any, pr
     config = text_config(base_model(model).config)
     if ftype in _UNQUANTIZED:
         reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        reference.load_state_dict(merged_state_dict(model, dtype=torch.float32), strict=False)
+        state = merged_state_dict(model, dtype=torch.float32)
+        if getattr(base_model(model).config, "vision_config", None) is not None:
+            state = dict(language_tensors(state.items()))
+        reference.load_state_dict(state, strict=False)
         reference.tie_weights()
         reference.eval()
     else:
         reference = reference_model(path, config)
     validate_gguf(path, reference, tokenizer, prompt or DEFAULT_PROMPT, max_kl=max_kl)
+
+
+def _validate_mmproj(text_path: Path, path: Path, model: torch.nn.Module, processor: Any) -> None:
+    """llama.cpp's embeddings of a drawn image (at the processor's size, so neither side resizes) vs transformers'."""
+    from PIL import Image, ImageDraw
+
+    from ..llama_cpp import validate_mmproj
+
+    side = int(base_model(model).config.vision_config.image_size)
+    image = Image.new("RGB", (side, side), (250, 250, 250))
+    ImageDraw.Draw(image).ellipse((side // 8, side // 4, side - side // 8, side - side // 4), fill=(200, 40, 30))
+    validate_mmproj(text_path, path, model, processor, image)
 
 
 def save_pretrained_gguf(
@@ -95,7 +111,8 @@ def save_pretrained_gguf(
     ``write_modelfile`` (default True: an Ollama Modelfile beside the first file when the tokenizer's chat template
     maps to one), ``push_to_hub`` / ``token`` / ``private`` /
     ``commit_message`` (then the folder is also uploaded to the Hub repo named ``save_directory``). Returns the paths
-    written, in the order asked.
+    written, in the order asked. A vision-language model (pass its processor as ``tokenizer``) gets its language
+    model in each type plus one ``mmproj-<file_stem>.F16.gguf`` (vision tower and projector), last in the list.
     """
     unknown = sorted(set(kw) - set(_KEYWORDS))
     if unknown:
@@ -111,19 +128,35 @@ def save_pretrained_gguf(
     recover_interrupted(folder)
     base = base_model(model)
     tied = tied_output_key(base) is not None or base.get_output_embeddings() is None
+    processor = tokenizer if hasattr(tokenizer, "image_processor") else None
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a VLM's processor wraps its tokenizer
+    vision = getattr(base.config, "vision_config", None) is not None
     template = getattr(tokenizer, "fasttune_template", None)
     stem = kw.get("file_stem", "model")
     paths: list[Path] = []
     reports: list[GGUFReport] = []
+    if vision:
+        mmproj_map(base.config)  # an unsupported family fails before anything is written
+        if processor is None:
+            raise ValueError("tokenizer: pass the model's processor (it holds the image mean/std the mmproj file "
+                             "needs), not only its tokenizer")
     for ftype in ftypes:
         path = folder / gguf_filename(stem, ftype)
         # The merge is streamed: one dense float32 tensor at a time, re-done per file type (cheap next to quantizing).
         tensors = iter_merged_tensors(model, dtype=torch.float32)
+        if vision:
+            tensors = language_tensors(tensors)
         reports.append(write_gguf(path, tensors, base.config, tokenizer, ftype, template, kw.get("pre_tokenizer"),
                                   name=stem, tied=tied))
         if validate:
             max_kl = kw.get("max_kl") or (MAX_KL_UNQUANTIZED if ftype in _UNQUANTIZED else MAX_KL_QUANTIZED)
             _validate(path, ftype, model, tokenizer, kw.get("validate_prompt"), max_kl)
+        paths.append(path)
+    if vision:  # llama.cpp runs a VLM from the language file plus this projector file
+        path = folder / f"mmproj-{stem}.F16.gguf"
+        write_mmproj(path, iter_merged_tensors(model, dtype=torch.float32), base.config, processor, "f16", name=stem)
+        if validate:
+            _validate_mmproj(paths[0], path, model, processor)
         paths.append(path)
     if kw.get("write_modelfile", True):
         _maybe_modelfile(folder, paths[0], tokenizer)

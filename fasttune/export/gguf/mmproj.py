@@ -1,0 +1,170 @@
+"""GGUF export of vision-language models: the language model as usual, the vision tower + projector as ``mmproj``.
+
+llama.cpp runs a VLM from two files: the language model (the family's text architecture, e.g. ``gemma3``) and a
+"multimodal projector" file (architecture ``clip``) holding the vision encoder and the projector, read by its ``mtmd``
+library. :func:`language_tensors` renames the language tower's merged tensors to the text model's names (so the text
+writer and tensor map are reused unchanged); :func:`write_mmproj` writes the vision part.
+
+Supported: Gemma 3 (SigLIP encoder, average-pool + RMS-norm + linear projector: llama.cpp projector ``gemma3``).
+The tensor names and keys follow llama.cpp's mtmd loader (``tools/mtmd/clip.cpp``); the SigLIP encoder's weights
+are stored as transformers holds them (ggml's row-major reading of a ``(out, in)`` matrix is what its matmul wants).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from ..atomic import atomic_file
+from .writer import GGUFReport
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_PREFIX = "model.language_model."
+
+# SigLIP / CLIP encoder names (after the tower's prefix) -> llama.cpp's ``v.*`` names; {} is the layer index.
+_ENCODER: dict[str, str] = {
+    "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+    "embeddings.patch_embedding.bias": "v.patch_embd.bias",
+    "embeddings.position_embedding.weight": "v.position_embd.weight",
+    "post_layernorm.weight": "v.post_ln.weight",
+    "post_layernorm.bias": "v.post_ln.bias",
+    **{f"encoder.layers.{{}}.{hf}.{kind}": f"v.blk.{{}}.{ours}.{kind}"
+       for hf, ours in (("layer_norm1", "ln1"), ("layer_norm2", "ln2"), ("self_attn.q_proj", "attn_q"),
+                        ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                        ("self_attn.out_proj", "attn_out"), ("mlp.fc1", "ffn_up"), ("mlp.fc2", "ffn_down"))
+       for kind in ("weight", "bias")},
+}
+
+
+@dataclass(frozen=True)
+class MMProjMap:
+    """How one family's vision tower and projector are written as an mmproj file."""
+
+    projector_type: str
+    tower_prefix: str
+    names: dict[str, str]  # tower-relative (or, with the projector prefix, projector) name -> GGUF name
+    projector_prefix: str
+    projector_names: dict[str, str]
+    offset_norms: tuple[str, ...] = ()  # GGUF names whose weight is stored as 1 + w (Gemma's RMSNorm)
+    keep_f32: tuple[str, ...] = field(default=("v.patch_embd.weight", "v.position_embd.weight"))
+
+
+MMPROJ_MAPS: dict[str, MMProjMap] = {
+    "gemma3": MMProjMap(
+        projector_type="gemma3",
+        tower_prefix="model.vision_tower.",
+        names=_ENCODER,
+        projector_prefix="model.multi_modal_projector.",
+        projector_names={"mm_input_projection_weight": "mm.input_projection.weight",
+                         "mm_soft_emb_norm.weight": "mm.soft_emb_norm.weight"},
+        offset_norms=("mm.soft_emb_norm.weight",),
+    ),
+}
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def mmproj_map(config: Any) -> MMProjMap:
+    """The mmproj map of a VLM config; an error names the supported families."""
+    if config.model_type not in MMPROJ_MAPS:
+        raise ValueError(f"model_type: {config.model_type!r} has no mmproj export in fasttune yet (llama.cpp's vision "
+                         f"projector file); supported: {sorted(MMPROJ_MAPS)}. Export merged_16bit instead")
+    return MMPROJ_MAPS[config.model_type]
+
+
+def language_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The language tower's tensors under the text model's names (``model.layers.0...``, ``lm_head.weight``)."""
+    for name, tensor in tensors:
+        if name.startswith(LANGUAGE_PREFIX):
+            yield "model." + name[len(LANGUAGE_PREFIX):], tensor
+        elif name == "lm_head.weight":
+            yield name, tensor
+
+
+def _gguf_name(mmap: MMProjMap, name: str) -> str | None:
+    """The GGUF name of a merged tensor of the vision part; None for a tensor outside it; KeyError for an unknown one."""
+    for prefix, table in ((mmap.tower_prefix, mmap.names), (mmap.projector_prefix, mmap.projector_names)):
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        match = _LAYER.search(rest)
+        key = _LAYER.sub(".{}.", rest, count=1) if match else rest
+        if key not in table:
+            raise KeyError(f"tensor {name!r} has no name in the {mmap.projector_type} mmproj map (looked up {key!r})")
+        return table[key].format(int(match[1])) if match else table[key]
+    return None
+
+
+def _image_stats(processor: Any) -> tuple[list[float], list[float]]:
+    image_processor = getattr(processor, "image_processor", processor)
+    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+    if mean is None or std is None:
+        raise ValueError("processor: its image processor has no image_mean/image_std; the mmproj file needs them")
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def write_mmproj_hparams(writer: GGUFWriter, config: Any, mmap: MMProjMap, processor: Any) -> None:
+    v = config.vision_config
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", mmap.projector_type)
+    writer.add_uint32("clip.vision.image_size", int(v.image_size))
+    writer.add_uint32("clip.vision.patch_size", int(v.patch_size))
+    writer.add_uint32("clip.vision.embedding_length", int(v.hidden_size))
+    writer.add_uint32("clip.vision.feed_forward_length", int(v.intermediate_size))
+    writer.add_uint32("clip.vision.block_count", int(v.num_hidden_layers))
+    writer.add_uint32("clip.vision.attention.head_count", int(v.num_attention_heads))
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", float(v.layer_norm_eps))
+    writer.add_uint32("clip.vision.projection_dim", int(config.get_text_config().hidden_size))
+    mean, std = _image_stats(processor)
+    writer.add_array("clip.vision.image_mean", mean)
+    writer.add_array("clip.vision.image_std", std)
+    writer.add_bool("clip.use_gelu", True)  # SigLIP's gelu_pytorch_tanh is ggml_gelu (the tanh form)
+    if mmap.projector_type == "gemma3":
+        patches_per_side = v.image_size // v.patch_size
+        tokens_per_side = int(round(config.mm_tokens_per_image ** 0.5))
+        writer.add_uint32("clip.vision.projector.scale_factor", patches_per_side // tokens_per_side)
+
+
+def write_mmproj(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], config: Any, processor: Any,
+                 ftype: str = "f16", name: str | None = None) -> GGUFReport:
+    """Write the vision tower and projector of a merged VLM as llama.cpp's mmproj GGUF (``ftype`` f16 or f32)."""
+    if ftype not in ("f16", "f32"):
+        raise ValueError(f"ftype: {ftype!r} for an mmproj file must be 'f16' or 'f32' (vision encoders are kept in "
+                         "16-bit, as llama.cpp's converter does)")
+    mmap = mmproj_map(config)
+    report = GGUFReport(Path(path), ftype)
+    with atomic_file(path) as scratch:
+        writer = GGUFWriter(str(scratch), "clip")
+        try:
+            writer.add_name(name or "mmproj")
+            writer.add_file_type(1 if ftype == "f16" else 0)
+            write_mmproj_hparams(writer, config, mmap, processor)
+            for hf_name, tensor in tensors:
+                gname = _gguf_name(mmap, hf_name)
+                if gname is None:
+                    continue
+                data = tensor.detach().to(torch.float32).cpu().numpy()
+                if gname in mmap.offset_norms:
+                    data = data + 1.0
+                half = ftype == "f16" and data.ndim >= 2 and gname not in mmap.keep_f32
+                data = data.astype(np.float16 if half else np.float32)
+                qtype = GGMLQuantizationType.F16 if half else GGMLQuantizationType.F32
+                writer.add_tensor(gname, data, raw_dtype=qtype)
+                report.tensor_types[gname] = qtype.name
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    logger.info("gguf: wrote %s (mmproj %s, %d tensors)", path, ftype, len(report.tensor_types))
+    return report
