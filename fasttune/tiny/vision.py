@@ -187,6 +187,16 @@ def build_tiny_processor(family: str, tokenizer: PreTrainedTokenizerBase | None 
     return cls(image_processor=_image_processor(family), tokenizer=tokenizer, chat_template=template, **kwargs)
 
 
+def _spread_flat_weights(model: torch.nn.Module, seed: int) -> None:
+    """Give parameters that initialise to a constant (zero projections and biases, all-ones norms) small random values,
+    so a test sees every weight used and an export that drops or misplaces one fails."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.numel() > 1 and bool((param == param.flatten()[0]).all()):
+                param.add_(0.05 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+
+
 def build_tiny_vlm(
     family: str,
     out_dir: str | os.PathLike,
@@ -201,6 +211,7 @@ def build_tiny_vlm(
     config = tiny_vlm_config(family, tokenizer, **text_overrides)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    _spread_flat_weights(model, seed)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
