@@ -200,8 +200,11 @@ class MMProjReport:
 
 
 def llama_cpp_image_embeddings(text_gguf: str | os.PathLike, mmproj_gguf: str | os.PathLike, image: Any,
-                               n_threads: int = 1) -> np.ndarray:
-    """``(n_image_tokens, n_embd)``: the embeddings llama.cpp's mtmd computes for ``image`` (a PIL image)."""
+                               n_threads: int = 1, image_tokens: int | None = None) -> np.ndarray:
+    """``(n_image_tokens, n_embd)``: the embeddings llama.cpp's mtmd computes for ``image`` (a PIL image).
+
+    ``image_tokens`` pins the token count of families whose images keep their size (Qwen2-VL): mtmd otherwise picks
+    its own pixel budget and resizes."""
     from llama_cpp import mtmd_cpp
 
     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -211,6 +214,8 @@ def llama_cpp_image_embeddings(text_gguf: str | os.PathLike, mmproj_gguf: str | 
         params.use_gpu = False
         params.n_threads = n_threads
         params.warmup = False
+        if image_tokens is not None:
+            params.image_min_tokens = params.image_max_tokens = image_tokens
         ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_gguf).encode(), lm.model, params)
         if not ctx:
             raise RuntimeError(f"llama.cpp (mtmd) could not load the projector {mmproj_gguf}")
@@ -249,14 +254,16 @@ def validate_mmproj(text_gguf: str | os.PathLike, mmproj_gguf: str | os.PathLike
     ``max |diff| / max |reference|``; give an image already at the processor's size so both resize nothing."""
     from fasttune.lora.unwrap import base_model
 
-    got = llama_cpp_image_embeddings(text_gguf, mmproj_gguf, image, n_threads)
-    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    extra = {k: inputs[k] for k in ("image_grid_thw",) if k in inputs}  # Qwen2-VL: the patch grid of each image
     base = base_model(model)
     with torch.no_grad():
-        features = base.get_image_features(pixel_values=pixels.to(base.dtype))
+        features = base.get_image_features(pixel_values=inputs["pixel_values"].to(base.dtype), **extra)
     features = getattr(features, "pooler_output", features)
     ref = torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
     ref = ref.reshape(-1, ref.shape[-1]).float().cpu().numpy()
+    pinned = ref.shape[0] if "image_grid_thw" in extra else None
+    got = llama_cpp_image_embeddings(text_gguf, mmproj_gguf, image, n_threads, image_tokens=pinned)
     if ref.shape != got.shape:
         raise GGUFValidationError(f"{mmproj_gguf}: llama.cpp made {got.shape[0]} image tokens of width "
                                   f"{got.shape[1]}, transformers {ref.shape[0]} of width {ref.shape[1]}")

@@ -46,6 +46,7 @@ class TensorMap:
     sliding_window: SlidingWindowKind = "ignored"
     rope_base_swa: bool = False  # sliding layers have their own RoPE base (gemma3: rope_parameters per layer type)
     rope_orig_ctx: bool = False  # the arch reads rope.scaling.original_context_length even unscaled (phi3)
+    rope_sections: bool = False  # multimodal RoPE: the arch reads rope.dimension_sections (qwen2vl's mrope_section)
 
 
 GLOBAL = {

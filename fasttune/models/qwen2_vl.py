@@ -1,10 +1,12 @@
 """Qwen2-VL and Qwen2.5-VL language towers: the Qwen2 layout (q/k/v biases, SwiGLU) with multimodal RoPE.
 
 The fast path patches the language tower's norms, attention projections and MLPs exactly as for Qwen2 (RoPE, here
-3-D "mrope", stays transformers' own). The vision tower is not patched. No GGUF map yet: llama.cpp's ``qwen2vl``
-architecture needs the rope sections and an mmproj file, which fasttune does not write.
+3-D "mrope", stays transformers' own). The vision tower is not patched. GGUF: llama.cpp's ``qwen2vl`` architecture
+(Qwen2's tensors plus the rope sections) for the language model; the vision part goes to an mmproj file. On text
+alone mrope's three position streams are equal, so the tower computes what Qwen2 computes (``text_equivalent``).
 """
 
+from .gguf import ATTN, ATTN_BIAS, GLOBAL, MLP, PRE_NORMS, TensorMap
 from .spec import FamilySpec
 
 SPEC = FamilySpec(
@@ -12,6 +14,8 @@ SPEC = FamilySpec(
     model_type="qwen2_vl_text",
     wrapper_model_types=("qwen2_vl",),
     name="Qwen2-VL",
+    gguf=TensorMap("qwen2vl", {**GLOBAL, **ATTN, **ATTN_BIAS, **MLP, **PRE_NORMS}, rope_sections=True),
+    text_equivalent="qwen2",
 )
 
 SPEC_2_5 = FamilySpec(

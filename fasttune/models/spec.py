@@ -68,6 +68,7 @@ class FamilySpec:
     wrapper_model_types: tuple[str, ...] = ()
     fast_path: bool = True
     gguf: TensorMap | None = None
+    text_equivalent: str | None = None  # model_type of a text model computing the same on text (GGUF validation)
     tiny: TinySpec | None = None
 
     @property

@@ -17,14 +17,22 @@ pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama_cpp
 
 
-def _gemma3(tiny_vlm_dir):
-    model, processor = FastVisionModel.from_pretrained(str(tiny_vlm_dir("gemma3")), load_in_4bit=False,
+def _adapted(tiny_vlm_dir, family="gemma3"):
+    model, processor = FastVisionModel.from_pretrained(str(tiny_vlm_dir(family)), load_in_4bit=False,
                                                        dtype=torch.float32)
     return FastVisionModel.get_peft_model(model, r=8, init_lora_weights=False), processor
 
 
-def test_gemma3_language_model_and_mmproj_validate_in_llama_cpp(tiny_vlm_dir, tmp_path, caplog):
-    model, processor = _gemma3(tiny_vlm_dir)
+@pytest.mark.parametrize(("family", "projector", "arch", "some_names", "count"), [
+    ("gemma3", "gemma3", "gemma3", {"v.patch_embd.weight", "v.blk.1.attn_out.weight", "v.post_ln.bias",
+                                    "mm.input_projection.weight", "mm.soft_emb_norm.weight"}, 39),
+    ("qwen2_vl", "qwen2vl_merger", "qwen2vl", {"v.patch_embd.weight", "v.patch_embd.weight.1", "v.blk.0.attn_q.bias",
+                                               "v.blk.1.attn_v.weight", "v.post_ln.weight", "mm.0.weight",
+                                               "mm.2.bias"}, 40),
+])
+def test_language_model_and_mmproj_validate_in_llama_cpp(tiny_vlm_dir, tmp_path, caplog, family, projector, arch,
+                                                         some_names, count):
+    model, processor = _adapted(tiny_vlm_dir, family)
     with caplog.at_level("INFO", logger="fasttune"):
         paths = model.save_pretrained_gguf(str(tmp_path), processor, quantization_method=["f16", "q8_0"],
                                            validate=True)
@@ -32,19 +40,34 @@ def test_gemma3_language_model_and_mmproj_validate_in_llama_cpp(tiny_vlm_dir, tm
     assert "16 image tokens" in caplog.text and caplog.text.count("tokens match") == 2
     reader = GGUFReader(str(paths[-1]))
     fields = {f.name: f for f in reader.fields.values()}
-    assert bytes(fields["clip.projector_type"].parts[-1]).decode() == "gemma3"
+    assert bytes(fields["clip.projector_type"].parts[-1]).decode() == projector
     names = {t.name for t in reader.tensors}
-    assert {"v.patch_embd.weight", "v.blk.1.attn_out.weight", "v.post_ln.bias", "mm.input_projection.weight",
-            "mm.soft_emb_norm.weight"} <= names and len(names) == 39
-    assert not any(t.name.startswith("v.") for t in GGUFReader(str(paths[0])).tensors)
+    assert some_names <= names and len(names) == count
+    language = GGUFReader(str(paths[0]))
+    assert bytes(language.fields["general.architecture"].parts[-1]).decode() == arch
+    assert not any(t.name.startswith("v.") for t in language.tensors)
     assert (tmp_path / "Modelfile").exists()
 
 
 def test_a_wrong_mmproj_fails_validation(tiny_vlm_dir, tmp_path, monkeypatch):
     """Without Gemma's 1 + w norm offset the projector is wrong: the image embeddings check must catch it."""
-    model, processor = _gemma3(tiny_vlm_dir)
+    model, processor = _adapted(tiny_vlm_dir)
     wrong = dataclasses.replace(mmproj_module.MMPROJ_MAPS["gemma3"], offset_norms=())
     monkeypatch.setitem(mmproj_module.MMPROJ_MAPS, "gemma3", wrong)
+    with pytest.raises(GGUFValidationError, match="image embeddings differ from transformers'"):
+        model.save_pretrained_gguf(str(tmp_path), processor, quantization_method="f16", validate=True)
+
+
+def test_swapped_query_and_key_fail_validation(tiny_vlm_dir, tmp_path, monkeypatch):
+    """Qwen2-VL's fused qkv split in the wrong order gives other image embeddings: caught."""
+    model, processor = _adapted(tiny_vlm_dir, "qwen2_vl")
+    table = dict(mmproj_module.MMPROJ_MAPS["qwen2_vl"].names)
+    table["blocks.{}.attn.qkv.weight"] = mmproj_module.Split(0, ("v.blk.{}.attn_k.weight", "v.blk.{}.attn_q.weight",
+                                                                 "v.blk.{}.attn_v.weight"))
+    table["blocks.{}.attn.qkv.bias"] = mmproj_module.Split(0, ("v.blk.{}.attn_k.bias", "v.blk.{}.attn_q.bias",
+                                                               "v.blk.{}.attn_v.bias"))
+    monkeypatch.setitem(mmproj_module.MMPROJ_MAPS, "qwen2_vl",
+                        dataclasses.replace(mmproj_module.MMPROJ_MAPS["qwen2_vl"], names=table))
     with pytest.raises(GGUFValidationError, match="image embeddings differ from transformers'"):
         model.save_pretrained_gguf(str(tmp_path), processor, quantization_method="f16", validate=True)
 
@@ -53,7 +76,7 @@ def test_unsupported_family_and_missing_processor_are_refused_before_writing(tin
     model, processor = FastVisionModel.from_pretrained(str(tiny_vlm_dir("mllama")), load_in_4bit=False)
     with pytest.raises(ValueError, match="'mllama' has no mmproj export in fasttune yet"):
         model.save_pretrained_gguf(str(tmp_path / "a"), processor, quantization_method="f16")
-    gemma, gemma_processor = _gemma3(tiny_vlm_dir)
+    gemma, gemma_processor = _adapted(tiny_vlm_dir)
     with pytest.raises(ValueError, match="pass the model's processor"):
         gemma.save_pretrained_gguf(str(tmp_path / "b"), gemma_processor.tokenizer, quantization_method="f16")
     assert not any((tmp_path / "a").glob("*.gguf")) and not any((tmp_path / "b").glob("*.gguf"))

@@ -5,9 +5,11 @@ llama.cpp runs a VLM from two files: the language model (the family's text archi
 library. :func:`language_tensors` renames the language tower's merged tensors to the text model's names (so the text
 writer and tensor map are reused unchanged); :func:`write_mmproj` writes the vision part.
 
-Supported: Gemma 3 (SigLIP encoder, average-pool + RMS-norm + linear projector: llama.cpp projector ``gemma3``).
-The tensor names and keys follow llama.cpp's mtmd loader (``tools/mtmd/clip.cpp``); the SigLIP encoder's weights
-are stored as transformers holds them (ggml's row-major reading of a ``(out, in)`` matrix is what its matmul wants).
+Supported: Gemma 3 (SigLIP encoder, average-pool + RMS-norm + linear projector: llama.cpp projector ``gemma3``) and
+Qwen2-VL (ViT with 2-D RoPE and quick-GELU, 2x2 patch merger: ``qwen2vl_merger``; its fused ``qkv`` is split into
+q/k/v and its two-frame patch kernel into two 2-D kernels, as llama.cpp's graph wants). The tensor names and keys
+follow llama.cpp's mtmd loader (``tools/mtmd/clip.cpp``); weights are stored as transformers holds them (ggml's
+row-major reading of a ``(out, in)`` matrix is what its matmul wants).
 """
 
 from __future__ import annotations
@@ -47,16 +49,49 @@ _ENCODER: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class Split:
+    """One transformers tensor written as several GGUF tensors: equal chunks along ``dim`` (or index ``dim`` when
+    ``squeeze``), named in order."""
+
+    dim: int
+    names: tuple[str, ...]
+    squeeze: bool = False
+
+    def apply(self, data: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        if self.squeeze:
+            return [(name, np.take(data, i, axis=self.dim)) for i, name in enumerate(self.names)]
+        return list(zip(self.names, np.split(data, len(self.names), axis=self.dim)))
+
+
+_QWEN2VL_TOWER: dict[str, str | Split] = {
+    "patch_embed.proj.weight": Split(2, ("v.patch_embd.weight", "v.patch_embd.weight.1"), squeeze=True),
+    "merger.ln_q.weight": "v.post_ln.weight",
+    "merger.ln_q.bias": "v.post_ln.bias",
+    "merger.mlp.0.weight": "mm.0.weight",
+    "merger.mlp.0.bias": "mm.0.bias",
+    "merger.mlp.2.weight": "mm.2.weight",
+    "merger.mlp.2.bias": "mm.2.bias",
+    **{f"blocks.{{}}.{hf}.{kind}": f"v.blk.{{}}.{ours}.{kind}"
+       for hf, ours in (("norm1", "ln1"), ("norm2", "ln2"), ("attn.proj", "attn_out"), ("mlp.fc1", "ffn_up"),
+                        ("mlp.fc2", "ffn_down"))
+       for kind in ("weight", "bias")},
+    **{f"blocks.{{}}.attn.qkv.{kind}": Split(0, tuple(f"v.blk.{{}}.attn_{x}.{kind}" for x in "qkv"))
+       for kind in ("weight", "bias")},
+}
+
+
+@dataclass(frozen=True)
 class MMProjMap:
     """How one family's vision tower and projector are written as an mmproj file."""
 
     projector_type: str
     tower_prefix: str
-    names: dict[str, str]  # tower-relative (or, with the projector prefix, projector) name -> GGUF name
-    projector_prefix: str
-    projector_names: dict[str, str]
+    names: dict[str, str | Split]  # tower-relative name ({} = layer) -> GGUF name(s)
+    projector_prefix: str = ""  # a projector outside the tower ("" = none)
+    projector_names: dict[str, str | Split] = field(default_factory=dict)
     offset_norms: tuple[str, ...] = ()  # GGUF names whose weight is stored as 1 + w (Gemma's RMSNorm)
-    keep_f32: tuple[str, ...] = field(default=("v.patch_embd.weight", "v.position_embd.weight"))
+    keep_f32: tuple[str, ...] = ("v.patch_embd.weight", "v.position_embd.weight")
+    activation: str = "gelu"  # the encoder MLP's: gelu (tanh form) or quick_gelu (llama.cpp's default)
 
 
 MMPROJ_MAPS: dict[str, MMProjMap] = {
@@ -68,6 +103,13 @@ MMPROJ_MAPS: dict[str, MMProjMap] = {
         projector_names={"mm_input_projection_weight": "mm.input_projection.weight",
                          "mm_soft_emb_norm.weight": "mm.soft_emb_norm.weight"},
         offset_norms=("mm.soft_emb_norm.weight",),
+    ),
+    "qwen2_vl": MMProjMap(
+        projector_type="qwen2vl_merger",
+        tower_prefix="model.visual.",
+        names=_QWEN2VL_TOWER,
+        keep_f32=(),
+        activation="quick_gelu",
     ),
 }
 
@@ -91,18 +133,21 @@ def language_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tu
             yield name, tensor
 
 
-def _gguf_name(mmap: MMProjMap, name: str) -> str | None:
-    """The GGUF name of a merged tensor of the vision part; None for a tensor outside it; KeyError for an unknown one."""
+def _entries(mmap: MMProjMap, name: str, data: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The GGUF tensors a merged tensor of the vision part becomes ([] for a tensor outside it); KeyError for a
+    tensor of the vision part that the map does not name (never dropped silently)."""
     for prefix, table in ((mmap.tower_prefix, mmap.names), (mmap.projector_prefix, mmap.projector_names)):
-        if not name.startswith(prefix):
+        if not prefix or not name.startswith(prefix):
             continue
         rest = name[len(prefix):]
-        match = _LAYER.search(rest)
+        match = None if rest in table else _LAYER.search(rest)  # "merger.mlp.0.weight" is a name, not a layer
         key = _LAYER.sub(".{}.", rest, count=1) if match else rest
         if key not in table:
             raise KeyError(f"tensor {name!r} has no name in the {mmap.projector_type} mmproj map (looked up {key!r})")
-        return table[key].format(int(match[1])) if match else table[key]
-    return None
+        target = table[key]
+        parts = target.apply(data) if isinstance(target, Split) else [(target, data)]
+        return [(n.format(int(match[1])) if match else n, np.ascontiguousarray(d)) for n, d in parts]
+    return []
 
 
 def _image_stats(processor: Any) -> tuple[list[float], list[float]]:
@@ -113,22 +158,42 @@ def _image_stats(processor: Any) -> tuple[list[float], list[float]]:
     return [float(v) for v in mean], [float(v) for v in std]
 
 
+def image_side(config: Any, processor: Any) -> int:
+    """The image side (pixels) the vision tower is fed without resizing: its fixed size, or for Qwen2-VL (any size)
+    the largest square the processor's pixel budget keeps as it is, rounded down to whole merged patches."""
+    v = config.vision_config
+    if getattr(v, "image_size", None):
+        return int(v.image_size)
+    image_processor = getattr(processor, "image_processor", processor)
+    budget = float(getattr(image_processor, "max_pixels", None) or 14 * 14 * 4 * 1280)
+    unit = int(v.patch_size) * int(v.spatial_merge_size)
+    return max(unit, int(budget ** 0.5) // unit * unit)
+
+
 def write_mmproj_hparams(writer: GGUFWriter, config: Any, mmap: MMProjMap, processor: Any) -> None:
     v = config.vision_config
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_string("clip.projector_type", mmap.projector_type)
-    writer.add_uint32("clip.vision.image_size", int(v.image_size))
+    if mmap.projector_type == "qwen2vl_merger":  # Qwen2-VL's vision config names its sizes differently
+        width, ff, depth, heads, eps = v.embed_dim, int(v.embed_dim * v.mlp_ratio), v.depth, v.num_heads, 1e-6
+        writer.add_uint32("clip.vision.image_size", image_side(config, processor))  # read; images keep their size
+        writer.add_uint32("clip.vision.spatial_merge_size", int(v.spatial_merge_size))
+    else:
+        width, ff, depth = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+        heads, eps = v.num_attention_heads, v.layer_norm_eps
+        writer.add_uint32("clip.vision.image_size", int(v.image_size))
     writer.add_uint32("clip.vision.patch_size", int(v.patch_size))
-    writer.add_uint32("clip.vision.embedding_length", int(v.hidden_size))
-    writer.add_uint32("clip.vision.feed_forward_length", int(v.intermediate_size))
-    writer.add_uint32("clip.vision.block_count", int(v.num_hidden_layers))
-    writer.add_uint32("clip.vision.attention.head_count", int(v.num_attention_heads))
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", float(v.layer_norm_eps))
+    writer.add_uint32("clip.vision.embedding_length", int(width))
+    writer.add_uint32("clip.vision.feed_forward_length", int(ff))
+    writer.add_uint32("clip.vision.block_count", int(depth))
+    writer.add_uint32("clip.vision.attention.head_count", int(heads))
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", float(eps))
     writer.add_uint32("clip.vision.projection_dim", int(config.get_text_config().hidden_size))
     mean, std = _image_stats(processor)
     writer.add_array("clip.vision.image_mean", mean)
     writer.add_array("clip.vision.image_std", std)
-    writer.add_bool("clip.use_gelu", True)  # SigLIP's gelu_pytorch_tanh is ggml_gelu (the tanh form)
+    if mmap.activation == "gelu":  # SigLIP's gelu_pytorch_tanh is ggml_gelu (the tanh form)
+        writer.add_bool("clip.use_gelu", True)
     if mmap.projector_type == "gemma3":
         patches_per_side = v.image_size // v.patch_size
         tokens_per_side = int(round(config.mm_tokens_per_image ** 0.5))
@@ -150,17 +215,14 @@ def write_mmproj(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Ten
             writer.add_file_type(1 if ftype == "f16" else 0)
             write_mmproj_hparams(writer, config, mmap, processor)
             for hf_name, tensor in tensors:
-                gname = _gguf_name(mmap, hf_name)
-                if gname is None:
-                    continue
-                data = tensor.detach().to(torch.float32).cpu().numpy()
-                if gname in mmap.offset_norms:
-                    data = data + 1.0
-                half = ftype == "f16" and data.ndim >= 2 and gname not in mmap.keep_f32
-                data = data.astype(np.float16 if half else np.float32)
-                qtype = GGMLQuantizationType.F16 if half else GGMLQuantizationType.F32
-                writer.add_tensor(gname, data, raw_dtype=qtype)
-                report.tensor_types[gname] = qtype.name
+                for gname, data in _entries(mmap, hf_name, tensor.detach().to(torch.float32).cpu().numpy()):
+                    if gname in mmap.offset_norms:
+                        data = data + 1.0
+                    half = ftype == "f16" and data.ndim >= 2 and gname not in mmap.keep_f32
+                    data = data.astype(np.float16 if half else np.float32)
+                    qtype = GGMLQuantizationType.F16 if half else GGMLQuantizationType.F32
+                    writer.add_tensor(gname, data, raw_dtype=qtype)
+                    report.tensor_types[gname] = qtype.name
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()

@@ -16,7 +16,7 @@ from gguf import GGUFReader
 
 from .quants import dequantize
 from .tensor_maps import get_tensor_map, is_norm
-from .writer import text_config
+from .writer import reference_text_config, text_config
 
 
 def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -63,7 +63,7 @@ def reference_model(path: str | os.PathLike, config: Any) -> torch.nn.Module:
     """A float32 transformers model (from ``config``) holding the weights stored in the GGUF file at ``path``."""
     from transformers import AutoModelForCausalLM
 
-    cfg = text_config(config)
+    cfg = reference_text_config(config)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     state = read_gguf_state(path, cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -24,7 +24,7 @@ from ...lora.unwrap import base_model
 from ..atomic import check_writable, recover_interrupted
 from ..hub import split_push_kwargs, upload_folder
 from ..merge import iter_merged_tensors, merged_state_dict, tied_output_key
-from .mmproj import language_tensors, mmproj_map, write_mmproj
+from .mmproj import image_side, language_tensors, mmproj_map, write_mmproj
 from .quants import ALIASES, METHODS, resolve_methods
 from .writer import GGUFReport, write_gguf
 
@@ -65,9 +65,9 @@ def _validate(path: Path, ftype: str, model: torch.nn.Module, tokenizer: Any, pr
 
     from ..llama_cpp import DEFAULT_PROMPT, validate_gguf
     from .reader import reference_model
-    from .writer import text_config
+    from .writer import reference_text_config
 
-    config = text_config(base_model(model).config)
+    config = reference_text_config(base_model(model).config)
     if ftype in _UNQUANTIZED:
         reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         state = merged_state_dict(model, dtype=torch.float32)
@@ -87,7 +87,7 @@ def _validate_mmproj(text_path: Path, path: Path, model: torch.nn.Module, proces
 
     from ..llama_cpp import validate_mmproj
 
-    side = int(base_model(model).config.vision_config.image_size)
+    side = image_side(base_model(model).config, processor)
     image = Image.new("RGB", (side, side), (250, 250, 250))
     ImageDraw.Draw(image).ellipse((side // 8, side // 4, side - side // 8, side - side // 4), fill=(200, 40, 30))
     validate_mmproj(text_path, path, model, processor, image)

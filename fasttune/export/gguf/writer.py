@@ -45,6 +45,27 @@ def text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
+def reference_text_config(config: Any) -> Any:
+    """A config ``AutoModelForCausalLM`` builds that computes what ``config``'s language model computes on text: the
+    text config itself, or its family's ``text_equivalent`` (Qwen2-VL's tower on text is Qwen2)."""
+    from transformers import AutoConfig
+
+    from fasttune.models import get_family
+
+    c = text_config(config)
+    spec = get_family(c.model_type)
+    if spec is None or spec.text_equivalent is None:
+        return c
+    fields = {k: v for k, v in c.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    rope = dict(_rope(c))
+    rope.pop("mrope_section", None)
+    if rope.get("rope_type", rope.get("type")) == "mrope":
+        rope["rope_type"] = "default"
+        rope.pop("type", None)
+    fields["rope_parameters"] = rope
+    return AutoConfig.for_model(spec.text_equivalent, **fields)
+
+
 def _rope(config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """rope parameters as a dict (transformers 5 ``rope_parameters``, per layer type where it is nested)."""
     params = getattr(config, "rope_parameters", None)
@@ -104,7 +125,7 @@ def write_hparams(writer: GGUFWriter, config: Any, tmap: TensorMap, n_vocab: int
         extra["rope_freqs.weight"] = _llama3_rope_factors(rope, head_dim)
     elif kind == "yarn":
         _yarn(writer, rope, c)
-    elif kind != "default":
+    elif kind not in ("default", "mrope"):
         raise NotImplementedError(f"rope_type: {kind!r} is not written to GGUF by fasttune yet; supported: "
                                   "default, linear, llama3, yarn")
     _family_hparams(writer, c, tmap)
@@ -139,6 +160,9 @@ def _family_hparams(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
     if tmap.rope_orig_ctx:
         writer.add_rope_scaling_orig_ctx_len(int(getattr(c, "original_max_position_embeddings", None)
                                                  or c.max_position_embeddings))
+    if tmap.rope_sections:  # llama.cpp reads four sections (time, height, width, unused)
+        sections = [int(v) for v in _rope(c)["mrope_section"]]
+        writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
     _sliding_window(writer, c, tmap)
 
 
