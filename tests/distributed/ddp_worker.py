@@ -62,6 +62,7 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
     if rank == 0:
         if kind == "sft":  # the export a user makes after training, from rank 0
             model.save_pretrained_merged(Path(out).parent / f"merged{world}", tokenizer)
+            model.save_pretrained_gguf(Path(out).parent / f"gguf{world}", tokenizer, quantization_method=["f16", "q8_0"])
         lora = {n: p.detach().tolist() for n, p in model.named_parameters()
                 if "lora_" in n or (kind == "full" and "layers.1." in n)}  # full: one layer's weights suffice
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}

@@ -29,6 +29,27 @@ def _close(got: dict, want: dict) -> None:
                                    msg=name)
 
 
+def _same_gguf(got_path, want_path) -> None:
+    """The same GGUF file up to fp32 reduction noise: every key and value, every tensor's name, type and shape, and
+    the values (dequantized) within one quantization step, almost all bit-identical."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    got, want = GGUFReader(str(got_path)), GGUFReader(str(want_path))
+    assert {k: f.contents() for k, f in got.fields.items() if not k.startswith("GGUF.")} == \
+        {k: f.contents() for k, f in want.fields.items() if not k.startswith("GGUF.")}
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in got.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape)) for t in want.tensors]
+    same = total = 0
+    for g, w in zip(got.tensors, want.tensors):
+        same += int((g.data == w.data).sum())
+        total += g.data.size
+        gv, wv = dequantize(g.data, g.tensor_type), dequantize(w.data, w.tensor_type)
+        step = float(abs(wv).max()) / 127 + 1e-3
+        assert float(abs(gv - wv).max()) <= step, g.name
+    assert same / total > 0.99
+
+
 def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
     """Losses, LoRA weights and the merged export equal one process's; the checkpoint is written once and a run
     resumed from it under DDP continues the same loss curve."""
@@ -44,6 +65,8 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
     _close(two["lora"], one["lora"])
     _close(load_file(tmp_path / "merged2" / "model.safetensors"), load_file(tmp_path / "merged1" / "model.safetensors"))
+    for name in ("model.F16.gguf", "model.Q8_0.gguf"):
+        _same_gguf(tmp_path / "gguf2" / name, tmp_path / "gguf1" / name)
     checkpoints = sorted(p.name for p in (tmp_path / "sft2").iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "sft2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
