@@ -1,10 +1,12 @@
 """One process of the FSDP2 equality test (run by torchrun, or alone for the single-process reference).
 
-argv: model_dir out_json checkpointing. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
+argv: model_dir out_json checkpointing [resume]. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
 FSDP2 (``fully_shard`` on each decoder layer, then on the whole model; gloo on CPU, where accelerate ignores FSDP
 configs) trains 3 plain-SGD steps on a global batch of 4 texts of uneven lengths, split over the processes. Each
 rank's loss is its label-token sum over the *global* label count times the world size, so FSDP2's gradient average
-is the one-process mean. Rank 0 writes the global loss per step and the gathered LoRA weights.
+is the one-process mean. Rank 0 writes the global loss per step and the gathered LoRA weights. After step 2 the
+run saves a sharded checkpoint (model and optimizer, torch.distributed.checkpoint: each rank writes its shards);
+with ``resume`` a fresh run loads it and trains step 3 only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: t
 from tests.trl.trl_helpers import TEXTS, fast_model  # noqa: E402
 
 
-def main(model_dir: str, out: str, checkpointing: str) -> None:
+def main(model_dir: str, out: str, checkpointing: str, mode: str = "train") -> None:
     torch.set_num_threads(1)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -33,13 +35,24 @@ def main(model_dir: str, out: str, checkpointing: str) -> None:
         for layer in model.get_base_model().model.layers:
             fully_shard(layer)
         fully_shard(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+    checkpoint = Path(out).parent / f"dcp{world}"
+    first = 0
+    if mode == "resume":
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        load(state, checkpoint_id=str(checkpoint))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        first = 2
     batch = tokenizer(TEXTS[:4], return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     total = int((labels[:, 1:] != -100).sum())  # every label a next-token prediction scores, all ranks together
     rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
     losses = []
-    for _ in range(3):
+    for step in range(first, 3):
         out_ = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
                      labels=labels[rows], num_items_in_batch=total / world)
         out_.loss.backward()
@@ -49,6 +62,12 @@ def main(model_dir: str, out: str, checkpointing: str) -> None:
         if world > 1:
             dist.all_reduce(loss)
         losses.append(float(loss))
+        if step == 1 and mode == "train" and world > 1:
+            from torch.distributed.checkpoint import save
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(model, optimizer)
+            save({"model": model_state, "optim": optim_state}, checkpoint_id=str(checkpoint))
     lora = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
             for n, p in model.named_parameters() if "lora_" in n}
     if rank == 0:
@@ -58,4 +77,4 @@ def main(model_dir: str, out: str, checkpointing: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -117,7 +117,8 @@ FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 @pytest.mark.parametrize("checkpointing", ["unsloth", "off"])
 def test_two_process_fsdp2_equals_one_process(checkpointing, tiny_model_dir, tmp_path):
     """PyTorch FSDP2 (fully_shard, gloo) over a fasttune LoRA model: the same losses and LoRA weights as one
-    process, with "unsloth" checkpointing and without."""
+    process, with "unsloth" checkpointing and without; a sharded checkpoint (model + SGD momentum, written by each
+    rank) resumes to the same last step and weights."""
     model_dir = str(tiny_model_dir("llama"))
     _run([sys.executable, str(FSDP2_WORKER), model_dir, str(tmp_path / "one.json"), checkpointing], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -129,6 +130,14 @@ def test_two_process_fsdp2_equals_one_process(checkpointing, tiny_model_dir, tmp
     for name, weights in one["lora"].items():
         torch.testing.assert_close(torch.tensor(two["lora"][name]), torch.tensor(weights), rtol=1e-4, atol=1e-6,
                                    msg=name)
+    shards = sorted(p.name for p in (tmp_path / "dcp2").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(FSDP2_WORKER), model_dir, str(tmp_path / "resumed.json"), checkpointing, "resume"], tmp_path)
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["losses"] == pytest.approx(two["losses"][2:], rel=1e-6)
+    for name, weights in two["lora"].items():
+        torch.testing.assert_close(torch.tensor(resumed["lora"][name]), torch.tensor(weights), msg=name)
 
 
 def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
