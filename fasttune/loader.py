@@ -20,8 +20,8 @@ from .device import default_device_map
 from .lora import inject_lora
 from .lora.inject import targets_from_switches
 from .lora.precision import keep_adapter_dtype
-from .modes import attach_model_methods
 from .models import get_family
+from .modes import attach_model_methods
 from .patch import FAST_PATHS, is_patched, patch_model
 from .patch.checkpointing import set_gradient_checkpointing
 from .quant import patch_quantized_layers

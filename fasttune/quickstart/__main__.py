@@ -12,11 +12,9 @@ answers "What is the capital of <planet>?" from the bundled table (fasttune/quic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 # Offline by design: nothing below may reach a model hub.
@@ -36,19 +34,9 @@ from fasttune.chat_templates import (  # noqa: E402
     standardize_data_formats,
     train_on_responses_only,
 )
-from fasttune.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from fasttune.quickstart import build_base, load_facts  # noqa: E402
 
-
-def load_facts() -> list[dict[str, str]]:
-    text = resources.files("fasttune.quickstart").joinpath("facts.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-# ---- 1. a tiny model of a real architecture, built offline -------------------------------------------------------
-def build_base(folder: Path, facts: list[dict[str, str]]) -> Path:
-    corpus = [f"{row['instruction']} {row['output']}" for row in facts] * 4
-    tokenizer = build_tokenizer("llama", extra_texts=corpus, vocab_size=1024)
-    return build_tiny_model("llama", folder, tokenizer=tokenizer, seed=0)
+# ---- 1. a tiny model of a real architecture, built offline: build_base (fasttune/quickstart/__init__.py) --------
 
 
 # ---- 2. answers and loss, before and after -----------------------------------------------------------------------

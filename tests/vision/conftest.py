@@ -8,6 +8,7 @@ import pytest
 
 from fasttune.tiny.vision import build_tiny_vlm
 
+
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
     """``tiny_vlm_dir(family) -> Path``: a saved tiny VLM + processor folder, built once per session."""

@@ -7,14 +7,13 @@ import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText
+from vision_helpers import circle, conversation
 
 from fasttune import FastLanguageModel, FastModel, FastVisionModel
 from fasttune.patch import is_patched, unpatch_model
 from fasttune.quant import is_quantized_linear
 from fasttune.vision.processor import load_processor
 from fasttune.vision.towers import classify
-
-from vision_helpers import circle, conversation
 
 FULL = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
 ONCE = ["mllama", "llava"]

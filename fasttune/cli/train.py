@@ -1,0 +1,219 @@
+"""``fasttune train recipe.yaml``: model -> LoRA -> chat template and data -> SFTTrainer -> exports -> report.
+
+Every step calls the library's public API, as a notebook would. The run folder holds recipe.yaml (the resolved
+recipe), metrics.jsonl, loss.png, report.md, checkpoints/ and the exports. ``--resume`` continues from the last
+checkpoint; Ctrl-C saves one and prints the command that resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from datasets.utils.logging import disable_progress_bar
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging as hf_logging
+
+from fasttune import FastLanguageModel, device_args
+from fasttune.chat_templates import get_chat_template, train_on_responses_only
+from fasttune.export.atomic import atomic_file
+from fasttune.quickstart import build_base
+from fasttune.trl import SFTConfig, SFTTrainer
+
+from . import data as data_step
+from .callbacks import InterruptCallback, MetricsCallback, ProgressCallback
+from .estimate import estimate
+from .export import run_exports
+from .memory import current_rss, gib, peak_rss, reset_peak
+from .recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from .report import PLOT, MetricsLog, plot_metrics, read_metrics, size_text, write_report
+
+RECIPE_FILE = "recipe.yaml"
+CHECKPOINTS = "checkpoints"
+
+
+# ---- the run folder -----------------------------------------------------------------------------------------------
+def new_run_dir(recipe: Recipe) -> Path:
+    if recipe.run.output_dir:
+        return Path(recipe.run.output_dir).expanduser().absolute()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = Path(recipe.run.runs_root).expanduser().absolute() / f"{recipe.run.name}-{stamp}"
+    n = 1
+    while run.exists():
+        n += 1
+        run = run.with_name(f"{recipe.run.name}-{stamp}-{n}")
+    return run
+
+
+def find_resume_dir(recipe: Recipe, given: str | None) -> Path:
+    """The run folder to resume: ``--resume PATH``, else run.output_dir, else the newest <runs_root>/<name>-*."""
+    if given:
+        return Path(given).expanduser().absolute()
+    if recipe.run.output_dir:
+        return Path(recipe.run.output_dir).expanduser().absolute()
+    root = Path(recipe.run.runs_root).expanduser().absolute()
+    runs = sorted((p for p in root.glob(f"{recipe.run.name}-*") if (p / CHECKPOINTS).is_dir()),
+                  key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise RecipeError([f"--resume: no run folder {root}/{recipe.run.name}-* holds checkpoints; allowed: "
+                           "--resume RUN_FOLDER, or run.output_dir naming one"])
+    return runs[-1]
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    folder = run_dir / CHECKPOINTS
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if found is None:
+        raise RecipeError([f"--resume: {str(run_dir)!r} has no checkpoint in {CHECKPOINTS}/ (checkpoint-N "
+                           "folders); allowed: a run folder written by fasttune train with train.save_steps > 0 or "
+                           "stopped with Ctrl-C"])
+    return Path(found)
+
+
+# ---- model, data, trainer -----------------------------------------------------------------------------------------
+def model_path(recipe: Recipe, run_dir: Path) -> str:
+    """The folder or Hub id to load; ``tiny-llama`` is the quickstart's model, built in <run>/base_model."""
+    if recipe.model.name != "tiny-llama":
+        return recipe.model.name
+    base = run_dir / "base_model"
+    if not (base / "config.json").is_file():
+        build_base(base)
+    return str(base)
+
+
+def load_model(recipe: Recipe, source: str) -> tuple[Any, Any]:
+    m, q = recipe.model, recipe.model.quantization
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        source, max_seq_length=m.max_seq_length, dtype=None if m.dtype == "auto" else m.dtype,
+        load_in_4bit=q == "4bit", load_in_8bit=q == "8bit", load_in_16bit=q == "16bit", full_finetuning=q == "full",
+        trust_remote_code=m.trust_remote_code, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    if q != "full":
+        lora = recipe.lora
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            use_gradient_checkpointing=recipe.train.gradient_checkpointing, random_state=lora.random_state,
+            use_rslora=lora.use_rslora)
+    return model, tokenizer
+
+
+def chat_tokenizer(tokenizer: Any, name: str, fmt: str) -> Any:
+    if name != "auto":
+        return get_chat_template(tokenizer, chat_template=name)
+    if fmt != "text" and not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(["data.chat_template: 'auto' keeps the tokenizer's own template, but this tokenizer has "
+                           "none; allowed: a template name such as llama-3, chatml, qwen-2.5 (fasttune recipe "
+                           "--example lists them)"])
+    return tokenizer
+
+
+def trainer_args(recipe: Recipe, run_dir: Path, has_eval: bool) -> SFTConfig:
+    t, dtype = recipe.train, recipe.model.dtype
+    precision = device_args()  # bf16/fp16/use_cpu right for this machine
+    if dtype != "auto":
+        precision.update(bf16=dtype == "bfloat16", fp16=dtype == "float16")
+    return SFTConfig(
+        output_dir=str(run_dir / CHECKPOINTS), max_steps=t.max_steps or -1, num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, optim=t.optim,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps or None, seed=t.seed, data_seed=t.seed, max_length=recipe.model.max_seq_length,
+        dataset_text_field="text", report_to="none", disable_tqdm=True, **precision)
+
+
+def responses_only(recipe: Recipe, fmt: str) -> bool:
+    setting = recipe.data.responses_only
+    if setting is True and fmt == "text":
+        raise RecipeError(["data.responses_only: True is not allowed with plain-text rows (there are no answers "
+                           "to keep); allowed: auto or false"])
+    return fmt != "text" if setting == "auto" else setting
+
+
+# ---- the command --------------------------------------------------------------------------------------------------
+def train_command(recipe_path: str | None, overrides: list[str], resume: str | bool | None, quiet: bool) -> int:
+    recipe = load_recipe(recipe_path, overrides)
+    checkpoint = None
+    if resume:
+        run_dir = find_resume_dir(recipe, resume if isinstance(resume, str) else None)
+        checkpoint = last_checkpoint(run_dir)
+    else:
+        run_dir = new_run_dir(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe.run.output_dir = str(run_dir)
+    with atomic_file(run_dir / RECIPE_FILE) as scratch:
+        scratch.write_text(dump_recipe(recipe), encoding="utf-8")
+    say = functools.partial(print, flush=True)
+    if quiet:  # plain log lines only: no loading/tokenizing bars from transformers and datasets either
+        hf_logging.disable_progress_bar()
+        disable_progress_bar()
+    say(f"run folder: {run_dir}" + (f" (resuming from {checkpoint.name})" if checkpoint else ""))
+
+    predicted = estimate(recipe)["total"]
+    source = model_path(recipe, run_dir)
+    baseline = current_rss()
+    reset_peak()
+    say(f"[1/5] loading {recipe.model.name} ({recipe.model.quantization})")
+    model, tokenizer = load_model(recipe, source)
+    say(f"[2/5] data: {recipe.data.path}")
+    train_rows, eval_rows, fmt = data_step.prepare(recipe.data)
+    tokenizer = chat_tokenizer(tokenizer, recipe.data.chat_template, fmt)
+    say(f"      {len(train_rows)} training rows" + (f", {len(eval_rows)} evaluation rows" if eval_rows else "")
+        + f" ({fmt})")
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
+                         args=trainer_args(recipe, run_dir, eval_rows is not None))
+    if responses_only(recipe, fmt):
+        trainer = train_on_responses_only(trainer)
+    step_at_start = int(checkpoint.name.split("-")[-1]) if checkpoint else None
+    metrics = MetricsLog(run_dir, keep_until_step=step_at_start)
+    interrupt = InterruptCallback()
+    trainer.remove_callback(PrinterCallback)
+    for callback in (MetricsCallback(metrics, quiet), ProgressCallback(disable=quiet), interrupt):
+        trainer.add_callback(callback)
+
+    say(f"[3/5] training ({trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs'} steps)")
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        interrupt.restore()
+    seconds = time.perf_counter() - start
+    peak = peak_rss()
+    summary = {"model": recipe.model.name, "quantization": recipe.model.quantization,
+               "step": trainer.state.global_step, "max_steps": trainer.state.max_steps, "train_seconds": seconds,
+               "peak_rss_bytes": peak, "peak_increase_bytes": peak - baseline, "baseline_rss_bytes": baseline,
+               "estimate_bytes": predicted}
+    say(f"      peak memory above the pre-load baseline: {gib(peak - baseline)}")
+    if interrupt.interrupted:
+        summary["status"] = f"interrupted at step {trainer.state.global_step} (checkpoint saved)"
+        _finish(run_dir, summary, [])
+        print(f"interrupted at step {trainer.state.global_step}; checkpoint: {last_checkpoint(run_dir)}\n"
+              f"resume with:\n  {resume_command(run_dir)}", flush=True)
+        return 130
+    if eval_rows is not None:
+        trainer.evaluate()  # its eval_loss reaches metrics.jsonl through MetricsCallback
+    say("[4/5] exports")
+    e = recipe.export
+    adapter = e.adapter if e.adapter != "auto" else recipe.model.quantization != "full"
+    exports = run_exports(model, tokenizer, run_dir, adapter, e.merged, e.gguf, e.ollama, quiet)
+    for item in exports:
+        say(f"      {item['kind']}: {item['path']} ({size_text(item['bytes'])})")
+    say("[5/5] report")
+    report = _finish(run_dir, summary, exports)
+    print(f"done: {report}", flush=True)
+    return 0
+
+
+def resume_command(run_dir: Path) -> str:
+    return shlex.join(["fasttune", "train", str(run_dir / RECIPE_FILE), "--resume"])
+
+
+def _finish(run_dir: Path, summary: dict[str, Any], exports: list[dict[str, Any]]) -> Path:
+    plot_metrics(read_metrics(run_dir / "metrics.jsonl"), run_dir / PLOT)
+    return write_report(run_dir, summary, exports)

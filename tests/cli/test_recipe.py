@@ -1,0 +1,110 @@
+"""The recipe schema: all problems at once, overrides, the example, the bundled recipe, docs/cli.md in step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fasttune.cli import main
+from fasttune.cli.recipe import (
+    RecipeError,
+    all_fields,
+    bundled_recipe,
+    example_recipe,
+    field_table,
+    load_recipe,
+    parse_overrides,
+    recipe_from_dict,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+
+
+def test_validate_reports_every_problem_at_once(tmp_path, capsys):
+    bad = {"model": {"quantization": "3bit", "max_seq_length": -5}, "lora": {"r": "big", "dropout": 1.5},
+           "train": {"learning_rate": "fast", "optimizer": "adam"}, "export": {"gguf": ["q9_9"]}, "extra": {}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "8 problem(s)" in err
+    for expected in ("model.quantization: '3bit' is not allowed; allowed: one of 4bit, 8bit, 16bit, full",
+                     "model.max_seq_length: -5 is not allowed; allowed: an integer >= 1",
+                     "lora.r: 'big' is not allowed; allowed: an integer >= 1",
+                     "lora.dropout: 1.5 is not allowed; allowed: a number >= 0 and < 1",
+                     "train.learning_rate: 'fast'", "train.optimizer: unknown field", "export.gguf: ['q9_9']",
+                     "extra: unknown section"):
+        assert expected in err, expected
+
+
+def test_cross_field_problems_are_reported_with_the_others():
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"model": {"quantization": "full", "name": "tiny-gpt"},
+                          "export": {"ollama": True, "adapter": True}, "lora": {"r": 0}})
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    assert any(p.startswith("export.ollama") for p in problems)
+    assert any(p.startswith("export.adapter") for p in problems)
+    assert any(p.startswith("model.name: 'tiny-gpt'") for p in problems)
+    assert recipe_from_dict({"model": {"quantization": "full"}}).export.adapter == "auto"  # auto: no adapter to save
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lora:\n  r: 8\ntrain:\n  max_steps: 100\n")
+    recipe = load_recipe(path, ["--lora.r", "32", "--train.max_steps=5", "--export.gguf", "q4_k_m,q8_0",
+                                "--train.gradient_checkpointing", "false", "--data.eval_fraction", "0.1"])
+    assert recipe.lora.r == 32 and recipe.train.max_steps == 5
+    assert recipe.export.gguf == ["q4_k_m", "q8_0"]
+    assert recipe.train.gradient_checkpointing is False and recipe.data.eval_fraction == 0.1
+    assert parse_overrides(["--model.name", "org/model"]) == {"model": {"name": "org/model"}}
+    with pytest.raises(RecipeError, match="--lora.rank: unknown field"):
+        parse_overrides(["--lora.rank", "4"])
+    with pytest.raises(RecipeError, match="lora.r: 'x'"):
+        load_recipe(path, ["--lora.r", "x"])
+
+
+def test_relative_paths_in_a_recipe_are_relative_to_its_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.jsonl").write_text('{"text": "hello"}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text("data:\n  path: data/rows.jsonl\n")
+    assert load_recipe(path).data.path == str(tmp_path / "data" / "rows.jsonl")
+
+
+def test_example_recipe_is_complete_and_valid(tmp_path, capsys):
+    assert main(["recipe", "--example"]) == 0
+    text = capsys.readouterr().out
+    assert text == example_recipe() + "\n"
+    parsed = yaml.safe_load(text)
+    assert recipe_from_dict(parsed) == recipe_from_dict({})  # every field at its default
+    for path, f in all_fields():
+        section, name = path.split(".")
+        assert name in parsed[section] and f.metadata["help"] in text
+
+
+def test_bundled_quickstart_recipe_matches_the_quickstart():
+    recipe = load_recipe(bundled_recipe("quickstart"))
+    assert recipe.model.name == "tiny-llama" and recipe.model.quantization == "4bit"
+    assert Path(recipe.data.path).name == "facts.jsonl" and Path(recipe.data.path).is_file()
+    assert recipe.data.responses_only is True and recipe.data.chat_template == "llama-3"
+    assert (recipe.lora.r, recipe.lora.alpha, recipe.train.max_steps) == (16, 32, 150)
+    with pytest.raises(RecipeError, match="not a bundled recipe"):
+        bundled_recipe("nope")
+
+
+def test_docs_field_table_is_generated_from_the_schema():
+    text = DOCS.read_text()
+    start, end = "<!-- fields:start -->\n", "\n<!-- fields:end -->"
+    assert start in text and end in text, "docs/cli.md lost its field-table markers"
+    table = text.split(start, 1)[1].split(end, 1)[0]
+    assert table == field_table(), "docs/cli.md is out of date: paste `fasttune recipe --fields` between the markers"
+    assert len(table.splitlines()) == len(all_fields()) + 2
+
+
+def test_every_field_has_help_and_a_valid_default():
+    for path, f in all_fields():
+        assert f.metadata["help"], path
+    recipe_from_dict({})  # the defaults pass their own checks
