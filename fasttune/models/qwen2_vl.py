@@ -18,9 +18,11 @@ SPEC = FamilySpec(
     text_equivalent="qwen2",
 )
 
-SPEC_2_5 = FamilySpec(
+SPEC_2_5 = FamilySpec(  # llama.cpp runs the Qwen2.5-VL language model as qwen2vl too
     family="qwen2_5_vl",
     model_type="qwen2_5_vl_text",
     wrapper_model_types=("qwen2_5_vl",),
     name="Qwen2.5-VL",
+    gguf=SPEC.gguf,
+    text_equivalent="qwen2",
 )

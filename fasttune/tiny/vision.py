@@ -66,7 +66,7 @@ TINY_VLMS: dict[str, TinyVLM] = {
         "qwen2_5_vl", "qwen2", ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"), _CHATML,
         "<|vision_start|><|image_pad|><|vision_end|>",
         dict(vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                                 fullatt_block_indexes=[1]),
              text_rope={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}),
     ),
@@ -152,8 +152,11 @@ def _image_processor(family: str):
     if family in ("qwen2_vl", "qwen2_5_vl"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        # 56x56 .. 112x112 pixels: 16 to 64 patches of 14, 4 to 16 tokens after the 2x2 merge
-        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+        # 56x56 .. 112x112 pixels: 16 to 64 patches of 14, 4 to 16 tokens after the 2x2 merge. Qwen2.5-VL's window
+        # attention works on 112-pixel windows (its released value, which llama.cpp assumes), so its images may be
+        # twice as wide and tall: up to 4 windows.
+        side = 224 if family == "qwen2_5_vl" else 112
+        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side)
     if family == "gemma3":
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 

@@ -23,21 +23,24 @@ def _adapted(tiny_vlm_dir, family="gemma3"):
     return FastVisionModel.get_peft_model(model, r=8, init_lora_weights=False), processor
 
 
-@pytest.mark.parametrize(("family", "projector", "arch", "some_names", "count"), [
+@pytest.mark.parametrize(("family", "projector", "arch", "some_names", "count", "image_tokens"), [
     ("gemma3", "gemma3", "gemma3", {"v.patch_embd.weight", "v.blk.1.attn_out.weight", "v.post_ln.bias",
-                                    "mm.input_projection.weight", "mm.soft_emb_norm.weight"}, 39),
+                                    "mm.input_projection.weight", "mm.soft_emb_norm.weight"}, 39, 16),
     ("qwen2_vl", "qwen2vl_merger", "qwen2vl", {"v.patch_embd.weight", "v.patch_embd.weight.1", "v.blk.0.attn_q.bias",
                                                "v.blk.1.attn_v.weight", "v.post_ln.weight", "mm.0.weight",
-                                               "mm.2.bias"}, 40),
+                                               "mm.2.bias"}, 40, 16),
+    # 224-pixel image: four 112-pixel attention windows in block 0, full attention in block 1
+    ("qwen2_5_vl", "qwen2.5vl_merger", "qwen2vl", {"v.blk.0.ffn_gate.bias", "v.blk.1.ln2.weight", "v.post_ln.weight",
+                                                   "v.patch_embd.weight.1", "mm.2.weight"}, 39, 64),
 ])
 def test_language_model_and_mmproj_validate_in_llama_cpp(tiny_vlm_dir, tmp_path, caplog, family, projector, arch,
-                                                         some_names, count):
+                                                         some_names, count, image_tokens):
     model, processor = _adapted(tiny_vlm_dir, family)
     with caplog.at_level("INFO", logger="fasttune"):
         paths = model.save_pretrained_gguf(str(tmp_path), processor, quantization_method=["f16", "q8_0"],
                                            validate=True)
     assert [p.name for p in paths] == ["model.F16.gguf", "model.Q8_0.gguf", "mmproj-model.F16.gguf"]
-    assert "16 image tokens" in caplog.text and caplog.text.count("tokens match") == 2
+    assert f"{image_tokens} image tokens" in caplog.text and caplog.text.count("tokens match") == 2
     reader = GGUFReader(str(paths[-1]))
     fields = {f.name: f for f in reader.fields.values()}
     assert bytes(fields["clip.projector_type"].parts[-1]).decode() == projector

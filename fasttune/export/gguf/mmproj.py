@@ -7,7 +7,8 @@ writer and tensor map are reused unchanged); :func:`write_mmproj` writes the vis
 
 Supported: Gemma 3 (SigLIP encoder, average-pool + RMS-norm + linear projector: llama.cpp projector ``gemma3``) and
 Qwen2-VL (ViT with 2-D RoPE and quick-GELU, 2x2 patch merger: ``qwen2vl_merger``; its fused ``qkv`` is split into
-q/k/v and its two-frame patch kernel into two 2-D kernels, as llama.cpp's graph wants). The tensor names and keys
+q/k/v and its two-frame patch kernel into two 2-D kernels, as llama.cpp's graph wants) and Qwen2.5-VL (the same with
+RMS norms, a gated SiLU MLP and window attention: ``qwen2.5vl_merger``). The tensor names and keys
 follow llama.cpp's mtmd loader (``tools/mtmd/clip.cpp``); weights are stored as transformers holds them (ggml's
 row-major reading of a ``(out, in)`` matrix is what its matmul wants).
 """
@@ -80,6 +81,14 @@ _QWEN2VL_TOWER: dict[str, str | Split] = {
 }
 
 
+_QWEN25VL_TOWER: dict[str, str | Split] = {
+    **{k: v for k, v in _QWEN2VL_TOWER.items() if "norm" not in k and "mlp.fc" not in k and "ln_q.bias" not in k},
+    **{f"blocks.{{}}.{hf}.weight": f"v.blk.{{}}.{ours}.weight" for hf, ours in (("norm1", "ln1"), ("norm2", "ln2"))},
+    **{f"blocks.{{}}.mlp.{hf}_proj.{kind}": f"v.blk.{{}}.ffn_{hf}.{kind}"
+       for hf in ("gate", "up", "down") for kind in ("weight", "bias")},
+}
+
+
 @dataclass(frozen=True)
 class MMProjMap:
     """How one family's vision tower and projector are written as an mmproj file."""
@@ -91,7 +100,7 @@ class MMProjMap:
     projector_names: dict[str, str | Split] = field(default_factory=dict)
     offset_norms: tuple[str, ...] = ()  # GGUF names whose weight is stored as 1 + w (Gemma's RMSNorm)
     keep_f32: tuple[str, ...] = ("v.patch_embd.weight", "v.position_embd.weight")
-    activation: str = "gelu"  # the encoder MLP's: gelu (tanh form) or quick_gelu (llama.cpp's default)
+    activation: str = "gelu"  # the encoder MLP's: gelu (tanh form), silu, or quick_gelu (llama.cpp's default)
 
 
 MMPROJ_MAPS: dict[str, MMProjMap] = {
@@ -110,6 +119,13 @@ MMPROJ_MAPS: dict[str, MMProjMap] = {
         names=_QWEN2VL_TOWER,
         keep_f32=(),
         activation="quick_gelu",
+    ),
+    "qwen2_5_vl": MMProjMap(  # RMS norms, a gated SiLU MLP, window attention in all but every n-th block
+        projector_type="qwen2.5vl_merger",
+        tower_prefix="model.visual.",
+        names=_QWEN25VL_TOWER,
+        keep_f32=(),
+        activation="silu",
     ),
 }
 
@@ -158,6 +174,15 @@ def _image_stats(processor: Any) -> tuple[list[float], list[float]]:
     return [float(v) for v in mean], [float(v) for v in std]
 
 
+def _window_pattern(full_blocks: list[int]) -> int:
+    """llama.cpp's ``n_wa_pattern``: every n-th block attends fully; it cannot express an irregular pattern."""
+    pattern = full_blocks[0] + 1
+    if any(b - a != pattern for a, b in zip(full_blocks, full_blocks[1:])):
+        raise ValueError(f"fullatt_block_indexes: {full_blocks} is not every n-th block, which is all llama.cpp's "
+                         "mmproj can express")
+    return pattern
+
+
 def image_side(config: Any, processor: Any) -> int:
     """The image side (pixels) the vision tower is fed without resizing: its fixed size, or for Qwen2-VL (any size)
     the largest square the processor's pixel budget keeps as it is, rounded down to whole merged patches."""
@@ -174,8 +199,13 @@ def write_mmproj_hparams(writer: GGUFWriter, config: Any, mmap: MMProjMap, proce
     v = config.vision_config
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_string("clip.projector_type", mmap.projector_type)
-    if mmap.projector_type == "qwen2vl_merger":  # Qwen2-VL's vision config names its sizes differently
-        width, ff, depth, heads, eps = v.embed_dim, int(v.embed_dim * v.mlp_ratio), v.depth, v.num_heads, 1e-6
+    if mmap.projector_type in ("qwen2vl_merger", "qwen2.5vl_merger"):  # Qwen's vision configs name sizes their way
+        if mmap.projector_type == "qwen2vl_merger":
+            width, ff = v.embed_dim, int(v.embed_dim * v.mlp_ratio)
+        else:
+            width, ff = v.hidden_size, v.intermediate_size
+            writer.add_uint32("clip.vision.n_wa_pattern", _window_pattern(v.fullatt_block_indexes))
+        depth, heads, eps = v.depth, v.num_heads, 1e-6
         writer.add_uint32("clip.vision.image_size", image_side(config, processor))  # read; images keep their size
         writer.add_uint32("clip.vision.spatial_merge_size", int(v.spatial_merge_size))
     else:
@@ -194,6 +224,8 @@ def write_mmproj_hparams(writer: GGUFWriter, config: Any, mmap: MMProjMap, proce
     writer.add_array("clip.vision.image_std", std)
     if mmap.activation == "gelu":  # SigLIP's gelu_pytorch_tanh is ggml_gelu (the tanh form)
         writer.add_bool("clip.use_gelu", True)
+    elif mmap.activation == "silu":
+        writer.add_bool("clip.use_silu", True)
     if mmap.projector_type == "gemma3":
         patches_per_side = v.image_size // v.patch_size
         tokens_per_side = int(round(config.mm_tokens_per_image ** 0.5))
