@@ -19,11 +19,9 @@ from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings, RLOptions
 from .device import default_device_map
 from .lora import inject_lora
 from .lora.inject import targets_from_switches
-from .lora.precision import keep_adapter_dtype
 from .models import get_family
-from .modes import attach_model_methods
-from .patch import FAST_PATHS, is_patched, patch_model
-from .patch.checkpointing import set_gradient_checkpointing
+from .modes import finish_loading, finish_peft, prepare_tokenizer
+from .patch import FAST_PATHS, patch_model
 from .quant import patch_quantized_layers
 from .quant.config import int8_config, nf4_config
 from .source import resolve_source
@@ -39,18 +37,6 @@ def _quantization_config(cfg: LoadConfig) -> BitsAndBytesConfig | None:
     if cfg.quantization == "8bit":
         return int8_config()
     return None
-
-
-def _prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:
-    """Right padding for training, a pad token that is not a real word, and the length limit."""
-    tokenizer.padding_side = "right"
-    tokenizer.model_max_length = max_seq_length
-    if tokenizer.pad_token is None:
-        # An unused special token is the safe pad; eos as pad is the common fallback (labels come from the
-        # attention mask in TRL's collators, so padding never becomes a target).
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-        logger.info("fasttune: the tokenizer had no pad token; using %r", tokenizer.pad_token)
-    return tokenizer
 
 
 class FastLanguageModel:
@@ -121,27 +107,12 @@ class FastLanguageModel:
             source.adapter or source.base, token=token, revision=revision, trust_remote_code=trust_remote_code
         )
         if fix_tokenizer:
-            _prepare_tokenizer(tokenizer, max_seq_length)
+            prepare_tokenizer(tokenizer, max_seq_length)
         model.max_seq_length = max_seq_length
         model.fasttune_tokenizer = tokenizer
         model.max_lora_rank = rl_options.max_lora_rank
         model.fasttune_rl_options = rl_options  # read by fasttune.trl.GRPOTrainer (vLLM rollouts on CUDA)
-        if source.adapter is not None:
-            model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
-            if is_patched(model):
-                patch_model(model)  # fuse the LoRA blocks over the adapter's layers
-        attach_model_methods(model)
-        if full_finetuning:
-            for param in model.parameters():
-                param.requires_grad_(True)
-            set_gradient_checkpointing(model, use_gradient_checkpointing)
-        else:
-            for name, param in model.named_parameters():
-                param.requires_grad_("lora_" in name)
-            if isinstance(model, PeftModel):
-                keep_adapter_dtype(model)  # adapters stay fp32 through TRL's bf16 cast (exact resume)
-                # an adapter folder is loaded to train further: same checkpointing as get_peft_model would set
-                set_gradient_checkpointing(model, use_gradient_checkpointing)
+        model = finish_loading(model, source.adapter, full_finetuning, use_gradient_checkpointing)
         return model, tokenizer
 
     @staticmethod
@@ -194,15 +165,9 @@ class FastLanguageModel:
         extra = {k: v for k, v in (("layers_pattern", layers_pattern), ("loftq_config", loftq_config)) if v}
         spec = get_family(model.config.model_type)
         peft_model = inject_lora(model, settings, spec, **extra, **kwargs)
-        if is_patched(peft_model):
-            patch_model(peft_model)  # re-patch: fused Q/K/V, O and MLP blocks over the new LoRA layers
         if max_seq_length is not None:
             peft_model.max_seq_length = max_seq_length
-        set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
-        peft_model.config.use_cache = False
-        keep_adapter_dtype(peft_model)  # adapters stay fp32 through TRL's bf16 cast (exact resume)
-        attach_model_methods(peft_model)
-        return peft_model
+        return finish_peft(peft_model, use_gradient_checkpointing)
 
     @staticmethod
     def for_inference(model: PreTrainedModel) -> PreTrainedModel:

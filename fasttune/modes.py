@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import types
 from typing import Any
 
+from peft import PeftModel
 from torch import nn
 
 from . import export
+from .lora.precision import keep_adapter_dtype
 from .lora.unwrap import base_model
+from .patch import is_patched, patch_model
 from .patch.checkpointing import pause_checkpointing, remembered_mode, set_gradient_checkpointing
 from .rl import RL_METHODS
+
+logger = logging.getLogger("fasttune")
 
 EXPORT_METHODS: tuple[str, ...] = (
     "save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf"
@@ -24,6 +30,53 @@ def attach_model_methods(model: nn.Module) -> None:
         setattr(model, name, types.MethodType(getattr(export, name), model))
     for name, function in RL_METHODS.items():
         setattr(model, name, types.MethodType(function, model))
+
+
+def prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:
+    """Right padding for training, a pad token that is not a real word, and the length limit."""
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = max_seq_length
+    if tokenizer.pad_token is None:
+        # An unused special token is the safe pad; eos as pad is the common fallback (labels come from the
+        # attention mask in TRL's collators, so padding never becomes a target).
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("fasttune: the tokenizer had no pad token; using %r", tokenizer.pad_token)
+    return tokenizer
+
+
+def finish_loading(model: nn.Module, adapter: str | None, full_finetuning: bool,
+                   use_gradient_checkpointing: Any) -> nn.Module:
+    """The last steps of both facades' ``from_pretrained``: attach a saved adapter (fused blocks over it), bind the
+    Unsloth-style methods, and set what trains (every weight, or the LoRA weights kept in fp32) and checkpointing."""
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        if is_patched(model):
+            patch_model(model)  # fuse the LoRA blocks over the adapter's layers
+    attach_model_methods(model)
+    if full_finetuning:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        set_gradient_checkpointing(model, use_gradient_checkpointing)
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+        if isinstance(model, PeftModel):
+            keep_adapter_dtype(model)  # adapters stay fp32 through TRL's bf16 cast (exact resume)
+            # an adapter folder is loaded to train further: same checkpointing as get_peft_model would set
+            set_gradient_checkpointing(model, use_gradient_checkpointing)
+    return model
+
+
+def finish_peft(peft_model: PeftModel, use_gradient_checkpointing: Any) -> PeftModel:
+    """After LoRA injection (both facades): fused blocks over the new LoRA layers, checkpointing, no KV cache while
+    training, adapters kept fp32 (through TRL's bf16 cast: exact resume), the bound methods."""
+    if is_patched(peft_model):
+        patch_model(peft_model)  # re-patch: fused Q/K/V, O and MLP blocks over the new LoRA layers
+    set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+    peft_model.config.use_cache = False
+    keep_adapter_dtype(peft_model)
+    attach_model_methods(peft_model)
+    return peft_model
 
 
 def for_inference(model: nn.Module) -> nn.Module:

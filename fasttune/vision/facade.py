@@ -21,11 +21,9 @@ from fasttune import modes
 from fasttune.config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
 from fasttune.device import default_device_map
 from fasttune.lora import inject_lora
-from fasttune.lora.precision import keep_adapter_dtype
 from fasttune.models import get_family
-from fasttune.modes import attach_model_methods
-from fasttune.patch import FAST_PATHS, is_patched, patch_model
-from fasttune.patch.checkpointing import set_gradient_checkpointing
+from fasttune.modes import finish_loading, finish_peft, prepare_tokenizer
+from fasttune.patch import FAST_PATHS, patch_model
 from fasttune.quant import patch_quantized_layers
 from fasttune.quant.config import int8_config, nf4_config
 from fasttune.source import resolve_source
@@ -39,16 +37,6 @@ logger = logging.getLogger("fasttune")
 def is_vision_config(config: Any) -> bool:
     """Whether a transformers config is a vision-language model's (it has a vision tower config)."""
     return getattr(config, "vision_config", None) is not None
-
-
-def _prepare_processor(processor: Any, max_seq_length: int) -> Any:
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokenizer.padding_side = "right"
-    tokenizer.model_max_length = max_seq_length
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-        logger.info("fasttune: the tokenizer had no pad token; using %r", tokenizer.pad_token)
-    return processor
 
 
 class FastVisionModel:
@@ -107,25 +95,11 @@ class FastVisionModel:
                            "transformers' forward", type(model).__name__, text_type)
         processor = load_processor(source.adapter or source.base, token=token, revision=revision,
                                    trust_remote_code=trust_remote_code)
-        _prepare_processor(processor, max_seq_length)
+        prepare_tokenizer(getattr(processor, "tokenizer", processor), max_seq_length)
         model.max_seq_length = max_seq_length
         model.fasttune_tokenizer = getattr(processor, "tokenizer", processor)
         model.fasttune_processor = processor
-        if source.adapter is not None:
-            model = PeftModel.from_pretrained(model, source.adapter, is_trainable=True)
-            if is_patched(model):
-                patch_model(model)
-        attach_model_methods(model)
-        if full_finetuning:
-            for param in model.parameters():
-                param.requires_grad_(True)
-            set_gradient_checkpointing(model, use_gradient_checkpointing)
-        else:
-            for name, param in model.named_parameters():
-                param.requires_grad_("lora_" in name)
-            if isinstance(model, PeftModel):
-                keep_adapter_dtype(model)
-                set_gradient_checkpointing(model, use_gradient_checkpointing)
+        model = finish_loading(model, source.adapter, full_finetuning, use_gradient_checkpointing)
         return model, processor
 
     @staticmethod
@@ -174,13 +148,7 @@ class FastVisionModel:
                                 init_lora_weights)
         extra = {"loftq_config": loftq_config} if loftq_config else {}
         peft_model = inject_lora(model, settings, get_family(model.config.model_type), **extra, **kwargs)
-        if is_patched(peft_model):
-            patch_model(peft_model)
-        set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
-        peft_model.config.use_cache = False
-        keep_adapter_dtype(peft_model)
-        attach_model_methods(peft_model)
-        return peft_model
+        return finish_peft(peft_model, use_gradient_checkpointing)
 
     @staticmethod
     def for_inference(model: PreTrainedModel) -> PreTrainedModel:
