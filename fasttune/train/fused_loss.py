@@ -79,7 +79,8 @@ class FastLossMixin:
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
             elif "position_ids" in inputs:
-                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+                # (1, tokens), or (4, 1, tokens) for packed multimodal-RoPE rows (text positions first)
+                local = torch.tensor(inputs["position_ids"].shape[-1], device=inputs["position_ids"].device)
             else:
                 raise ValueError("FastLossMixin: the batch has neither 'attention_mask' nor 'position_ids' to count "
                                  "its tokens (num_tokens)")

@@ -9,7 +9,12 @@ content (``{"type": "image", "image": <PIL image | path | URL | {"bytes": ...}>}
    longest row, never truncating: cutting a row would cut image tokens, so a row longer than ``max_seq_length`` is an
    error naming it);
 3. builds labels: assistant answers only (``train_on_responses_only=True``, markers read from the chat template or
-   given), and never an image placeholder, vision token or padding.
+   given), and never an image placeholder, vision token or padding;
+4. padding-free (``padding_free=None``: where the family allows it): the rows are packed into one row without
+   padding, each conversation keeping its own positions (Qwen2-VL's 3-D rope positions computed per conversation,
+   with the text positions transformers reads to find the segments) and segment bounds (``cu_seq_lens_q``) for
+   fasttune's per-segment attention. Families whose image tokens attend bidirectionally (Gemma 3) or through cross
+   attention (mllama) keep padded rows: packing would change what they compute.
 
 Errors name the row (its index in the batch and, with datasets' indices, the example) and the problem: a missing or
 unreadable image, more or fewer images than placeholders, message text that spells a control token (it could forge a
@@ -30,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fasttune.data.infer_template import infer_template
 from fasttune.data.masking import IGNORE_INDEX, TokenTexts, response_mask
+from fasttune.lora.unwrap import base_model
 
 logger = logging.getLogger("fasttune")
 
@@ -91,6 +97,21 @@ def _resized(image: Image.Image, size: int | None) -> Image.Image:
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
+# model_type -> how its rows are packed: "mrope" (3-D positions per conversation), "1d" (plain positions); families
+# not listed cannot be packed exactly (bidirectional image attention, cross-attention masks).
+PACKABLE: dict[str, str] = {"qwen2_vl": "mrope", "qwen2_5_vl": "mrope", "llava": "1d"}
+
+
+def _packing_kind(config: Any, padding_free: bool | None) -> str | None:
+    model_type = getattr(config, "model_type", None)
+    kind = PACKABLE.get(model_type)
+    if padding_free and kind is None:
+        raise ValueError(f"padding_free=True: {model_type!r} rows cannot be packed exactly (its image tokens attend "
+                         f"bidirectionally or through cross-attention); packable families: {sorted(PACKABLE)}. "
+                         "Leave padding_free=None to pack where possible")
+    return kind if padding_free is not False else None
+
+
 class VisionDataCollator:
     """Batches image-text conversations for a vision-language model (see the module docstring).
 
@@ -113,6 +134,7 @@ class VisionDataCollator:
         formatting_func: Any = None,
         messages_field: str = "messages",
         images_field: str = "images",
+        padding_free: bool | None = None,
     ) -> None:
         if not hasattr(processor, "image_processor"):
             raise VisionCollatorError(f"processor: a {type(processor).__name__} has no image processor, so this is a "
@@ -124,6 +146,8 @@ class VisionDataCollator:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         config = getattr(model, "config", None)
+        self.packing = _packing_kind(config, padding_free)
+        self._rope_index = base_model(model).model.get_rope_index if self.packing == "mrope" else None
         self.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
         self.image_size = image_size
         self.formatting_func = formatting_func
@@ -252,7 +276,31 @@ class VisionDataCollator:
                                               "every row needs an assistant message to train on")
                 labels[i][~mask] = IGNORE_INDEX
         batch["labels"] = labels
-        return batch
+        return self._pack(batch) if self.packing is not None else batch
+
+    def _pack(self, batch: Any) -> dict[str, torch.Tensor]:
+        """One row of the batch's conversations without padding (see the module docstring, point 4)."""
+        mask = batch["attention_mask"].bool()
+        lengths = mask.sum(dim=1).tolist()
+        packed: dict[str, torch.Tensor] = {k: v for k, v in batch.items()
+                                           if k not in ("input_ids", "attention_mask", "labels", "mm_token_type_ids",
+                                                        "token_type_ids")}
+        for key in ("input_ids", "labels", "mm_token_type_ids"):
+            if key in batch:
+                packed[key] = batch[key][mask].unsqueeze(0)
+        text_positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        if self.packing == "mrope":  # the model's own 3-D positions of each (right-padded) row
+            positions, _ = self._rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                            image_grid_thw=batch.get("image_grid_thw"),
+                                            attention_mask=batch["attention_mask"])
+            spatial = torch.cat([positions[:, i, :n] for i, n in enumerate(lengths)], dim=1).unsqueeze(1)
+            packed["position_ids"] = torch.cat([text_positions.unsqueeze(0), spatial], dim=0)  # (4, 1, total)
+        else:
+            packed["position_ids"] = text_positions
+        bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        packed["cu_seq_lens_q"] = packed["cu_seq_lens_k"] = bounds
+        packed["max_length_q"] = packed["max_length_k"] = max(lengths)
+        return packed
 
 
 UnslothVisionDataCollator = VisionDataCollator

@@ -37,7 +37,7 @@ def _labelled_text(processor, batch, row):
                                                     ("llava", "<|end_of_text|>")])
 def test_labels_are_the_answers_and_their_end_of_turn(loaded, family, answer_end):
     model, processor = loaded(family)
-    collator = UnslothVisionDataCollator(model, processor)
+    collator = UnslothVisionDataCollator(model, processor, padding_free=False)  # one row per conversation
     assert UnslothVisionDataCollator is VisionDataCollator
     examples = [conversation(circle("red"), answer="red circle"), conversation(circle("blue", 80), answer="blue")]
     batch = collator(examples)
@@ -118,3 +118,40 @@ def test_images_for_a_text_only_model_are_refused(tiny_model_dir):
     model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen2")), load_in_4bit=False)
     with pytest.raises(VisionCollatorError, match="text-only model; images cannot be trained on it"):
         UnslothVisionDataCollator(model, tokenizer)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+def test_padding_free_rows_give_the_padded_loss_and_gradients(tiny_vlm_dir, family):
+    """Packed conversations (own positions, per-segment attention) compute exactly what padded rows compute."""
+    model, processor = FastVisionModel.from_pretrained(str(tiny_vlm_dir(family)), load_in_4bit=False,
+                                                       dtype=torch.float32, use_gradient_checkpointing=False)
+    model = FastVisionModel.get_peft_model(model, r=8, init_lora_weights=False, use_gradient_checkpointing=False)
+    model.train()
+    examples = [conversation(circle("red", 56), answer="red circle"),
+                conversation(circle("blue", 112), question="Colour?", answer="blue"),
+                conversation(circle("green", 84), answer="green")]
+    results = []
+    for padding_free in (False, None):
+        batch = VisionDataCollator(model, processor, padding_free=padding_free)(examples)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((batch, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}))
+    (padded, ref_loss, ref_grads), (packed, loss, grads) = results
+    assert padded["input_ids"].shape[0] == 3 and packed["input_ids"].shape[0] == 1
+    assert "attention_mask" not in packed and packed["cu_seq_lens_q"].tolist()[-1] == packed["input_ids"].shape[1]
+    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum()) < padded["attention_mask"].numel()
+    assert packed["position_ids"].shape[0] == (4 if family != "llava" else 1)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_free_is_refused_where_packing_would_change_the_model(loaded):
+    model, processor = loaded("gemma3")
+    with pytest.raises(ValueError, match="padding_free=True: 'gemma3' rows cannot be packed exactly"):
+        VisionDataCollator(model, processor, padding_free=True)
+    batch = VisionDataCollator(model, processor)([conversation(circle("red")), conversation(circle("blue"))])
+    assert batch["input_ids"].shape[0] == 2  # the default keeps padded rows there
