@@ -96,6 +96,10 @@ TINY_VLMS: dict[str, TinyVLM] = {
 }
 FAMILIES: tuple[str, ...] = tuple(TINY_VLMS)
 
+# The token each family's chat template ends a turn with, where it is not the tokenizer's eos: generation stops there.
+END_OF_TURN: dict[str, str] = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "gemma3": "<end_of_turn>",
+                               "mllama": "<|eot_id|>"}
+
 
 def build_tiny_vlm_tokenizer(family: str, extra_texts: list[str] | None = None) -> PreTrainedTokenizerBase:
     """The family's tiny tokenizer with its image markers added as special tokens."""
@@ -128,9 +132,14 @@ def tiny_vlm_config(family: str, tokenizer: PreTrainedTokenizerBase, **text_over
     text = {**_TEXT, **extra.pop("text", {}), "vocab_size": vocab, **text_overrides,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id}
-    if "text_rope" in extra:
-        text["rope_parameters"] = extra.pop("text_rope")
-    vision = extra.pop("vision_config")
+    rope = extra.pop("text_rope", None)
+    if rope is not None:  # a caller's rope_parameters (e.g. sections for another head_dim) wins
+        text.setdefault("rope_parameters", rope)
+    vision = dict(extra.pop("vision_config"))  # a copy: the family table is shared
+    if family == "qwen2_vl":  # the merger's output width is the text width
+        vision["hidden_size"] = text["hidden_size"]
+    elif family == "qwen2_5_vl":
+        vision["out_hidden_size"] = text["hidden_size"]
     kwargs: dict[str, Any] = dict(text_config=text, vision_config=vision, **extra)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         kwargs.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -215,8 +224,10 @@ def build_tiny_vlm(
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     _spread_flat_weights(model, seed)
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN[family]) if family in END_OF_TURN else None
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
+                                               eos_token_id=[t for t in (end_of_turn, tokenizer.eos_token_id)
+                                                             if t is not None],
                                                pad_token_id=tokenizer.pad_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
