@@ -50,20 +50,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MODES = ("plain", "fasttune", "fasttune_4bit")
 LORA_SEED = 3407  # fasttune's random_state: torch.manual_seed(3407) right before peft.get_peft_model
-TEXT_TOWER = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64,
-                  rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0})
+_ROPE_64 = {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0}  # head_dim 64
+TEXT_TOWERS = {  # --text: the language tower's shape (the vision tower is the tiny one: depth 2, width 64)
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, rope_parameters=_ROPE_64),
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, head_dim=64, rope_parameters=_ROPE_64),
+}
 WHERE = ("top left", "top right", "bottom left", "bottom right", "middle")
 
 
 # ------------------------------------------------------------------------------------------------ data and model
-def describe_rows(n: int, seed: int, size: int = 112) -> list[dict]:
-    """``n`` pictures of one coloured shape, each with "Describe the picture." and a one-sentence answer."""
+def describe_rows(n: int, seed: int, size: int = 112, varied: bool = False) -> list[dict]:
+    """``n`` pictures of one coloured shape, each with "Describe the picture." and a one-sentence answer.
+
+    ``varied``: picture sides drawn from 56-224 pixels (Qwen2-VL keeps each image's size, so 4 to 64 image tokens)
+    and answers of one to four sentences, as real captioning/OCR data varies; else every row has the same shape."""
     from fasttune.quickstart.vision import COLOURS, SHAPES, conversation, draw
 
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
+        size = rng.choice((56, 112, 168, 224)) if varied else size
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         image = draw(shape, colour, rng, size)
         box = image.convert("L").point(lambda v: v < 250).getbbox() or (0, 0, size, size)
@@ -71,18 +79,21 @@ def describe_rows(n: int, seed: int, size: int = 112) -> list[dict]:
         where = ("middle" if abs(cx - 0.5) < 0.1 and abs(cy - 0.5) < 0.1
                  else f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}")
         answer = f"A {colour} {shape} in the {where} of a white picture."
+        if varied:
+            answer = " ".join([answer] + [f"The {shape} is {colour}; the rest of the picture is white."]
+                              * rng.randint(0, 3))
         rows.append({"messages": conversation(image, "Describe the picture.", answer)})
     return rows
 
 
-def build_model(folder: Path) -> Path:
+def build_model(folder: Path, text: str = "tiny") -> Path:
     """``build_tiny_vlm("qwen2_vl", ...)`` with the bigger text tower, and the vision merger's output widened to it."""
     from fasttune.quickstart.vision import COLOURS, SHAPES
     from fasttune.tiny.vision import build_tiny_vlm
 
     words = [f"A {c} {s} in the {w} of a white picture. Describe the picture."
              for c in COLOURS for s in SHAPES for w in WHERE]
-    build_tiny_vlm("qwen2_vl", folder, seed=0, extra_texts=words * 2, **TEXT_TOWER)
+    build_tiny_vlm("qwen2_vl", folder, seed=0, extra_texts=words * 2, **TEXT_TOWERS[text])
     return folder
 
 
@@ -152,7 +163,7 @@ def build_trainer(opts: argparse.Namespace, model, processor, workdir: str):
         bf16=opts.dtype == "bfloat16", remove_unused_columns=False, dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=2048, **hand_set,
     )
-    rows = describe_rows((opts.warmup + opts.steps) * opts.batch, opts.seed)
+    rows = describe_rows((opts.warmup + opts.steps) * opts.batch, opts.seed, varied=opts.data == "varied")
     # fasttune's collator packs rows padding-free where the family allows it (its default); the plain stack gets the
     # padded batches a plain collator makes (same rows, same labels)
     plain_batches = {} if fasttune_stack else {"padding_free": False}
@@ -254,7 +265,7 @@ def spawn(mode: str, opts: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--model-dir", opts.model_dir,
            "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch", str(opts.batch),
            "--threads", str(opts.threads), "--seed", str(opts.seed), "--dtype", opts.dtype,
-           "--targets", opts.targets]
+           "--targets", opts.targets, "--data", opts.data, "--text", opts.text]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
     load_before = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -294,6 +305,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="timed steps (default 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--text", choices=sorted(TEXT_TOWERS), default="tiny", help="language tower shape")
+    parser.add_argument("--data", choices=["uniform", "varied"], default="uniform",
+                        help="uniform: 112-pixel pictures, one-sentence answers; varied: 56-224 pixels, 1-4 sentences")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
@@ -314,7 +328,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if opts.model_dir is None:
-            opts.model_dir = str(build_model(Path(tmp) / "qwen2_vl"))
+            opts.model_dir = str(build_model(Path(tmp) / "qwen2_vl", opts.text))
         opts.targets = lora_targets(opts.model_dir)
         for mode in opts.modes:
             results.append(spawn(mode, opts))
@@ -322,8 +336,10 @@ def main() -> None:
             print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "tokens", "label_tokens",
                                                                        "target_modules", "step_s")}), flush=True)
     ok = [r for r in results if "error" not in r]
-    print(f"\nQwen2-VL (text 256x4, vision depth 2), {opts.batch} x 112x112 pictures per step, {opts.warmup} warm-up + "
-          f"{opts.steps} timed steps, {opts.dtype}, {opts.threads} threads\n")
+    tower = TEXT_TOWERS[opts.text]
+    print(f"\nQwen2-VL (text {tower['hidden_size']}x{tower['num_hidden_layers']}, vision depth 2), {opts.batch} "
+          f"pictures per step ({opts.data}), {opts.warmup} warm-up + {opts.steps} timed steps, {opts.dtype}, "
+          f"{opts.threads} threads\n")
     print(table(results))
     plain = next((r for r in ok if r["mode"] == "plain"), None)
     for r in ok:
