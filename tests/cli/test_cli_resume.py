@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ENV, TINY_RECIPE, fasttune, read_metrics, write_recipe
+from cli_helpers import ENV, TINY_RECIPE, fasttune, read_metrics, write_recipe
 
 pytestmark = pytest.mark.slow
 

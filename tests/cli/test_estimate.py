@@ -13,7 +13,7 @@ import random
 import re
 
 import pytest
-from conftest import fasttune
+from cli_helpers import fasttune
 
 pytestmark = pytest.mark.slow
 

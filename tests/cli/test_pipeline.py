@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_RECIPE, fasttune, read_metrics
+from cli_helpers import TINY_RECIPE, fasttune, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_chat_answers_one_turn_from_stdin(trained_run, tmp_path):
 
 def test_bad_data_path_names_the_field(tmp_path):
     recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "path": str(tmp_path / "missing.jsonl")}}
-    from conftest import write_recipe
+    from cli_helpers import write_recipe
 
     done = fasttune("train", str(write_recipe(tmp_path, recipe)), cwd=tmp_path)
     assert done.returncode == 2
