@@ -183,6 +183,15 @@ def machine() -> dict:
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
+def save_results(kind: str, info: dict, opts: argparse.Namespace, results: list[dict]) -> Path:
+    """Write ``bench/results/<kind>-<UTC time>.json`` (machine, options, results) and say where."""
+    out = HERE / "results" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "options": vars(opts), "results": results}, indent=1))
+    print(f"wrote {out}")
+    return out
+
+
 def table(results: list[dict]) -> str:
     head = f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'RSS GiB':>8} {'x base':>7} {'loss':>8} {'MFU':>6}"
     out = [head, "-" * len(head)]
@@ -255,10 +264,7 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in r.items() if k not in ("step_s", "losses", "trained_tokens")}),
                       flush=True)
         print(table(results))
-    out = HERE / "results" / f"sft-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "options": vars(opts), "results": results}, indent=1))
-    print(f"wrote {out}")
+    save_results("sft", info, opts, results)
 
 
 if __name__ == "__main__":

@@ -354,10 +354,9 @@ def main() -> None:
         print(f"{r['mode']}: checkpointing {r['checkpointing']} (config gradient_checkpointing="
               f"{r['config_gradient_checkpointing']}); step times {r['step_s']}")
     print(f"load average (1 min) around each run: {[(r['mode'], r.get('load_avg_1m')) for r in results]}")
-    out = HERE / "results" / f"vision-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "options": vars(opts), "results": results}, indent=1))
-    print(f"wrote {out}")
+    from bench_sft import save_results  # bench/ is sys.path[0] when run as a script
+
+    save_results("vision", info, opts, results)
 
 
 if __name__ == "__main__":
