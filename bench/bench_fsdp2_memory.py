@@ -5,8 +5,10 @@
 Each mode runs in its own ``torchrun --standalone --nproc_per_node 2`` job: a fasttune model loaded with
 ``full_finetuning=True`` (fp32, "unsloth" checkpointing, fused blocks and loss), AdamW, 3 steps on 2 x 256-token rows
 per rank. ``ddp`` wraps it in ``DistributedDataParallel``; ``fsdp2`` applies ``fully_shard`` to each decoder layer
-and to the model, so weights, gradients and AdamW state are split between the ranks. Figure: each rank's peak RSS
-(``resource.getrusage``), the larger of the two ranks, and FSDP2's over DDP's.
+and to the model, so weights, gradients and AdamW state are split between the ranks; ``fsdp2_units`` also makes the
+input embeddings and the LM head units of their own. Figures: each rank's peak RSS (``resource.getrusage``), the
+larger of the two ranks, and FSDP2's over DDP's; also the peak above what the process held after its imports,
+before loading the model (the part that scales with the model).
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ def worker(mode: str, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    before_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Python, torch, fasttune imported
     model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=512, dtype="float32", load_in_4bit=False,
                                                  full_finetuning=True, use_gradient_checkpointing="unsloth")
     model.train()
-    if mode == "fsdp2":
+    if mode in ("fsdp2", "fsdp2_units"):
         from torch.distributed.fsdp import fully_shard
 
+        if mode == "fsdp2_units":  # the embeddings and the head as units of their own: the root unit (norm only)
+            fully_shard(model.model.embed_tokens)  # no longer gathers vocab x hidden twice for the whole step
+            fully_shard(model.lm_head)
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -55,15 +61,16 @@ def worker(mode: str, folder: str) -> None:
         optimizer.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak)
+    dist.all_gather_object(peaks, (peak, before_load))
     if rank == 0:
-        print(json.dumps({"mode": mode, "peak_rss_gib": peaks, "loss": float(loss)}), flush=True)
+        print(json.dumps({"mode": mode, "peak_rss_gib": [p for p, _ in peaks],
+                          "above_imports_gib": [p - b for p, b in peaks], "loss": float(loss)}), flush=True)
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["ddp", "fsdp2"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ddp", "fsdp2", "fsdp2_units"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
@@ -76,7 +83,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         folder = build_tiny_model("llama", Path(workdir) / "small", tokenizer=build_tokenizer("llama"), **SMALL)
-        for mode in ("ddp", "fsdp2"):
+        for mode in ("ddp", "fsdp2", "fsdp2_units"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    str(Path(__file__).resolve()), "--worker", mode, "--folder", str(folder)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -84,9 +91,11 @@ def main() -> None:
             results[mode] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-1500:]}
             print(json.dumps(results[mode]), flush=True)
     if all("error" not in r for r in results.values()):
-        ddp, fsdp = max(results["ddp"]["peak_rss_gib"]), max(results["fsdp2"]["peak_rss_gib"])
-        print(f"peak RSS per rank, full fine-tuning of `small`: DDP {ddp:.2f} GiB, FSDP2 {fsdp:.2f} GiB "
-              f"({fsdp / ddp:.2f}x)")
+        ddp, ddp_up = max(results["ddp"]["peak_rss_gib"]), max(results["ddp"]["above_imports_gib"])
+        for mode in ("fsdp2", "fsdp2_units"):
+            fsdp, up = max(results[mode]["peak_rss_gib"]), max(results[mode]["above_imports_gib"])
+            print(f"peak RSS per rank, full fine-tuning of `small`: DDP {ddp:.2f} GiB, {mode} {fsdp:.2f} GiB "
+                  f"({fsdp / ddp:.2f}x); above the imports: DDP {ddp_up:.2f}, {mode} {up:.2f} GiB ({up / ddp_up:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One process of the FSDP2 equality test (run by torchrun, or alone for the single-process reference).
 
-argv: model_dir out_json checkpointing [resume]. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
+argv: model_dir out_json checkpointing [train|resume] [units]. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
 FSDP2 (``fully_shard`` on each decoder layer, then on the whole model; gloo on CPU, where accelerate ignores FSDP
 configs) trains 3 plain-SGD steps on a global batch of 4 texts of uneven lengths, split over the processes. Each
 rank's loss is its label-token sum over the *global* label count times the world size, so FSDP2's gradient average
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: t
 from tests.trl.trl_helpers import TEXTS, fast_model  # noqa: E402
 
 
-def main(model_dir: str, out: str, checkpointing: str, mode: str = "train") -> None:
+def main(model_dir: str, out: str, checkpointing: str, mode: str = "train", units: str = "layers") -> None:
     torch.set_num_threads(1)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -32,6 +32,9 @@ def main(model_dir: str, out: str, checkpointing: str, mode: str = "train") -> N
     if world > 1:
         from torch.distributed.fsdp import fully_shard
 
+        if units == "units":  # embeddings and head as units of their own (docs/scale-out.md: less memory)
+            fully_shard(model.get_base_model().model.embed_tokens)
+            fully_shard(model.get_base_model().lm_head)
         for layer in model.get_base_model().model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -77,4 +80,4 @@ def main(model_dir: str, out: str, checkpointing: str, mode: str = "train") -> N
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

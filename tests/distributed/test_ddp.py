@@ -114,15 +114,15 @@ def test_grpo_trains_under_two_process_ddp(tiny_model_dir, tmp_path):
 FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
 
-@pytest.mark.parametrize("checkpointing", ["unsloth", "off"])
-def test_two_process_fsdp2_equals_one_process(checkpointing, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(("checkpointing", "units"), [("unsloth", "layers"), ("off", "layers"), ("unsloth", "units")])
+def test_two_process_fsdp2_equals_one_process(checkpointing, units, tiny_model_dir, tmp_path):
     """PyTorch FSDP2 (fully_shard, gloo) over a fasttune LoRA model: the same losses and LoRA weights as one
     process, with "unsloth" checkpointing and without; a sharded checkpoint (model + SGD momentum, written by each
     rank) resumes to the same last step and weights."""
     model_dir = str(tiny_model_dir("llama"))
     _run([sys.executable, str(FSDP2_WORKER), model_dir, str(tmp_path / "one.json"), checkpointing], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(FSDP2_WORKER), model_dir, str(tmp_path / "two.json"), checkpointing], tmp_path)
+          str(FSDP2_WORKER), model_dir, str(tmp_path / "two.json"), checkpointing, "train", units], tmp_path)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["losses"][-1] < one["losses"][0]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
@@ -133,7 +133,7 @@ def test_two_process_fsdp2_equals_one_process(checkpointing, tiny_model_dir, tmp
     shards = sorted(p.name for p in (tmp_path / "dcp2").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(FSDP2_WORKER), model_dir, str(tmp_path / "resumed.json"), checkpointing, "resume"], tmp_path)
+          str(FSDP2_WORKER), model_dir, str(tmp_path / "resumed.json"), checkpointing, "resume", units], tmp_path)
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed["losses"] == pytest.approx(two["losses"][2:], rel=1e-6)
     for name, weights in two["lora"].items():
