@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_sft import matmul_flops, save_results  # bench/ is sys.path[0] when run as a script
+
 HERE = Path(__file__).resolve().parent
 MODES = ("plain", "fasttune", "fasttune_4bit")
 LORA_SEED = 3407  # fasttune's random_state: torch.manual_seed(3407) right before peft.get_peft_model
@@ -236,18 +238,6 @@ def run_worker(opts: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- orchestrator and table
-def matmul_gflops(dtype_name: str, n: int = 1024, reps: int = 8) -> float:
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
-
-
 def machine(threads: int) -> dict:
     import torch
 
@@ -257,7 +247,7 @@ def machine(threads: int) -> dict:
     flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
     return {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
             "bf16_flags": [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
-            "gflops_fp32": matmul_gflops("float32"), "gflops_bf16": matmul_gflops("bfloat16"),
+            "gflops_fp32": matmul_flops("float32") / 1e9, "gflops_bf16": matmul_flops("bfloat16") / 1e9,
             "load_avg": os.getloadavg(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
@@ -354,8 +344,6 @@ def main() -> None:
         print(f"{r['mode']}: checkpointing {r['checkpointing']} (config gradient_checkpointing="
               f"{r['config_gradient_checkpointing']}); step times {r['step_s']}")
     print(f"load average (1 min) around each run: {[(r['mode'], r.get('load_avg_1m')) for r in results]}")
-    from bench_sft import save_results  # bench/ is sys.path[0] when run as a script
-
     save_results("vision", info, opts, results)
 
 

@@ -111,7 +111,22 @@ def _own_tensors(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tens
             yield prefix + bname, buf.detach()
 
 
-def _walk(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def _place(name: str, within: tuple[str, ...] | None) -> str:
+    """Where the module ``name`` stands to the module paths ``within``: "in" one, an "ancestor" of one, or "out"."""
+    if within is None or any(name == p or name.startswith(p + ".") for p in within):
+        return "in"
+    return "ancestor" if any(not name or p.startswith(name + ".") for p in within) else "out"
+
+
+def _walk(name: str, module: nn.Module, within: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    place = _place(name, within)
+    if place == "out":  # nothing below is wanted: not even merged (a VLM's tower written to another file)
+        return
+    if place == "ancestor":  # an ancestor's own tensors are outside every wanted path
+        for child_name, child in module.named_children():
+            if child_name not in _ADAPTER_CHILDREN:
+                yield from _walk(f"{name}.{child_name}" if name else child_name, child, within)
+        return
     if _is_lora_layer(module):
         yield from _merge_lora_layer(name, module)
         return
@@ -121,7 +136,7 @@ def _walk(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         use = module.original_module
         if not getattr(module, "disable_adapters", False) and active in module.modules_to_save:
             use = module.modules_to_save[active]
-        yield from _walk(name, use)
+        yield from _walk(name, use, within)
         return
     yield from _own_tensors(name, module)
     if is_quantized_linear(module):
@@ -129,7 +144,7 @@ def _walk(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for child_name, child in module.named_children():
         if child_name in _ADAPTER_CHILDREN:
             continue
-        yield from _walk(f"{name}.{child_name}" if name else child_name, child)
+        yield from _walk(f"{name}.{child_name}" if name else child_name, child, within)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -163,15 +178,17 @@ def default_dtype(base: nn.Module) -> torch.dtype:
     return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float16
 
 
-def iter_merged_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged_tensors(model: nn.Module, dtype: torch.dtype | None = None,
+                        within: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` of the merged model one at a time, in module order (embeddings, layers, head), each
     checked for NaN/inf (``NonFiniteWeightError``) and cast to ``dtype``. Only one merged tensor is alive at a time,
     so a GGUF export never holds the whole dense model. A tied output embedding is skipped (see ``tied_output_key``).
+    ``within``: only the modules under these paths (``("model.visual",)``) are merged and yielded.
     """
     base = base_model(model)
     dtype = dtype or default_dtype(base)
     skip = tied_output_key(base)
-    for name, tensor in _walk("", base):
+    for name, tensor in _walk("", base, within):
         if name == skip:
             continue
         check_finite(name, tensor)

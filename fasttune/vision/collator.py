@@ -154,7 +154,6 @@ class VisionDataCollator:
         self.messages_field = messages_field
         self.images_field = images_field
         self.image_ids = _image_token_ids(processor, config)
-        self.train_on_responses_only = train_on_responses_only
         self.texts = TokenTexts(self.tokenizer)
         self.special_tokens = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
         self.markers: tuple[str, str, tuple[str, ...]] | None = None
@@ -165,7 +164,6 @@ class VisionDataCollator:
                              end_parts: Sequence[str] | None = None) -> None:
         """Train on assistant answers only from now on (``train_on_responses_only(trainer, ...)`` calls this)."""
         self.markers = self._markers(instruction_part, response_part, end_parts)
-        self.train_on_responses_only = True
 
     def _markers(self, instruction_part, response_part, end_parts) -> tuple[str, str, tuple[str, ...]]:
         if (instruction_part is None) != (response_part is None):
@@ -276,12 +274,11 @@ class VisionDataCollator:
                                               "every row needs an assistant message to train on")
                 labels[i][~mask] = IGNORE_INDEX
         batch["labels"] = labels
-        return self._pack(batch) if self.packing is not None else batch
+        return self._pack(batch, lengths) if self.packing is not None else batch
 
-    def _pack(self, batch: Any) -> dict[str, torch.Tensor]:
+    def _pack(self, batch: Any, lengths: list[int]) -> dict[str, torch.Tensor]:
         """One row of the batch's conversations without padding (see the module docstring, point 4)."""
         mask = batch["attention_mask"].bool()
-        lengths = mask.sum(dim=1).tolist()
         packed: dict[str, torch.Tensor] = {k: v for k, v in batch.items()
                                            if k not in ("input_ids", "attention_mask", "labels", "mm_token_type_ids",
                                                         "token_type_ids")}

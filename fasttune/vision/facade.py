@@ -95,10 +95,8 @@ class FastVisionModel:
                            "transformers' forward", type(model).__name__, text_type)
         processor = load_processor(source.adapter or source.base, token=token, revision=revision,
                                    trust_remote_code=trust_remote_code)
-        prepare_tokenizer(getattr(processor, "tokenizer", processor), max_seq_length)
         model.max_seq_length = max_seq_length
-        model.fasttune_tokenizer = getattr(processor, "tokenizer", processor)
-        model.fasttune_processor = processor
+        model.fasttune_tokenizer = prepare_tokenizer(processor.tokenizer, max_seq_length)  # padding side follows modes
         model = finish_loading(model, source.adapter, full_finetuning, use_gradient_checkpointing)
         return model, processor
 

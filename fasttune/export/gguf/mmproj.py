@@ -33,6 +33,7 @@ from .writer import GGUFReport
 logger = logging.getLogger(__name__)
 
 LANGUAGE_PREFIX = "model.language_model."
+LANGUAGE_PATHS = ("model.language_model", "lm_head")  # the modules the language-model file is written from
 
 # SigLIP / CLIP encoder names (after the tower's prefix) -> llama.cpp's ``v.*`` names; {} is the layer index.
 _ENCODER: dict[str, str] = {
@@ -101,6 +102,11 @@ class MMProjMap:
     offset_norms: tuple[str, ...] = ()  # GGUF names whose weight is stored as 1 + w (Gemma's RMSNorm)
     keep_f32: tuple[str, ...] = ("v.patch_embd.weight", "v.position_embd.weight")
     activation: str = "gelu"  # the encoder MLP's: gelu (tanh form), silu, or quick_gelu (llama.cpp's default)
+
+    @property
+    def module_paths(self) -> tuple[str, ...]:
+        """The module paths the mmproj file is written from (tower, and projector where it is separate)."""
+        return tuple(p.rstrip(".") for p in (self.tower_prefix, self.projector_prefix) if p)
 
 
 MMPROJ_MAPS: dict[str, MMProjMap] = {
@@ -206,12 +212,11 @@ def write_mmproj_hparams(writer: GGUFWriter, config: Any, mmap: MMProjMap, proce
             width, ff = v.hidden_size, v.intermediate_size
             writer.add_uint32("clip.vision.n_wa_pattern", _window_pattern(v.fullatt_block_indexes))
         depth, heads, eps = v.depth, v.num_heads, 1e-6
-        writer.add_uint32("clip.vision.image_size", image_side(config, processor))  # read; images keep their size
         writer.add_uint32("clip.vision.spatial_merge_size", int(v.spatial_merge_size))
     else:
         width, ff, depth = v.hidden_size, v.intermediate_size, v.num_hidden_layers
         heads, eps = v.num_attention_heads, v.layer_norm_eps
-        writer.add_uint32("clip.vision.image_size", int(v.image_size))
+    writer.add_uint32("clip.vision.image_size", image_side(config, processor))  # Qwen: read, unused (any size)
     writer.add_uint32("clip.vision.patch_size", int(v.patch_size))
     writer.add_uint32("clip.vision.embedding_length", int(width))
     writer.add_uint32("clip.vision.feed_forward_length", int(ff))

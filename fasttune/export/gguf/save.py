@@ -24,7 +24,7 @@ from ...lora.unwrap import base_model
 from ..atomic import check_writable, recover_interrupted
 from ..hub import split_push_kwargs, upload_folder
 from ..merge import iter_merged_tensors, merged_state_dict, tied_output_key
-from .mmproj import image_side, language_tensors, mmproj_map, write_mmproj
+from .mmproj import LANGUAGE_PATHS, image_side, language_tensors, mmproj_map, write_mmproj
 from .quants import ALIASES, METHODS, resolve_methods
 from .writer import GGUFReport, write_gguf
 
@@ -143,9 +143,10 @@ def save_pretrained_gguf(
     for ftype in ftypes:
         path = folder / gguf_filename(stem, ftype)
         # The merge is streamed: one dense float32 tensor at a time, re-done per file type (cheap next to quantizing).
-        tensors = iter_merged_tensors(model, dtype=torch.float32)
-        if vision:
-            tensors = language_tensors(tensors)
+        if vision:  # the language tower only: the vision part goes to the mmproj file
+            tensors = language_tensors(iter_merged_tensors(model, torch.float32, within=LANGUAGE_PATHS))
+        else:
+            tensors = iter_merged_tensors(model, dtype=torch.float32)
         reports.append(write_gguf(path, tensors, base.config, tokenizer, ftype, template, kw.get("pre_tokenizer"),
                                   name=stem, tied=tied))
         if validate:
@@ -154,7 +155,9 @@ def save_pretrained_gguf(
         paths.append(path)
     if vision:  # llama.cpp runs a VLM from the language file plus this projector file
         path = folder / f"mmproj-{stem}.F16.gguf"
-        write_mmproj(path, iter_merged_tensors(model, dtype=torch.float32), base.config, processor, "f16", name=stem)
+        vision_paths = mmproj_map(base.config).module_paths
+        write_mmproj(path, iter_merged_tensors(model, torch.float32, within=vision_paths), base.config, processor,
+                     "f16", name=stem)
         if validate:
             _validate_mmproj(paths[0], path, model, processor)
         paths.append(path)
