@@ -10,6 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 from . import export
+from .distributed import bind_save_pretrained
 from .lora.precision import keep_adapter_dtype
 from .lora.unwrap import base_model
 from .patch import is_patched, patch_model
@@ -30,6 +31,8 @@ def attach_model_methods(model: nn.Module) -> None:
         setattr(model, name, types.MethodType(getattr(export, name), model))
     for name, function in RL_METHODS.items():
         setattr(model, name, types.MethodType(function, model))
+    if "save_pretrained" not in vars(model):  # once: a re-attach must not wrap the wrapper
+        bind_save_pretrained(model)  # under DDP rank 0 writes; under FSDP2 from the whole weights
 
 
 def prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:

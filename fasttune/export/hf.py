@@ -30,6 +30,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
+from ..distributed import one_writer
 from ..lora.unwrap import base_model
 from .atomic import atomic_directory
 from .hub import split_push_kwargs, upload_folder
@@ -140,7 +141,7 @@ def _write_4bit(model: nn.Module, folder: Path, tokenizer: Any, max_shard_size: 
     dense = folder / ".merged-16bit"
     dense.mkdir()
     write_merged_16bit(model, dense, None, max_shard_size, dtype=torch.bfloat16)
-    quant = nf4_config(torch.bfloat16, skip_modules=())  # every linear layer, the head included
+    quant = nf4_config(torch.bfloat16, skip_modules=(), quant_storage=torch.uint8)  # every linear, the head too
     device = next(base_model(model).parameters()).device
     reloaded = AutoModelForCausalLM.from_pretrained(dense, quantization_config=quant, dtype=torch.bfloat16,
                                                     device_map=str(device))
@@ -172,6 +173,7 @@ def _write_lora(model: nn.Module, folder: Path, tokenizer: Any, target: Path) ->
     _write_tokenizer(tokenizer, folder)
 
 
+@one_writer
 def save_pretrained_merged(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -227,6 +229,7 @@ def save_pretrained_merged(
     return target
 
 
+@one_writer
 def push_to_hub_merged(model: nn.Module, repo_id: str, tokenizer: Any = None, save_method: str = "merged_16bit",
                        token: str | None = None, private: bool | None = None, **kw: Any) -> str:
     """``save_pretrained_merged`` into a temporary folder, then upload it to ``repo_id``; returns the commit URL.

@@ -65,7 +65,9 @@ def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> tor
     """
     if isinstance(layer, bnb.nn.Linear4bit):
         weight = layer.weight
-        state = weight.quant_state
+        # FSDP2 all-gathers the storage into a plain Parameter that has lost its ``quant_state``; bitsandbytes keeps
+        # a copy on the module (``Params4bit._quantize`` sets ``module.quant_state``), which is read instead.
+        state = getattr(weight, "quant_state", None) or getattr(layer, "quant_state", None)
         if state is None:
             raise ValueError(f"{type(layer).__name__} has no quant_state: was the model quantized before use?")
         if getattr(state, "packing_format_for_cpu", False):

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import one_writer
+
 _IDS = itertools.count(1)
 _ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,6 +39,7 @@ class LoRARequest:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
+@one_writer
 def save_lora(model: nn.Module, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save the LoRA adapters alone (peft format, atomically, NaN-checked); Unsloth's ``model.save_lora``."""
     from fasttune.export.hf import save_pretrained_merged

@@ -1,9 +1,15 @@
 """One process of the DDP equality test (run by torchrun, or alone for the single-process reference).
 
-argv: model_dir out_json [sft|resume|full|grpo] (full: sft's run, fully fine-tuned, no checkpoint). sft trains a fasttune LoRA model (default "unsloth" checkpointing, fast
-path on) with fasttune.trl.SFTTrainer for 4 plain-SGD steps (Adam would magnify fp32 reduction-order noise in
-near-zero gradients) at a global batch of 4 (split over the processes), checkpointing at step 2; rank 0 writes the
-loss per step and the LoRA weights, and saves the merged model. resume reruns from that checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses.
+argv: model_dir out_json kind. sft trains a fasttune LoRA model (default "unsloth" checkpointing, fast path on) with
+fasttune.trl.SFTTrainer for 4 SGD steps with momentum (Adam would magnify fp32 reduction-order noise in near-zero gradients)
+at a global batch of 4 (split over the processes), checkpointing at step 2; rank 0 writes the loss per step and the
+LoRA weights, and saves the merged model and GGUF files. resume reruns from that checkpoint. full: sft's run, fully
+fine-tuned, no checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses.
+
+fsdp / fsdp-resume / qlora: the same under accelerate's FSDP2 (the Trainer's ``fsdp_config``, one unit per decoder
+layer; ``cpu_fsdp`` lets accelerate run it on CPU). fsdp saves its exports from every rank, as a ported notebook
+does (under FSDP2 a save is collective; rank 0 writes). qlora loads the base in 4 bits and exports merged weights.
+With one process the fsdp kinds run without FSDP: the reference.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
         return grpo(model_dir, out)
     torch.set_num_threads(1)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    fsdp = kind in ("fsdp", "fsdp-resume", "qlora") and world > 1
+    if fsdp:
+        from tests.distributed.cpu_fsdp import allow_fsdp_on_cpu
+
+        allow_fsdp_on_cpu()
     if kind == "full":  # full fine-tuning: every weight trains
         from fasttune import FastLanguageModel
 
@@ -51,22 +62,37 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
                                                              full_finetuning=True, load_in_4bit=False,
                                                              use_gradient_checkpointing="unsloth")
     else:
-        model, tokenizer = fast_model(model_dir, checkpointing="unsloth")
-    run = Path(out).parent / f"{kind}{world}"
-    args = SFTConfig(**cpu_args(run, max_steps=4, per_device_train_batch_size=4 // world,
+        model, tokenizer = fast_model(model_dir, checkpointing="unsloth", load_in_4bit=kind == "qlora")
+    here = Path(out).parent
+    fsdp_args = dict(fsdp="full_shard auto_wrap", fsdp_config={
+        "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
+    }) if fsdp else {}
+    saves = kind in ("sft", "resume", "fsdp", "fsdp-resume")
+    args = SFTConfig(**cpu_args(here / f"{kind}{world}", max_steps=4, per_device_train_batch_size=4 // world,
                                 learning_rate=1e-2 if kind == "full" else 1.0, optim="sgd",
-                                save_strategy="no" if kind == "full" else "steps", save_steps=2))
+                                optim_args="momentum=0.9",  # optimizer state: resume must restore it
+                                save_strategy="steps" if saves else "no", save_steps=2), **fsdp_args)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(), args=args)
-    trainer.train(resume_from_checkpoint=str(Path(out).parent / f"sft{world}" / "checkpoint-2")
-                  if kind == "resume" else None)
+    resume = {"resume": "sft", "fsdp-resume": "fsdp"}.get(kind)
+    trainer.train(resume_from_checkpoint=str(here / f"{resume}{world}" / "checkpoint-2") if resume else None)
+    from torch.distributed.tensor import DTensor
+
+    # the DTensor shards gathered (a collective: every rank), then rank 0 writes
+    lora = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().tolist()
+            for n, p in model.named_parameters() if "lora_" in n or (kind == "full" and "layers.1." in n)}
+    sharded = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor) and "base_layer" in n)
+    exported = None
+    if kind == "qlora":
+        exported = model.save_pretrained_merged(here / f"qlora-merged{world}", tokenizer)
+    elif kind in ("sft", "fsdp"):  # every rank calls, as a ported notebook does: rank 0 writes
+        exported = model.save_pretrained_merged(here / f"{kind}-merged{world}", tokenizer)
+        model.save_pretrained_gguf(here / f"{kind}-gguf{world}", tokenizer, quantization_method=["f16", "q8_0"])
+        model.save_pretrained(here / f"{kind}-adapter{world}")
+    if rank == world - 1 and kind in ("sft", "fsdp", "qlora"):  # the last rank: under FSDP2 it gets rank 0's result
+        (here / f"{kind}-returned{world}.txt").write_text(str(exported))
     if rank == 0:
-        if kind == "sft":  # the export a user makes after training, from rank 0
-            model.save_pretrained_merged(Path(out).parent / f"merged{world}", tokenizer)
-            model.save_pretrained_gguf(Path(out).parent / f"gguf{world}", tokenizer, quantization_method=["f16", "q8_0"])
-        lora = {n: p.detach().tolist() for n, p in model.named_parameters()
-                if "lora_" in n or (kind == "full" and "layers.1." in n)}  # full: one layer's weights suffice
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-        Path(out).write_text(json.dumps({"losses": losses, "lora": lora,
+        Path(out).write_text(json.dumps({"losses": losses, "lora": lora, "sharded": sharded,
                                          "find_unused": trainer.args.ddp_find_unused_parameters}))
 
 

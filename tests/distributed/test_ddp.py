@@ -50,32 +50,98 @@ def _same_gguf(got_path, want_path) -> None:
     assert same / total > 0.99
 
 
-def test_two_process_ddp_equals_one_process(tiny_model_dir, tmp_path):
-    """Losses, LoRA weights and the merged export equal one process's; the checkpoint is written once and a run
-    resumed from it under DDP continues the same loss curve."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    """The single-process reference runs, once for the module: LoRA SFT (with its exports) and QLoRA SFT."""
+    here = tmp_path_factory.mktemp("one-process")
+    model_dir = str(tiny_model_dir("llama"))
+    for kind in ("sft", "qlora"):
+        _run([sys.executable, str(WORKER), model_dir, str(here / f"{kind}.json"), kind], here)
+    return here
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _projections(model_dir: str) -> int:
+    """How many LoRA-targeted base weights the tiny model has: 7 projections per decoder layer."""
+    return 7 * _load(Path(model_dir) / "config.json")["num_hidden_layers"]
+
+
+def _same_exports(got: Path, got_kind: str, want: Path) -> None:
+    """Merged weights, GGUF files and the adapter saved after a 2-process run equal the 1-process run's."""
     from safetensors.torch import load_file
 
+    _close(load_file(got / f"{got_kind}-merged2" / "model.safetensors"),
+           load_file(want / "sft-merged1" / "model.safetensors"))
+    for name in ("model.F16.gguf", "model.Q8_0.gguf"):
+        _same_gguf(got / f"{got_kind}-gguf2" / name, want / "sft-gguf1" / name)
+    _close(load_file(got / f"{got_kind}-adapter2" / "adapter_model.safetensors"),
+           load_file(want / "sft-adapter1" / "adapter_model.safetensors"))
+
+
+def test_two_process_ddp_equals_one_process(one_process, tiny_model_dir, tmp_path):
+    """Losses, LoRA weights and the exports equal one process's; the checkpoint is written once and a run
+    resumed from it under DDP continues the same loss curve."""
     model_dir = str(tiny_model_dir("llama"))
-    _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one.json")], tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
-    _run([*torchrun, model_dir, str(tmp_path / "two.json")], tmp_path)
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    _run([*TORCHRUN, model_dir, str(tmp_path / "two.json")], tmp_path)
+    one, two = _load(one_process / "sft.json"), _load(tmp_path / "two.json")
     assert two["find_unused"] is False  # set by the drop-in: "unsloth" recomputes inside backward
     assert list(one["losses"]) == ["1", "2", "3", "4"] and one["losses"]["4"] < one["losses"]["1"]
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
     _close(two["lora"], one["lora"])
-    _close(load_file(tmp_path / "merged2" / "model.safetensors"), load_file(tmp_path / "merged1" / "model.safetensors"))
-    for name in ("model.F16.gguf", "model.Q8_0.gguf"):
-        _same_gguf(tmp_path / "gguf2" / name, tmp_path / "gguf1" / name)
+    _same_exports(tmp_path, "sft", one_process)  # every rank called the saves; rank 0 wrote
+    assert (tmp_path / "sft-returned2.txt").read_text() == "None"  # rank 1 skipped
     checkpoints = sorted(p.name for p in (tmp_path / "sft2").iterdir() if p.name.startswith("checkpoint-"))
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "sft2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
-    _run([*torchrun, model_dir, str(tmp_path / "resumed.json"), "resume"], tmp_path)
-    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    _run([*TORCHRUN, model_dir, str(tmp_path / "resumed.json"), "resume"], tmp_path)
+    resumed = _load(tmp_path / "resumed.json")
     assert [resumed["losses"][s] for s in ("3", "4")] == pytest.approx([two["losses"][s] for s in ("3", "4")],
                                                                        rel=1e-6)
     _close(resumed["lora"], two["lora"])
+
+
+def test_accelerate_fsdp2_equals_one_process(one_process, tiny_model_dir, tmp_path):
+    """TRL's SFTTrainer with accelerate's FSDP2 (the Trainer's fsdp_config; on CPU through tests/distributed/
+    cpu_fsdp.py): LoRA weights sharded over the ranks, the same losses and weights as one process, checkpoints
+    that resume to the same curve, and merged / GGUF / adapter saves, called on every rank, equal to one process's."""
+    model_dir = str(tiny_model_dir("llama"))
+    _run([*TORCHRUN, model_dir, str(tmp_path / "fsdp.json"), "fsdp"], tmp_path)
+    one, two = _load(one_process / "sft.json"), _load(tmp_path / "fsdp.json")
+    assert len(two["sharded"]) == _projections(model_dir)  # every projection's base weight is a DTensor shard
+    assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
+    _close(two["lora"], one["lora"])
+    _same_exports(tmp_path, "fsdp", one_process)
+    assert (tmp_path / "fsdp-returned2.txt").read_text() == str(tmp_path / "fsdp-merged2")  # rank 0's result
+    assert (tmp_path / "fsdp2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+    _run([*TORCHRUN, model_dir, str(tmp_path / "resumed.json"), "fsdp-resume"], tmp_path)
+    resumed = _load(tmp_path / "resumed.json")
+    assert [resumed["losses"][s] for s in ("3", "4")] == pytest.approx([two["losses"][s] for s in ("3", "4")],
+                                                                       rel=1e-6)
+    _close(resumed["lora"], two["lora"])
+
+
+def test_accelerate_fsdp2_qlora_shards_4bit_weights(one_process, tiny_model_dir, tmp_path):
+    """QLoRA under accelerate's FSDP2: in a distributed process the 4-bit storage is the compute dtype, so FSDP2
+    shards the packed weights (with bitsandbytes' uint8 accelerate would leave them whole on every rank); losses,
+    LoRA weights and the merged export equal one process's."""
+    from safetensors.torch import load_file
+
+    model_dir = str(tiny_model_dir("llama"))
+    _run([*TORCHRUN, model_dir, str(tmp_path / "qlora.json"), "qlora"], tmp_path)
+    one, two = _load(one_process / "qlora.json"), _load(tmp_path / "qlora.json")
+    assert one["sharded"] == [] and len(two["sharded"]) == _projections(model_dir)
+    assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
+    _close(two["lora"], one["lora"])
+    _close(load_file(tmp_path / "qlora-merged2" / "model.safetensors"),
+           load_file(one_process / "qlora-merged1" / "model.safetensors"))
 
 
 def test_two_process_ddp_full_finetuning_equals_one_process(tiny_model_dir, tmp_path):

@@ -252,7 +252,7 @@ def write_mmproj(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Ten
             writer.add_file_type(1 if ftype == "f16" else 0)
             write_mmproj_hparams(writer, config, mmap, processor)
             for hf_name, tensor in tensors:
-                for gname, data in _entries(mmap, hf_name, tensor.detach().to(torch.float32).cpu().numpy()):
+                for gname, data in _entries(mmap, hf_name, tensor.detach().to(torch.float32, copy=True).cpu().numpy()):
                     if gname in mmap.offset_norms:
                         data = data + 1.0
                     half = ftype == "f16" and data.ndim >= 2 and gname not in mmap.keep_f32

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ...distributed import one_writer
 from ...lora.unwrap import base_model
 from ..atomic import check_writable, recover_interrupted
 from ..hub import split_push_kwargs, upload_folder
@@ -93,6 +94,7 @@ def _validate_mmproj(text_path: Path, path: Path, model: torch.nn.Module, proces
     validate_mmproj(text_path, path, model, processor, image)
 
 
+@one_writer
 def save_pretrained_gguf(
     model: torch.nn.Module,
     save_directory: str | os.PathLike,
@@ -178,6 +180,7 @@ def _maybe_modelfile(folder: Path, gguf_path: Path, tokenizer: Any) -> None:
         logger.warning("gguf: no Ollama Modelfile written: %s", err)
 
 
+@one_writer
 def push_to_hub_gguf(model: torch.nn.Module, repo_id: str, tokenizer: Any = None,
                      quantization_method: str | list[str] = "fast_quantized", token: str | None = None,
                      **kw: Any) -> str:

@@ -186,8 +186,12 @@ def _sliding_window(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
 
 
 def convert_tensor(tmap: TensorMap, key: str, hf_name: str, tensor: torch.Tensor, config: Any) -> np.ndarray:
-    """The float32 numpy array GGUF stores for one transformers tensor (permuted / offset as the family needs)."""
-    data = tensor.detach().to(torch.float32).cpu().numpy()
+    """The float32 numpy array GGUF stores for one transformers tensor (permuted / offset as the family needs).
+
+    Always a copy: a numpy array over a model's own parameter would pin that storage (numpy makes it non-resizable),
+    and FSDP2 frees the gathered weights after an export by resizing their storage (``fasttune.distributed``).
+    """
+    data = tensor.detach().to(torch.float32, copy=True).cpu().numpy()
     c = text_config(config)
     if tmap.permute_qk and key == tmap.q_name:
         data = permute_rows(data, c.num_attention_heads)
