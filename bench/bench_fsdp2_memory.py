@@ -6,7 +6,7 @@ Each mode runs in its own ``torchrun --standalone --nproc_per_node 2`` job: a fa
 ``full_finetuning=True`` (fp32, "unsloth" checkpointing, fused blocks and loss), AdamW, 3 steps on 2 x 256-token rows
 per rank. ``ddp`` wraps it in ``DistributedDataParallel``; ``fsdp2`` applies ``fully_shard`` to each decoder layer
 and to the model, so weights, gradients and AdamW state are split between the ranks; ``fsdp2_units`` also makes the
-input embeddings and the LM head units of their own. Figures: each rank's peak RSS (``resource.getrusage``), the
+input embeddings and the LM head units of their own (fasttune's fused loss then runs inside the head's unit). Figures: each rank's peak RSS (``resource.getrusage``), the
 larger of the two ranks, and FSDP2's over DDP's; also the peak above what the process held after its imports,
 before loading the model (the part that scales with the model).
 """
@@ -65,6 +65,7 @@ def worker(mode: str, folder: str) -> None:
     if rank == 0:
         print(json.dumps({"mode": mode, "peak_rss_gib": [p for p, _ in peaks],
                           "above_imports_gib": [p - b for p, b in peaks], "loss": float(loss)}), flush=True)
+    del model, optimizer  # DDP's reducer before its process group: freed after it, gloo's destructor can deadlock
     dist.destroy_process_group()
 
 
@@ -86,7 +87,7 @@ def main() -> None:
         for mode in ("ddp", "fsdp2", "fsdp2_units"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    str(Path(__file__).resolve()), "--worker", mode, "--folder", str(folder)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             results[mode] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-1500:]}
             print(json.dumps(results[mode]), flush=True)

@@ -121,8 +121,16 @@ def token_stats_ref(logits: torch.Tensor, targets: torch.Tensor, softcap: float 
 
 
 def _times(t: torch.Tensor | None, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """``(t * factor).to(dtype)`` with the product in fp32."""
-    return None if t is None else (t.float() * factor).to(dtype)
+    """``(t * factor).to(dtype)`` with the product in fp32.
+
+    ``loss.backward()`` passes a factor of 1: the saved gradient is then returned as it is, not copied (for the
+    lm_head that is a (vocab, hidden) tensor, which would otherwise exist twice at the peak of backward).
+    """
+    if t is None:
+        return None
+    if factor.numel() == 1 and float(factor) == 1.0:
+        return t.to(dtype)
+    return (t.float() * factor).to(dtype)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):

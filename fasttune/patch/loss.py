@@ -15,6 +15,10 @@ original forward runs unchanged, so ``generate`` and evaluation with logits keep
 taken inside the loss's chunks (:class:`FastCausalLMOutput`); the fallbacks below return no statistics. A call with TRL's
 ``fused_lm_head=True`` is handed to the forward that was there before fasttune (TRL's own fused head when TRL added
 it first), and so is a model whose lm_head is not a plain ``nn.Linear`` (LoRA on the lm_head, ``modules_to_save``).
+
+An lm_head that FSDP2 sharded as a unit of its own (``fully_shard(model.lm_head)``: its class becomes
+``FSDPLinear``) keeps the fused loss: the loss runs as that module's forward, so FSDP2's hooks gather the weight for
+it and reduce-scatter the weight's gradient after backward, as they would around ``F.linear``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,23 @@ def shift_for_next_token(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
+def _fsdp_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` that FSDP2 made a unit of its own (``fully_shard`` gives it class ``FSDPLinear``, whose bases
+    are ``(FSDPModule, nn.Linear)``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule) and type(module).__bases__[-1] is nn.Linear
+
+
+def _run_as_forward(module: nn.Module, function: Callable, *inputs: torch.Tensor):
+    """``function(*inputs)`` run as ``module``'s forward, inside its forward hooks (FSDP2's gather and reduce)."""
+    module.forward = function  # an instance attribute: nn.Module.__call__ calls it between the hooks
+    try:
+        return module(*inputs)
+    finally:
+        del module.forward
+
+
 def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
     """A forward for ``model`` (a ``*ForCausalLM`` instance) that uses fused linear CE when labels are given."""
     text_config = model.config.get_text_config()
@@ -67,7 +88,8 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
         if len(args) == 1 and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], ()
         lm_head = model.get_output_embeddings()
-        plain_head = type(lm_head) is nn.Linear
+        sharded_head = _fsdp_linear(lm_head)
+        plain_head = type(lm_head) is nn.Linear or sharded_head
         if kwargs.get("fused_lm_head") or (labels is None and shift_labels is None) or args or not plain_head:
             if labels is not None:
                 kwargs["labels"] = labels
@@ -82,12 +104,16 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
         outputs = backbone(**kwargs)
         hidden = outputs.last_hidden_state
         targets = shift_labels if shift_labels is not None else shift_for_next_token(labels)
-        result = fused_linear_cross_entropy(
-            hidden, lm_head.weight, targets.to(hidden.device),
-            ignore_index=IGNORE_INDEX, softcap=softcap, num_items_in_batch=num_items_in_batch,
-            bias=getattr(lm_head, "bias", None), chunk_size=loss_chunk_size(lm_head.weight.shape[0]),
-            return_stats=fasttune_token_stats,
-        )
+
+        def head_loss(h: torch.Tensor):  # lm_head.weight read here: under FSDP2 the gathered weight
+            return fused_linear_cross_entropy(
+                h, lm_head.weight, targets.to(h.device),
+                ignore_index=IGNORE_INDEX, softcap=softcap, num_items_in_batch=num_items_in_batch,
+                bias=getattr(lm_head, "bias", None), chunk_size=loss_chunk_size(lm_head.weight.shape[0]),
+                return_stats=fasttune_token_stats,
+            )
+
+        result = _run_as_forward(lm_head, head_loss, hidden) if sharded_head else head_loss(hidden)
         loss, stats = result if fasttune_token_stats else (result, None)
         return FastCausalLMOutput(
             loss=loss,

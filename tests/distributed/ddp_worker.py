@@ -6,8 +6,9 @@ at a global batch of 4 (split over the processes), checkpointing at step 2; rank
 LoRA weights, and saves the merged model and GGUF files. resume reruns from that checkpoint. full: sft's run, fully
 fine-tuned, no checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses.
 
-fsdp / fsdp-resume / qlora: the same under accelerate's FSDP2 (the Trainer's ``fsdp_config``, one unit per decoder
-layer; ``cpu_fsdp`` lets accelerate run it on CPU). fsdp saves its exports from every rank, as a ported notebook
+fsdp / fsdp-resume / qlora: the same under accelerate's FSDP2, one unit per decoder layer (fsdp: started by
+``accelerate launch`` with the repo's examples/accelerate/fsdp2.yaml; qlora: the Trainer's ``fsdp_config`` under
+torchrun; ``cpu_fsdp`` lets accelerate run FSDP on CPU). fsdp saves its exports from every rank, as a ported notebook
 does (under FSDP2 a save is collective; rank 0 writes). qlora loads the base in 4 bits and exports merged weights.
 With one process the fsdp kinds run without FSDP: the reference.
 """
@@ -64,9 +65,11 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
     else:
         model, tokenizer = fast_model(model_dir, checkpointing="unsloth", load_in_4bit=kind == "qlora")
     here = Path(out).parent
+    # fsdp / fsdp-resume run under `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (its environment
+    # configures FSDP2); qlora under torchrun, configured by the Trainer's own fsdp options
     fsdp_args = dict(fsdp="full_shard auto_wrap", fsdp_config={
         "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
-    }) if fsdp else {}
+    }) if fsdp and kind == "qlora" else {}
     saves = kind in ("sft", "resume", "fsdp", "fsdp-resume")
     args = SFTConfig(**cpu_args(here / f"{kind}{world}", max_steps=4, per_device_train_batch_size=4 // world,
                                 learning_rate=1e-2 if kind == "full" else 1.0, optim="sgd",

@@ -1,12 +1,14 @@
 """One process of the FSDP2 equality test (run by torchrun, or alone for the single-process reference).
 
-argv: model_dir out_json checkpointing [train|resume] [units]. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
+argv: model_dir out_json checkpointing [train|resume] [layers|units] [lora|full]. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
 FSDP2 (``fully_shard`` on each decoder layer, then on the whole model; gloo on CPU, where accelerate ignores FSDP
 configs) trains 3 plain-SGD steps on a global batch of 4 texts of uneven lengths, split over the processes. Each
 rank's loss is its label-token sum over the *global* label count times the world size, so FSDP2's gradient average
 is the one-process mean. Rank 0 writes the global loss per step and the gathered LoRA weights. After step 2 the
 run saves a sharded checkpoint (model and optimizer, torch.distributed.checkpoint: each rank writes its shards);
-with ``resume`` a fresh run loads it and trains step 3 only.
+with ``resume`` a fresh run loads it and trains step 3 only. ``units``: the input embeddings and the LM head are
+units of their own (the fused loss then runs inside the head's unit). ``full``: full fine-tuning instead of LoRA;
+the head, the embeddings and the last layer's weights are written.
 """
 
 from __future__ import annotations
@@ -23,22 +25,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: t
 from tests.trl.trl_helpers import TEXTS, fast_model  # noqa: E402
 
 
-def main(model_dir: str, out: str, checkpointing: str, mode: str = "train", units: str = "layers") -> None:
+def main(model_dir: str, out: str, checkpointing: str, mode: str = "train", units: str = "layers",
+         tuning: str = "lora") -> None:
     torch.set_num_threads(1)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
-    model, tokenizer = fast_model(model_dir, checkpointing=checkpointing if checkpointing != "off" else False)
+    checkpointing = checkpointing if checkpointing != "off" else False
+    if tuning == "full":
+        from fasttune import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, dtype="float32",
+                                                             full_finetuning=True, load_in_4bit=False,
+                                                             use_gradient_checkpointing=checkpointing)
+        base = model
+    else:
+        model, tokenizer = fast_model(model_dir, checkpointing=checkpointing)
+        base = model.get_base_model()
     if world > 1:
         from torch.distributed.fsdp import fully_shard
 
         if units == "units":  # embeddings and head as units of their own (docs/scale-out.md: less memory)
-            fully_shard(model.get_base_model().model.embed_tokens)
-            fully_shard(model.get_base_model().lm_head)
-        for layer in model.get_base_model().model.layers:
+            fully_shard(base.model.embed_tokens)
+            fully_shard(base.lm_head)
+        for layer in base.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2 if tuning == "full" else 1.0,
+                                momentum=0.9)
     checkpoint = Path(out).parent / f"dcp{world}"
     first = 0
     if mode == "resume":
@@ -71,13 +85,15 @@ def main(model_dir: str, out: str, checkpointing: str, mode: str = "train", unit
 
             model_state, optim_state = get_state_dict(model, optimizer)
             save({"model": model_state, "optim": optim_state}, checkpoint_id=str(checkpoint))
+    last = f"layers.{len(base.model.layers) - 1}."
+    written = ("lm_head", "embed_tokens", last) if tuning == "full" else ("lora_",)
     lora = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
-            for n, p in model.named_parameters() if "lora_" in n}
+            for n, p in model.named_parameters() if any(w in n for w in written)}
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "lora": lora}))
+        Path(out).write_text(json.dumps({"losses": losses, "lora": lora, "fused_loss": out_.logits is None}))
     if world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,16 @@ def _same_gguf(got_path, want_path) -> None:
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+FSDP2_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "fsdp2.yaml"
+
+
+def _accelerate_launch() -> list[str]:
+    """The repo's FSDP2 config, launched as a user would, on 2 CPU processes in fp32 (a free port: no clashes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
+            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port), str(WORKER)]
 
 
 @pytest.fixture(scope="module")
@@ -108,20 +119,22 @@ def test_two_process_ddp_equals_one_process(one_process, tiny_model_dir, tmp_pat
 
 
 def test_accelerate_fsdp2_equals_one_process(one_process, tiny_model_dir, tmp_path):
-    """TRL's SFTTrainer with accelerate's FSDP2 (the Trainer's fsdp_config; on CPU through tests/distributed/
-    cpu_fsdp.py): LoRA weights sharded over the ranks, the same losses and weights as one process, checkpoints
-    that resume to the same curve, and merged / GGUF / adapter saves, called on every rank, equal to one process's."""
+    """TRL's SFTTrainer under `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (on CPU through
+    tests/distributed/cpu_fsdp.py): weights sharded over the ranks, the same losses and LoRA weights as one process,
+    sharded checkpoints that resume to the same curve, and merged / GGUF / adapter saves, called on every rank,
+    equal to one process's."""
     model_dir = str(tiny_model_dir("llama"))
-    _run([*TORCHRUN, model_dir, str(tmp_path / "fsdp.json"), "fsdp"], tmp_path)
+    _run([*_accelerate_launch(), model_dir, str(tmp_path / "fsdp.json"), "fsdp"], tmp_path)
     one, two = _load(one_process / "sft.json"), _load(tmp_path / "fsdp.json")
     assert len(two["sharded"]) == _projections(model_dir)  # every projection's base weight is a DTensor shard
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
     _close(two["lora"], one["lora"])
     _same_exports(tmp_path, "fsdp", one_process)
     assert (tmp_path / "fsdp-returned2.txt").read_text() == str(tmp_path / "fsdp-merged2")  # rank 0's result
-    assert (tmp_path / "fsdp2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    saved = sorted(p.name for p in (tmp_path / "fsdp2" / "checkpoint-2").iterdir())
+    assert "pytorch_model_fsdp_0" in saved and "optimizer_0" in saved  # the config's SHARDED_STATE_DICT
 
-    _run([*TORCHRUN, model_dir, str(tmp_path / "resumed.json"), "fsdp-resume"], tmp_path)
+    _run([*_accelerate_launch(), model_dir, str(tmp_path / "resumed.json"), "fsdp-resume"], tmp_path)
     resumed = _load(tmp_path / "resumed.json")
     assert [resumed["losses"][s] for s in ("3", "4")] == pytest.approx([two["losses"][s] for s in ("3", "4")],
                                                                        rel=1e-6)
@@ -180,26 +193,34 @@ def test_grpo_trains_under_two_process_ddp(tiny_model_dir, tmp_path):
 FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
 
-@pytest.mark.parametrize(("checkpointing", "units"), [("unsloth", "layers"), ("off", "layers"), ("unsloth", "units")])
-def test_two_process_fsdp2_equals_one_process(checkpointing, units, tiny_model_dir, tmp_path):
-    """PyTorch FSDP2 (fully_shard, gloo) over a fasttune LoRA model: the same losses and LoRA weights as one
-    process, with "unsloth" checkpointing and without; a sharded checkpoint (model + SGD momentum, written by each
-    rank) resumes to the same last step and weights."""
+@pytest.mark.parametrize(("checkpointing", "units", "tuning"), [
+    ("unsloth", "layers", "lora"), ("off", "layers", "lora"), ("unsloth", "units", "lora"), ("unsloth", "units", "full"),
+])
+def test_two_process_fsdp2_equals_one_process(checkpointing, units, tuning, tiny_model_dir, tmp_path):
+    """PyTorch FSDP2 (fully_shard, gloo) over a fasttune model: the same losses and trained weights as one
+    process, with "unsloth" checkpointing and without, LoRA and full fine-tuning (the head sharded as a unit of its
+    own, trained through the fused loss); a sharded checkpoint (model + SGD momentum, written by each rank) resumes
+    to the same last step and weights."""
     model_dir = str(tiny_model_dir("llama"))
-    _run([sys.executable, str(FSDP2_WORKER), model_dir, str(tmp_path / "one.json"), checkpointing], tmp_path)
+    args = [checkpointing, "train", units, tuning]
+    _run([sys.executable, str(FSDP2_WORKER), model_dir, str(tmp_path / "one.json"), *args], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(FSDP2_WORKER), model_dir, str(tmp_path / "two.json"), checkpointing, "train", units], tmp_path)
+          str(FSDP2_WORKER), model_dir, str(tmp_path / "two.json"), *args], tmp_path)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["fused_loss"] and two["fused_loss"]  # no logits: fasttune's fused loss ran, also in the head's unit
     assert one["losses"][-1] < one["losses"][0]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert one["lora"].keys() == two["lora"].keys() and one["lora"]
+    if tuning == "full":
+        assert "lm_head.weight" in one["lora"]
     for name, weights in one["lora"].items():
         torch.testing.assert_close(torch.tensor(two["lora"][name]), torch.tensor(weights), rtol=1e-4, atol=1e-6,
                                    msg=name)
     shards = sorted(p.name for p in (tmp_path / "dcp2").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(FSDP2_WORKER), model_dir, str(tmp_path / "resumed.json"), checkpointing, "resume", units], tmp_path)
+          str(FSDP2_WORKER), model_dir, str(tmp_path / "resumed.json"), checkpointing, "resume", units, tuning],
+         tmp_path)
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert resumed["losses"] == pytest.approx(two["losses"][2:], rel=1e-6)
     for name, weights in two["lora"].items():
