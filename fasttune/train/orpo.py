@@ -5,7 +5,10 @@ chosen sequences, and the Trainer divides each micro-batch's loss by the accumul
 ``gradient_accumulation_steps=k`` a token in a short micro-batch weighs more than one in a long micro-batch, and the
 step differs from one batch k times larger (tested in tests/rl/test_preference.py). Here each micro-batch's NLL is
 rescaled by ``its tokens * k / the window's tokens``: the sum over the window is then the window's token mean, exactly.
-The odds-ratio term is a mean over pairs, already exact for equal micro-batches.
+Under DDP/FSDP the window is every rank's micro-batches: its tokens are summed over the ranks, and the factor is
+multiplied by the world size, which the gradient average over the ranks divides out again (so 2 processes x batch 2
+equal 1 x batch 4, tested in tests/distributed). The odds-ratio term is a mean over pairs, already exact for equal
+micro-batches.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ class FastORPOMixin:
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._fasttune_window_tokens = sum(chosen_tokens(b) for b in batches if "chosen_attention_mask" in b) or None
+        window = sum(chosen_tokens(b) for b in batches if "chosen_attention_mask" in b)
+        if self.accelerator.num_processes > 1:  # the window spans every rank's micro-batches
+            window = int(self.accelerator.reduce(torch.tensor(window, device=self.accelerator.device), "sum"))
+        self._fasttune_window_tokens = window or None
         return batches, num_items
 
     def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple:
@@ -35,5 +41,6 @@ class FastORPOMixin:
         window = self._fasttune_window_tokens
         if not self.model.training or window is None or "chosen_attention_mask" not in batch:
             return outputs
-        factor = chosen_tokens(batch) * self.current_gradient_accumulation_steps / window
+        factor = (chosen_tokens(batch) * self.current_gradient_accumulation_steps * self.accelerator.num_processes
+                  / window)
         return (*outputs[:4], outputs[4] * torch.as_tensor(factor, dtype=outputs[4].dtype), *outputs[5:])

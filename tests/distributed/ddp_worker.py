@@ -4,7 +4,8 @@ argv: model_dir out_json kind. sft trains a fasttune LoRA model (default "unslot
 fasttune.trl.SFTTrainer for 4 SGD steps with momentum (Adam would magnify fp32 reduction-order noise in near-zero gradients)
 at a global batch of 4 (split over the processes), checkpointing at step 2; rank 0 writes the loss per step and the
 LoRA weights, and saves the merged model and GGUF files. resume reruns from that checkpoint. full: sft's run, fully
-fine-tuned, no checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses.
+fine-tuned, no checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses and KLs;
+grpo-fsdp does the same under `accelerate launch` with examples/accelerate/fsdp2.yaml.
 
 fsdp / fsdp-resume / qlora: the same under accelerate's FSDP2, one unit per decoder layer (fsdp: started by
 ``accelerate launch`` with the repo's examples/accelerate/fsdp2.yaml; qlora: the Trainer's ``fsdp_config`` under
@@ -42,20 +43,47 @@ def grpo(model_dir: str, out: str) -> None:
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[length_reward], args=args,
                           train_dataset=Dataset.from_dict({"prompt": [f"Count {i}:" for i in range(16)]}))
     trainer.train()
+    from torch.distributed.tensor import DTensor
+
+    sharded = sum(isinstance(p, DTensor) for p in model.parameters())
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(out).write_text(json.dumps({"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}))
+        Path(out).write_text(json.dumps({"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                                         "kl": [h["kl"] for h in trainer.state.log_history if "kl" in h],
+                                         "sharded": sharded}))
+
+
+def preference(model_dir: str, out: str, name: str) -> None:
+    """2 SGD steps of DPO or ORPO (fasttune.trl's drop-ins) at a global batch of 4 pairs; writes losses and LoRA."""
+    import fasttune.trl as ft
+    from tests.rl.rl_helpers import preference_dataset
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model, tokenizer = fast_model(model_dir, checkpointing="unsloth")
+    args = getattr(ft, f"{name}Config")(**cpu_args(Path(out).parent / f"{name}{world}", max_steps=2,
+                                                  per_device_train_batch_size=4 // world, optim="sgd",
+                                                  learning_rate=1.0, max_grad_norm=0.0))
+    trainer = getattr(ft, f"{name}Trainer")(model=model, processing_class=tokenizer, args=args,
+                                           train_dataset=preference_dataset())
+    trainer.train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps({
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "lora": {n: p.detach().tolist() for n, p in model.named_parameters() if "lora_" in n}}))
 
 
 def main(model_dir: str, out: str, kind: str = "sft") -> None:
-    if kind == "grpo":
-        return grpo(model_dir, out)
-    torch.set_num_threads(1)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    fsdp = kind in ("fsdp", "fsdp-resume", "qlora") and world > 1
+    fsdp = kind in ("fsdp", "fsdp-resume", "qlora", "grpo-fsdp") and world > 1
     if fsdp:
         from tests.distributed.cpu_fsdp import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()
+    if kind.startswith("grpo"):
+        return grpo(model_dir, out)
+    if kind in ("DPO", "ORPO"):
+        return preference(model_dir, out, kind)
+    torch.set_num_threads(1)
     if kind == "full":  # full fine-tuning: every weight trains
         from fasttune import FastLanguageModel
 

@@ -190,6 +190,31 @@ def test_grpo_trains_under_two_process_ddp(tiny_model_dir, tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.parametrize("name", ["DPO", "ORPO"])
+def test_preference_trainers_under_ddp_equal_one_process(name, tiny_model_dir, tmp_path):
+    """fasttune.trl's DPO and ORPO: 2 processes x 2 pairs give the same losses and LoRA weights as 1 x 4. ORPO's NLL
+    is a token mean over the whole step: fasttune sums the step's chosen tokens over the ranks (TRL's own class takes
+    a mean per rank, which weighs a token of a short rank more)."""
+    model_dir = str(tiny_model_dir("llama"))
+    _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one.json"), name], tmp_path)
+    _run([*TORCHRUN, model_dir, str(tmp_path / "two.json"), name], tmp_path)
+    one, two = _load(tmp_path / "one.json"), _load(tmp_path / "two.json")
+    assert len(one["losses"]) == 2 and one["losses"][1] != one["losses"][0]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    _close(two["lora"], one["lora"])
+
+
+def test_grpo_trains_under_accelerate_fsdp2(tiny_model_dir, tmp_path):
+    """fasttune.trl.GRPOTrainer under `accelerate launch --config_file examples/accelerate/fsdp2.yaml`: the rollouts
+    run on the sharded model, the policy moves away from the reference (KL > 0 at step 2). Not compared with one
+    process: each rank samples its own completions, so no other process count draws the same ones."""
+    _run([*_accelerate_launch(), str(tiny_model_dir("llama")), str(tmp_path / "grpo.json"), "grpo-fsdp"], tmp_path)
+    result = _load(tmp_path / "grpo.json")
+    assert result["sharded"] > 0
+    assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["kl"][0] == 0 and result["kl"][1] > 0
+
+
 FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
 
