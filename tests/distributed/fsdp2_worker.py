@@ -1,13 +1,14 @@
 """One process of the FSDP2 equality test (run by torchrun, or alone for the single-process reference).
 
-argv: model_dir out_json checkpointing [train|resume] [layers|units] [lora|full]. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
+argv: model_dir out_json checkpointing [train|resume|save-rank0] [layers|units] [lora|full]. A fasttune LoRA model (fused blocks and loss) sharded with PyTorch's own
 FSDP2 (``fully_shard`` on each decoder layer, then on the whole model; gloo on CPU, where accelerate ignores FSDP
 configs) trains 3 plain-SGD steps on a global batch of 4 texts of uneven lengths, split over the processes. Each
 rank's loss is its label-token sum over the *global* label count times the world size, so FSDP2's gradient average
 is the one-process mean. Rank 0 writes the global loss per step and the gathered LoRA weights. After step 2 the
 run saves a sharded checkpoint (model and optimizer, torch.distributed.checkpoint: each rank writes its shards);
 with ``resume`` a fresh run loads it and trains step 3 only. ``units``: the input embeddings and the LM head are
-units of their own (the fused loss then runs inside the head's unit). ``full``: full fine-tuning instead of LoRA;
+units of their own (the fused loss then runs inside the head's unit). ``save-rank0``: after training, only rank 0
+calls ``save_pretrained_merged`` (a collective under FSDP2); the error it gets is written. ``full``: full fine-tuning instead of LoRA;
 the head, the embeddings and the last layer's weights are written.
 """
 
@@ -89,8 +90,23 @@ def main(model_dir: str, out: str, checkpointing: str, mode: str = "train", unit
     written = ("lm_head", "embed_tokens", last) if tuning == "full" else ("lora_",)
     lora = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
             for n, p in model.named_parameters() if any(w in n for w in written)}
+    result = {"losses": losses, "lora": lora, "fused_loss": out_.logits is None}
+    if mode == "save-rank0" and world > 1:  # the mistake: a collective save guarded to rank 0 only
+        import datetime
+        import time
+
+        import fasttune.distributed
+
+        fasttune.distributed.ARRIVAL_TIMEOUT = datetime.timedelta(seconds=3)
+        if rank == 0:
+            try:
+                model.save_pretrained_merged(Path(out).parent / "merged", tokenizer)
+            except RuntimeError as err:
+                result["save_error"] = str(err)
+        else:
+            time.sleep(15)  # elsewhere, not in the save
     if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses, "lora": lora, "fused_loss": out_.logits is None}))
+        Path(out).write_text(json.dumps(result))
     if world > 1:
         dist.destroy_process_group()
 

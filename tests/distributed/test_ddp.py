@@ -252,6 +252,16 @@ def test_two_process_fsdp2_equals_one_process(checkpointing, units, tuning, tiny
         torch.testing.assert_close(torch.tensor(resumed["lora"][name]), torch.tensor(weights), msg=name)
 
 
+def test_fsdp2_save_on_rank_zero_only_fails_clearly(tiny_model_dir, tmp_path):
+    """Under FSDP2 a save is collective. Guarded by `if rank == 0` it cannot finish: rank 0 gets an error that says
+    to call it on every rank (after the arrival timeout, 3 s here) instead of waiting forever, and writes nothing."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FSDP2_WORKER),
+          str(tiny_model_dir("llama")), str(tmp_path / "out.json"), "unsloth", "save-rank0"], tmp_path)
+    error = _load(tmp_path / "out.json")["save_error"]
+    assert "call save_pretrained_merged on every rank" in error and "Ranks 1 failed" in error
+    assert not (tmp_path / "merged").exists()
+
+
 def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
     """Under torchrun/accelerate (LOCAL_RANK set) the default device_map is the process's own GPU, not "sequential"
     (which would put every rank's copy on GPU 0 first); without CUDA it is the CPU."""
