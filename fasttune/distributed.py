@@ -10,8 +10,8 @@ group the way a script written for one GPU expects:
 * Under FSDP2 each rank holds a shard of every weight (``DTensor`` parameters). A save is then collective: every
   rank must call it. Each FSDP unit is all-gathered (``FSDPModule.unshard``), rank 0 writes from the whole weights,
   the units are resharded, and every rank returns rank 0's result. Called from rank 0 alone it would wait for the
-  others forever, so rank 0 checks first that every rank came (a barrier with a timeout) and fails with a clear
-  error otherwise.
+  others forever, so every save starts with a barrier that fails with a clear error instead: after
+  ``ARRIVAL_TIMEOUT`` under gloo (a monitored barrier), after the process group's own timeout under NCCL.
 """
 
 from __future__ import annotations
@@ -76,8 +76,10 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
 def _all_arrived(name: str, rank: int, size: int) -> None:
     """A barrier that fails instead of hanging when some rank never calls ``name``."""
     try:
-        dist.monitored_barrier(timeout=ARRIVAL_TIMEOUT, wait_all_ranks=True) if dist.get_backend() == "gloo" \
-            else dist.barrier()
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=ARRIVAL_TIMEOUT, wait_all_ranks=True)
+        else:  # NCCL has no monitored barrier: its own timeout ends the wait
+            dist.barrier()
     except RuntimeError as err:
         raise RuntimeError(
             f"{name}: the model is sharded by FSDP2 ({size} ranks), so saving is collective: call {name} on every "
