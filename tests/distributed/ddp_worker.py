@@ -10,7 +10,8 @@ grpo-fsdp does the same under `accelerate launch` with examples/accelerate/fsdp2
 fsdp / fsdp-resume / qlora: the same under accelerate's FSDP2, one unit per decoder layer (fsdp: started by
 ``accelerate launch`` with the repo's examples/accelerate/fsdp2.yaml; qlora: the Trainer's ``fsdp_config`` under
 torchrun; ``cpu_fsdp`` lets accelerate run FSDP on CPU). fsdp saves its exports from every rank, as a ported notebook
-does (under FSDP2 a save is collective; rank 0 writes). qlora loads the base in 4 bits and exports merged weights.
+does (under FSDP2 a save is collective; rank 0 writes). qlora loads the base in 4 bits and exports merged weights;
+qlora-ddp is the same under plain DDP.
 With one process the fsdp kinds run without FSDP: the reference.
 """
 
@@ -91,7 +92,7 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
                                                              full_finetuning=True, load_in_4bit=False,
                                                              use_gradient_checkpointing="unsloth")
     else:
-        model, tokenizer = fast_model(model_dir, checkpointing="unsloth", load_in_4bit=kind == "qlora")
+        model, tokenizer = fast_model(model_dir, checkpointing="unsloth", load_in_4bit=kind.startswith("qlora"))
     here = Path(out).parent
     # fsdp / fsdp-resume run under `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (its environment
     # configures FSDP2); qlora under torchrun, configured by the Trainer's own fsdp options
@@ -113,7 +114,7 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
             for n, p in model.named_parameters() if "lora_" in n or (kind == "full" and "layers.1." in n)}
     sharded = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor) and "base_layer" in n)
     exported = None
-    if kind == "qlora":
+    if kind.startswith("qlora"):
         exported = model.save_pretrained_merged(here / f"qlora-merged{world}", tokenizer)
     elif kind in ("sft", "fsdp"):  # every rank calls, as a ported notebook does: rank 0 writes
         exported = model.save_pretrained_merged(here / f"{kind}-merged{world}", tokenizer)

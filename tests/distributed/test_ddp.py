@@ -141,16 +141,17 @@ def test_accelerate_fsdp2_equals_one_process(one_process, tiny_model_dir, tmp_pa
     _close(resumed["lora"], two["lora"])
 
 
-def test_accelerate_fsdp2_qlora_shards_4bit_weights(one_process, tiny_model_dir, tmp_path):
-    """QLoRA under accelerate's FSDP2: in a distributed process the 4-bit storage is the compute dtype, so FSDP2
-    shards the packed weights (with bitsandbytes' uint8 accelerate would leave them whole on every rank); losses,
-    LoRA weights and the merged export equal one process's."""
+@pytest.mark.parametrize("kind", ["qlora", "qlora-ddp"])
+def test_qlora_under_fsdp2_and_ddp_equals_one_process(kind, one_process, tiny_model_dir, tmp_path):
+    """QLoRA under accelerate's FSDP2 (the Trainer's fsdp_config) and under DDP. In a distributed process the 4-bit
+    storage is the compute dtype, so FSDP2 shards the packed weights (with bitsandbytes' uint8 accelerate would leave
+    them whole on every rank); losses, LoRA weights and the merged export equal one process's."""
     from safetensors.torch import load_file
 
     model_dir = str(tiny_model_dir("llama"))
-    _run([*TORCHRUN, model_dir, str(tmp_path / "qlora.json"), "qlora"], tmp_path)
+    _run([*TORCHRUN, model_dir, str(tmp_path / "qlora.json"), kind], tmp_path)
     one, two = _load(one_process / "qlora.json"), _load(tmp_path / "qlora.json")
-    assert one["sharded"] == [] and len(two["sharded"]) == _projections(model_dir)
+    assert one["sharded"] == [] and len(two["sharded"]) == (_projections(model_dir) if kind == "qlora" else 0)
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
     _close(two["lora"], one["lora"])
     _close(load_file(tmp_path / "qlora-merged2" / "model.safetensors"),
