@@ -20,6 +20,7 @@ on when the user chose ``False``). Two guards, both on instances only:
 
 from __future__ import annotations
 
+import os
 import types
 from functools import partial
 from typing import Any
@@ -111,6 +112,16 @@ def _install_enable_hooks(base: nn.Module) -> None:
         base.__dict__[name] = types.MethodType(_enable_remembered, base)
 
 
+def _fsdp_checkpointing(config: Any) -> bool:
+    """Whether FSDP's own activation checkpointing is asked for: in the Trainer's ``fsdp_config``, or by
+    ``accelerate launch`` with an FSDP config (it exports ``FSDP_ACTIVATION_CHECKPOINTING``)."""
+    fsdp_config = getattr(config, "fsdp_config", None) or {}
+    if fsdp_config.get("activation_checkpointing") or fsdp_config.get("fsdp_activation_checkpointing"):
+        return True
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true")
+
+
 def honour_checkpointing_mode(model: Any, config: Any) -> None:
     """Make the remembered mode the one that runs under a trainer built with ``config`` (a copy the trainer owns)."""
     mode = remembered_mode(model)
@@ -123,6 +134,11 @@ def honour_checkpointing_mode(model: Any, config: Any) -> None:
     for name in ("activation_checkpointing", "gradient_checkpointing"):
         if hasattr(config, name):
             setattr(config, name, False)
+    if mode and _fsdp_checkpointing(config):
+        raise ValueError(f"FSDP's activation checkpointing is on (fsdp_activation_checkpointing) and so is fasttune's "
+                         f"(use_gradient_checkpointing={mode!r} in get_peft_model): every layer would be recomputed "
+                         "twice. Set fsdp_activation_checkpointing: false in the accelerate config / fsdp_config "
+                         "(fasttune's checkpointing applies under FSDP2, tested), or use_gradient_checkpointing=False")
     if mode == "unsloth" and hasattr(config, "ddp_find_unused_parameters"):
         # "unsloth" recomputes each layer inside backward (reentrant), so DDP's search for unused parameters would
         # mark the layer's parameters ready twice ("Expected to mark a variable ready only once"); every parameter

@@ -288,3 +288,21 @@ def test_accelerate_configs_parse(name):
     assert config.num_processes == (16 if name == "multinode" else 8)
     if name == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2 and not config.fsdp_config["fsdp_activation_checkpointing"]
+
+
+def test_fsdp_activation_checkpointing_with_fasttune_checkpointing_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    """`accelerate launch` with fsdp_activation_checkpointing: true on a model with fasttune's checkpointing would
+    recompute every layer twice: the trainer refuses at start and names both switches."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from fasttune.trl import SFTConfig, SFTTrainer
+    from tests.trl.trl_helpers import cpu_args, fast_model, text_dataset
+
+    model, tokenizer = fast_model(tiny_model_dir("llama"), checkpointing="unsloth")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for such a config
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(ValueError, match=r"fsdp_activation_checkpointing.*use_gradient_checkpointing='unsloth'"):
+        SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(), args=SFTConfig(**cpu_args(tmp_path)))
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    model, tokenizer = fast_model(tiny_model_dir("llama"), checkpointing=False)  # FSDP's alone is allowed
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_dataset(), args=SFTConfig(**cpu_args(tmp_path)))
