@@ -5,7 +5,8 @@ fasttune.trl.SFTTrainer for 4 SGD steps with momentum (Adam would magnify fp32 r
 at a global batch of 4 (split over the processes), checkpointing at step 2; rank 0 writes the loss per step and the
 LoRA weights, and saves the merged model and GGUF files. resume reruns from that checkpoint. full: sft's run, fully
 fine-tuned, no checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses and KLs;
-grpo-fsdp does the same under `accelerate launch` with examples/accelerate/fsdp2.yaml.
+grpo-fsdp does the same under `accelerate launch` with examples/accelerate/fsdp2.yaml. DPO / ORPO: 2 preference
+steps. vision: a tiny Qwen2-VL trained with the padding-free image-text collator.
 
 fsdp / fsdp-resume / qlora: the same under accelerate's FSDP2, one unit per decoder layer (fsdp: started by
 ``accelerate launch`` with the repo's examples/accelerate/fsdp2.yaml; qlora: the Trainer's ``fsdp_config`` under
@@ -73,6 +74,34 @@ def preference(model_dir: str, out: str, name: str) -> None:
             "lora": {n: p.detach().tolist() for n, p in model.named_parameters() if "lora_" in n}}))
 
 
+def vision(model_dir: str, out: str) -> None:
+    """4 SGD steps of a tiny Qwen2-VL (LoRA on both towers) with fasttune's padding-free image-text collator, as
+    Unsloth's vision notebooks train, at a global batch of 4 conversations; writes losses and LoRA weights."""
+    from fasttune import FastVisionModel
+    from fasttune.vision import UnslothVisionDataCollator
+    from tests.vision.vision_helpers import COLOURS, circle, conversation
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model, processor = FastVisionModel.from_pretrained(model_dir, load_in_4bit=False, dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, random_state=7)
+    FastVisionModel.for_training(model)
+    names = list(COLOURS)
+    rows = [conversation(circle(names[i % 3], 40 + 8 * (i % 4)), answer=" ".join([names[i % 3]] * (1 + i % 3)))
+            for i in range(16)]  # uneven image sizes and answer lengths: uneven label counts per rank
+    args = SFTConfig(**cpu_args(Path(out).parent / f"vision{world}", max_steps=4, per_device_train_batch_size=4 // world,
+                                optim="sgd", optim_args="momentum=0.9", learning_rate=0.5),
+                     remove_unused_columns=False, dataset_text_field="", dataset_kwargs={"skip_prepare_dataset": True},
+                     max_length=1024)
+    trainer = SFTTrainer(model=model, tokenizer=processor, data_collator=UnslothVisionDataCollator(model, processor),
+                         train_dataset=rows, args=args)
+    trainer.train()
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(json.dumps({
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "lora": {n: p.detach().tolist() for n, p in model.named_parameters() if "lora_" in n}}))
+
+
 def main(model_dir: str, out: str, kind: str = "sft") -> None:
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     fsdp = kind in ("fsdp", "fsdp-resume", "qlora", "grpo-fsdp") and world > 1
@@ -84,6 +113,8 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
         return grpo(model_dir, out)
     if kind in ("DPO", "ORPO"):
         return preference(model_dir, out, kind)
+    if kind == "vision":
+        return vision(model_dir, out)
     torch.set_num_threads(1)
     if kind == "full":  # full fine-tuning: every weight trains
         from fasttune import FastLanguageModel
