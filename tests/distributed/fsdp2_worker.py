@@ -104,7 +104,7 @@ def main(model_dir: str, out: str, checkpointing: str, mode: str = "train", unit
             except RuntimeError as err:
                 result["save_error"] = str(err)
         else:
-            time.sleep(15)  # elsewhere, not in the save
+            time.sleep(6)  # elsewhere, not in the save (longer than the 3 s arrival timeout)
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     if world > 1:
