@@ -18,6 +18,7 @@ With one process the fsdp kinds run without FSDP: the reference.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -149,7 +150,11 @@ def main(model_dir: str, out: str, kind: str = "sft") -> None:
         exported = model.save_pretrained_merged(here / f"qlora-merged{world}", tokenizer)
     elif kind in ("sft", "fsdp"):  # every rank calls, as a ported notebook does: rank 0 writes
         exported = model.save_pretrained_merged(here / f"{kind}-merged{world}", tokenizer)
-        model.save_pretrained_gguf(here / f"{kind}-gguf{world}", tokenizer, quantization_method=["f16", "q8_0"])
+        # fsdp: validated in llama.cpp where it is installed (the check's forward runs on rank 0 inside the gather)
+        validate = kind == "fsdp" and importlib.util.find_spec("llama_cpp") is not None
+        model.save_pretrained_gguf(here / f"{kind}-gguf{world}", tokenizer, quantization_method=["f16", "q8_0"],
+                                   validate=validate)
+        (here / f"{kind}-validated{world}.txt").write_text(str(validate))
         model.save_pretrained(here / f"{kind}-adapter{world}")
     if rank == world - 1 and kind in ("sft", "fsdp", "qlora"):  # the last rank: under FSDP2 it gets rank 0's result
         (here / f"{kind}-returned{world}.txt").write_text(str(exported))
