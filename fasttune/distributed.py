@@ -110,22 +110,34 @@ def _on_rank_zero(name: str, write: Callable[[], Any]) -> Any:
     return outcome[0]
 
 
+def _save_once(name: str, model: nn.Module, write: Callable[[], Any], write_sharded: Callable[[], Any]) -> Any:
+    """The dispatch every save shares: one process (or a save inside a save) writes; an unsharded model under DDP is
+    written by rank 0 while the others return None; a sharded one, once every rank arrived, by ``write_sharded``."""
+    rank, size = world()
+    if size == 1 or _inside:
+        return write()
+    if not is_sharded(model):
+        if rank != 0:
+            logger.info("%s: rank %d of %d skips; rank 0 writes", name, rank, size)
+            return None
+        return write()
+    _all_arrived(name, rank, size)
+    return write_sharded()
+
+
 def one_writer(fn: F) -> F:
     """Decorate a save function ``fn(model, ...)`` to run as described in the module docstring."""
 
     @functools.wraps(fn)
     def save(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        rank, size = world()
-        if size == 1 or _inside:
+        def write() -> Any:
             return fn(model, *args, **kwargs)
-        if not is_sharded(model):
-            if rank != 0:
-                logger.info("%s: rank %d of %d skips; rank 0 writes", fn.__name__, rank, size)
-                return None
-            return fn(model, *args, **kwargs)
-        _all_arrived(fn.__name__, rank, size)
-        with full_weights(model):
-            return _on_rank_zero(fn.__name__, lambda: fn(model, *args, **kwargs))
+
+        def write_sharded() -> Any:
+            with full_weights(model):
+                return _on_rank_zero(fn.__name__, write)
+
+        return _save_once(fn.__name__, model, write, write_sharded)
 
     return save  # type: ignore[return-value]
 
@@ -157,17 +169,14 @@ def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     (``fasttune.distributed``). A call that passes ``state_dict`` (the Trainer's checkpoint save, which gathered its
     own) goes straight to the class's method on every rank."""
     save = type(self).save_pretrained
-    rank, size = world()
-    if "state_dict" in kwargs or size == 1:
+    if "state_dict" in kwargs:
         return save(self, *args, **kwargs)
-    if not is_sharded(self):
-        if rank != 0:
-            logger.info("save_pretrained: rank %d of %d skips; rank 0 writes", rank, size)
-            return None
-        return save(self, *args, **kwargs)
-    _all_arrived("save_pretrained", rank, size)
-    state = _gathered_state_dict(self)
-    return _on_rank_zero("save_pretrained", lambda: save(self, *args, state_dict=state, **kwargs))
+
+    def write_sharded() -> Any:
+        state = _gathered_state_dict(self)  # collective: every rank, before rank 0 writes
+        return _on_rank_zero("save_pretrained", lambda: save(self, *args, state_dict=state, **kwargs))
+
+    return _save_once("save_pretrained", self, lambda: save(self, *args, **kwargs), write_sharded)
 
 
 def bind_save_pretrained(model: nn.Module) -> None:

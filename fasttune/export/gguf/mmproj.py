@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from ..atomic import atomic_file
-from .writer import GGUFReport
+from .writer import GGUFReport, gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -245,25 +244,18 @@ def write_mmproj(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Ten
                          "16-bit, as llama.cpp's converter does)")
     mmap = mmproj_map(config)
     report = GGUFReport(Path(path), ftype)
-    with atomic_file(path) as scratch:
-        writer = GGUFWriter(str(scratch), "clip")
-        try:
-            writer.add_name(name or "mmproj")
-            writer.add_file_type(1 if ftype == "f16" else 0)
-            write_mmproj_hparams(writer, config, mmap, processor)
-            for hf_name, tensor in tensors:
-                for gname, data in _entries(mmap, hf_name, tensor.detach().to(torch.float32, copy=True).cpu().numpy()):
-                    if gname in mmap.offset_norms:
-                        data = data + 1.0
-                    half = ftype == "f16" and data.ndim >= 2 and gname not in mmap.keep_f32
-                    data = data.astype(np.float16 if half else np.float32)
-                    qtype = GGMLQuantizationType.F16 if half else GGMLQuantizationType.F32
-                    writer.add_tensor(gname, data, raw_dtype=qtype)
-                    report.tensor_types[gname] = qtype.name
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with gguf_file(path, "clip") as writer:
+        writer.add_name(name or "mmproj")
+        writer.add_file_type(1 if ftype == "f16" else 0)
+        write_mmproj_hparams(writer, config, mmap, processor)
+        for hf_name, tensor in tensors:
+            for gname, data in _entries(mmap, hf_name, tensor.detach().to(torch.float32, copy=True).cpu().numpy()):
+                if gname in mmap.offset_norms:
+                    data = data + 1.0
+                half = ftype == "f16" and data.ndim >= 2 and gname not in mmap.keep_f32
+                data = data.astype(np.float16 if half else np.float32)
+                qtype = GGMLQuantizationType.F16 if half else GGMLQuantizationType.F32
+                writer.add_tensor(gname, data, raw_dtype=qtype)
+                report.tensor_types[gname] = qtype.name
     logger.info("gguf: wrote %s (mmproj %s, %d tensors)", path, ftype, len(report.tensor_types))
     return report

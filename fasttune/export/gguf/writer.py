@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,21 @@ def _write_metadata(writer: GGUFWriter, config: Any, tmap: TensorMap, tokenizer:
         report.tensor_types[extra_name] = "F32"
 
 
+@contextmanager
+def gguf_file(path: str | os.PathLike, arch: str) -> Iterator[GGUFWriter]:
+    """A ``GGUFWriter`` for ``arch`` whose file appears at ``path`` atomically: add keys and tensors inside the block;
+    on leaving it the header, the keys and the tensors are written (nothing is left behind if the block fails)."""
+    with atomic_file(path) as scratch:
+        writer = GGUFWriter(str(scratch), arch)
+        try:
+            yield writer
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+
 def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                config: Any, tokenizer: Any, ftype: str, template: Any = None, pre_tokenizer: str | None = None,
                name: str | None = None, tied: bool | None = None) -> GGUFReport:
@@ -253,24 +269,17 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | It
                          "this model has a separate lm_head (a LoRA on lm_head?); export it merged_16bit instead")
     report = GGUFReport(Path(path), ftype)
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    with atomic_file(path) as scratch:
-        writer = GGUFWriter(str(scratch), tmap.arch)
-        try:
-            _write_metadata(writer, config, tmap, tokenizer, ftype, template, pre_tokenizer, name, report)
-            for hf_name, tensor in tensors:
-                key, gname, _layer = gguf_name(tmap, hf_name)
-                data = convert_tensor(tmap, key, hf_name, tensor, config)
-                choice = choose_tensor_qtype(gname, data.shape, ftype, c.num_hidden_layers, arch=tmap.arch,
-                                             n_gqa=c.num_attention_heads // n_kv, tied_embeddings=tied)
-                if choice.reason:
-                    logger.warning("gguf: %s", choice.reason)
-                    report.fallbacks.append(choice.reason)
-                writer.add_tensor(gname, quantize(data, choice.qtype), raw_dtype=choice.qtype)
-                report.tensor_types[gname] = choice.qtype.name
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+    with gguf_file(path, tmap.arch) as writer:
+        _write_metadata(writer, config, tmap, tokenizer, ftype, template, pre_tokenizer, name, report)
+        for hf_name, tensor in tensors:
+            key, gname, _layer = gguf_name(tmap, hf_name)
+            data = convert_tensor(tmap, key, hf_name, tensor, config)
+            choice = choose_tensor_qtype(gname, data.shape, ftype, c.num_hidden_layers, arch=tmap.arch,
+                                         n_gqa=c.num_attention_heads // n_kv, tied_embeddings=tied)
+            if choice.reason:
+                logger.warning("gguf: %s", choice.reason)
+                report.fallbacks.append(choice.reason)
+            writer.add_tensor(gname, quantize(data, choice.qtype), raw_dtype=choice.qtype)
+            report.tensor_types[gname] = choice.qtype.name
     logger.info("gguf: wrote %s (%s, %d tensors)", path, ftype, len(report.tensor_types))
     return report
