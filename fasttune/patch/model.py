@@ -7,6 +7,13 @@ per-segment SDPA for packed rows (:mod:`fasttune.patch.attention`, the one chang
 peft-wrapped one; call it again after ``get_peft_model`` and it installs the fused LoRA blocks over the new layers.
 ``unpatch_model(model)`` restores every replaced forward, so the model computes exactly what it did before.
 
+transformers (>= 5.25, which installs the ``kernels`` library) "kernelizes" a loaded model by default and does it again
+on every ``train()`` / ``eval()`` switch: each layer class decorated with ``use_kernel_forward_from_hub`` (every
+RMSNorm, some activations) gets the Hub kernel for the device or, where there is none (CPU), its class forward back,
+by dropping the instance's ``forward``. That silently removed fasttune's fused norms at the first ``model.train()``.
+``patch_model`` therefore turns that kernelization off on the models it patches (recorded, and turned back on by
+``unpatch_model``): fasttune's own forwards are the fast path there.
+
 Which model types have a fast path is the registry's (:mod:`fasttune.models`, ``FamilySpec.fast_path``);
 :data:`FAST_PATHS` maps each to the function that turns the family's :class:`fasttune.models.FamilySpec` into patches.
 """
@@ -17,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from fasttune.lora.unwrap import base_model
 from fasttune.models import FamilySpec, families, get_family
@@ -40,6 +48,14 @@ class PatchRecord:
 
     entries: list[tuple[nn.Module, Callable | None, Callable]] = field(default_factory=list)
     attn_implementation: tuple[object, str] | None = None  # (config, the implementation it had before)
+    hub_kernels: list[nn.Module] = field(default_factory=list)  # models whose transformers kernelization was on
+
+    def suspend_hub_kernels(self, hf_model: nn.Module) -> None:
+        """Turn off transformers' Hub-kernel switching (see the module docstring) on every model inside ``hf_model``."""
+        for module in hf_model.modules():
+            if isinstance(module, PreTrainedModel) and module.use_kernels:
+                module.use_kernels = False  # reset_kernels(): every decorated layer back to its class forward
+                self.hub_kernels.append(module)
 
     def install(self, module: nn.Module, new_forward: Callable) -> None:
         previous = module.__dict__.get("forward")
@@ -111,6 +127,7 @@ def patch_model(model: nn.Module) -> None:
         unpatch_model(hf_model)
     record = PatchRecord()
     try:
+        record.suspend_hub_kernels(hf_model)
         FAST_PATHS[model_type](hf_model, spec, record)
     except Exception:
         _restore(record)
@@ -136,6 +153,9 @@ def _restore(record: PatchRecord) -> None:
         else:
             module.forward = previous
     record.entries.clear()
+    for module in reversed(record.hub_kernels):
+        module.use_kernels = True  # kernelizes again, for the mode the model is in
+    record.hub_kernels.clear()
 
 
 def unpatch_model(model: nn.Module) -> None:

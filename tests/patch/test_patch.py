@@ -109,6 +109,26 @@ def test_plain_model_patch_generate_and_exact_unpatch(tiny_model_dir):
         assert torch.equal(model(input_ids=ids).logits, before)
 
 
+def test_train_and_eval_switches_keep_the_fast_path(tiny_model_dir, monkeypatch):
+    """transformers >= 5.25 re-kernelizes a model on every train()/eval() switch, which dropped every patched RMSNorm
+    forward (found on a fresh install: nothing failed, the fused norms were simply gone). The patch must survive mode
+    switches, and unpatch must give back transformers' kernelization as it was."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    kernelized = getattr(model, "use_kernels", False)
+    ids, labels = _batch(model.config.vocab_size, seed=2)
+    patch_model(model)
+    record = model.__dict__["_fasttune_fast_patches"]
+    for switch in (model.train, model.eval, model.train):
+        switch()
+        lost = [type(m).__name__ for m, _, ours in record.entries if m.__dict__.get("forward") is not ours]
+        assert not lost, f"after {switch.__name__}(): the fast forwards of {lost[:3]} were replaced"
+    spy = Spy(monkeypatch)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert spy.calls.get("rms_norm", 0) >= 2 * model.config.num_hidden_layers + 1
+    unpatch_model(model)
+    assert getattr(model, "use_kernels", False) == kernelized
+
+
 def test_num_items_in_batch_and_gemma2_softcap(tiny_model_dir):
     model = load_peft(tiny_model_dir("gemma2"))
     assert model.config.final_logit_softcapping == 30.0
