@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
+from collections.abc import Mapping
 from typing import Any
 
 from peft import PeftModel
@@ -33,6 +35,37 @@ def attach_model_methods(model: nn.Module) -> None:
         setattr(model, name, types.MethodType(function, model))
     if "save_pretrained" not in vars(model):  # once: a re-attach must not wrap the wrapper
         bind_save_pretrained(model)  # under DDP rank 0 writes; under FSDP2 from the whole weights
+    if not getattr(vars(model).get("generate"), "fasttune_takes_encodings", False):
+        model.generate = taking_encodings(model.generate)
+
+
+def taking_encodings(generate: Any) -> Any:
+    """``generate``, also taking a tokenizer's encoding (``input_ids``, ``attention_mask``, ...) where it expects the
+    ids tensor.
+
+    transformers 4's ``tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt")`` returned the ids;
+    transformers 5's returns a ``BatchEncoding``, and Unsloth-era notebooks pass it on as
+    ``model.generate(input_ids=inputs, ...)`` (or positionally), which transformers 5 fails on (``AttributeError:
+    shape``). Its tensors are passed as keyword arguments instead, as ``model.generate(**inputs)`` does; arguments
+    given explicitly win. Tensors, and the v5 form ``generate(**inputs)``, pass through unchanged.
+    """
+
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        encoding = None
+        if args and isinstance(args[0], Mapping):
+            encoding, args = args[0], args[1:]
+        else:
+            for name in ("input_ids", "inputs"):
+                if isinstance(kwargs.get(name), Mapping):
+                    encoding = kwargs.pop(name)
+                    break
+        if encoding is not None:
+            kwargs = {**encoding, **kwargs}
+        return generate(*args, **kwargs)
+
+    wrapper.fasttune_takes_encodings = True
+    return wrapper
 
 
 def prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:

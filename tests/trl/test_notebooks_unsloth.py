@@ -83,6 +83,15 @@ trainer = SFTTrainer(model = model, tokenizer = tokenizer, train_dataset = datas
 trainer_stats = trainer.train()""",
     """FastLanguageModel.for_inference(model)
 messages = [{"role": "user", "content": "Add the numbers\\nYour input is:\\n1 2"}]
+input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt = True,
+                                          return_tensors = "pt").to(model.device)
+from transformers import TextStreamer
+text_streamer = TextStreamer(tokenizer, skip_prompt = True)
+_ = model.generate(input_ids, streamer = text_streamer, max_new_tokens = 8, pad_token_id = tokenizer.eos_token_id)""",
+    # the same cell as transformers-4-era notebooks also wrote it (a keyword), then transformers 5's dict form
+    """inputs = tokenizer.apply_chat_template(messages, tokenize = True, add_generation_prompt = True,
+                                       return_tensors = "pt").to(model.device)
+by_keyword = model.generate(input_ids = inputs, max_new_tokens = 8, do_sample = False)
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt = True, return_tensors = "pt",
                                        return_dict = True).to(model.device)
 outputs = model.generate(**inputs, max_new_tokens = 8, use_cache = True, do_sample = False)""",
@@ -104,6 +113,7 @@ def test_alpaca_ollama_notebook(tiny_model_dir, tmp_path):
     assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id  # one BOS
     _assert_learns(trainer)
     assert ns["outputs"].shape[1] > ns["inputs"]["input_ids"].shape[1]
+    assert torch.equal(ns["_"], ns["outputs"]) and torch.equal(ns["by_keyword"], ns["outputs"])  # greedy: same ids
     assert (save / "model.Q8_0.gguf").stat().st_size > 0
     modelfile = (save / "Modelfile").read_text(encoding="utf-8")
     assert "### Instruction:\n{{ $m.Content }}" in modelfile and 'PARAMETER stop "<|end_of_text|>"' in modelfile
@@ -202,6 +212,7 @@ def test_continued_pretraining_notebook(tiny_model_dir, tmp_path):
     assert {g["lr"] for g in trainer.optimizer.param_groups} == {5e-3, 5e-4}
     _assert_learns(trainer)
     assert ns["outputs"].shape[1] > ns["inputs"]["input_ids"].shape[1]
+    assert torch.equal(ns["_"], ns["outputs"]) and torch.equal(ns["by_keyword"], ns["outputs"])  # greedy: same ids
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if "modules_to_save" in n}
     assert len(trained) == 2
     reloaded, _ = FastLanguageModel.from_pretrained(str(save), max_seq_length=128, dtype=torch.float32,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -98,6 +100,21 @@ def test_processor_without_torchvision_saves_files_transformers_reads(tiny_vlm_d
     batch = _batch(processor)
     torch.testing.assert_close(_batch(again)["pixel_values"], batch["pixel_values"])
     assert '"processor_class": "Qwen2VLProcessor"' in (tmp_path / "processor_config.json").read_text()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])  # built without its video part / by AutoProcessor
+def test_processor_answers_as_its_tokenizer_where_notebooks_use_it_so(tiny_vlm_dir, family):
+    processor = load_processor(str(tiny_vlm_dir(family)))
+    tokenizer = processor.tokenizer
+    assert (processor.pad_token, processor.pad_token_id, processor.eos_token_id) == \
+        (tokenizer.pad_token, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    processor.pad_token = tokenizer.eos_token  # writes go to the tokenizer
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == processor.pad_token_id
+    text = ["Say hello.", "Count to three, please."]
+    assert processor(text)["input_ids"] == processor(text=text)["input_ids"] == tokenizer(text)["input_ids"]
+    again = pickle.loads(pickle.dumps(processor))  # datasets' workers, DataLoader workers under spawn
+    assert type(again).__name__ == type(processor).__name__ and again.pad_token_id == tokenizer.eos_token_id
+    torch.testing.assert_close(_batch(again)["pixel_values"], _batch(processor)["pixel_values"])
 
 
 def test_a_folder_without_processor_is_named(tiny_model_dir):
