@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# Install what the tests need and run the whole suite (README's test command; .ci/run calls it).
+# Install what the tests need, at the tested versions, and run the whole suite (README's test command; .ci/run calls it).
 #   bash scripts/test.sh            lint + all tests
 #   FASTTUNE_LLAMA_CPP=0 bash scripts/test.sh   skip building llama-cpp-python (its validation tests then skip)
+#   FASTTUNE_PINS=0 bash scripts/test.sh        install the newest versions pyproject.toml allows instead of the pins
+#                                               (scripts/move_pins.sh does this in a new venv before moving them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# constraints.txt: the exact versions the suite last passed with (scripts/pins.py writes it; README: "Versions").
+pins=(-c constraints.txt)
+if [ "${FASTTUNE_PINS:-1}" = "0" ]; then
+  pins=()
+fi
 # torch 2.13.0 (CPU build) lies on this project's machines; naming it stops pip from pulling a CUDA build.
-python -m pip install --quiet torch==2.13.0 -e ".[test]"
+python -m pip install --quiet "${pins[@]}" torch==2.13.0 -e ".[test]"
 
-# llama.cpp validation of GGUF exports needs llama-cpp-python, which compiles from source (~20 min on 2 cores).
+# llama.cpp validation of GGUF exports needs llama-cpp-python, which compiles from source (6-20 min on 2 cores).
 # Build the wheel once into a cache and reuse it afterwards.
 if [ "${FASTTUNE_LLAMA_CPP:-1}" != "0" ] && ! python -c "import llama_cpp" 2>/dev/null; then
   wheels="${FASTTUNE_WHEEL_CACHE:-$HOME/.cache/fasttune-wheels}"
   mkdir -p "$wheels"
-  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-    echo "building llama-cpp-python once into $wheels (about 20 minutes)..."
+  if ! ls "$wheels"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python once into $wheels (6-20 minutes)..."
     CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" python -m pip wheel --quiet --no-deps \
       "llama-cpp-python==0.3.36" -w "$wheels"
   fi
-  python -m pip install --quiet "$wheels"/llama_cpp_python-*.whl diskcache
+  python -m pip install --quiet "${pins[@]}" "$wheels"/llama_cpp_python-0.3.36-*.whl diskcache
 fi
 
 ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import trl
@@ -27,6 +28,20 @@ def test_every_public_trl_name_is_reexported():
         assert base.__name__ == name and base in (getattr(trl, name, None), getattr(trl.experimental.orpo, name, None))
     with pytest.raises(AttributeError, match="no attribute 'NoSuchTrainer'"):
         ft.NoSuchTrainer  # noqa: B018
+
+
+def test_names_trl_moved_resolve_where_they_went_and_removed_ones_say_what_replaces_them(fasttune_logs):
+    import importlib
+
+    for name, module in ft._MOVED.items():
+        assert not hasattr(trl, name), f"trl {trl.__version__} has {name} at its top level again: drop it from _MOVED"
+        vars(ft).pop(name, None)  # resolved by an earlier test: resolve (and note) again
+        assert getattr(ft, name) is getattr(importlib.import_module(module), name)
+    assert any("CPOTrainer is trl.experimental.cpo.CPOTrainer" in m for m in fasttune_logs())
+    for name, instead in ft._REMOVED.items():
+        assert not hasattr(trl, name), f"trl {trl.__version__} has {name}: drop it from _REMOVED"
+        with pytest.raises(AttributeError, match=re.escape(f"{name!r} (nor has trl {trl.__version__}); use {instead}")):
+            getattr(ft, name)
 
 
 @pytest.mark.parametrize("kind", sorted(TRAINER_TO_CONFIG))
