@@ -90,6 +90,8 @@ class FastLanguageModel:
             kwargs["rope_scaling"] = rope_scaling
         if attn_implementation is not None:  # None: transformers picks SDPA where the family supports it
             kwargs["attn_implementation"] = attn_implementation
+        if fast_path and has_fast_path:  # no Hub kernels fetched at load: fasttune's forwards replace them
+            kwargs.setdefault("use_kernels", False)  # (fasttune.patch.model's docstring)
         model = AutoModelForCausalLM.from_pretrained(
             source.base,
             dtype=cfg.dtype,

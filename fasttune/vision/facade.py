@@ -81,6 +81,8 @@ class FastVisionModel:
             quantization = int8_config(skip_modules=QUANT_SKIP)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
+        if fast_path and source.config.get_text_config().model_type in FAST_PATHS:
+            kwargs.setdefault("use_kernels", False)  # no Hub kernels fetched at load (fasttune.patch.model)
         model = AutoModelForImageTextToText.from_pretrained(
             source.base, dtype=cfg.dtype, quantization_config=quantization,
             device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,

@@ -156,3 +156,19 @@ def test_checkpointing_modes_follow_inference_and_training(tiny_model_dir):
     ids = torch.randint(5, 500, (2, 9))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_fasttune_models_are_never_kernelized_by_transformers(tiny_model_dir, monkeypatch):
+    """transformers >= 5.25 fetches Hub kernels for decorated layers at load and again at every train()/eval() (on
+    CUDA: code downloaded from the Hub, then replaced by fasttune's forwards anyway). A fasttune model asks for none."""
+    import transformers.modeling_utils as modeling_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transformers kernelized a fasttune model")
+
+    monkeypatch.setattr(modeling_utils, "kernelize", refuse)
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    FastLanguageModel.for_inference(model)
+    FastLanguageModel.for_training(model)
+    assert not model.get_base_model().use_kernels
