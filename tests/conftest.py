@@ -14,6 +14,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fasttune.tiny import FAMILIES, build_tiny_model, build_tokenizer  # noqa: E402
 
+REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "kernels",
+            "llama-cpp-python")
+
+
+def pytest_report_header(config) -> list[str]:
+    """The versions under test, and any that differ from the pins (constraints.txt) that scripts/test.sh installs."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = {}
+    constraints = Path(__file__).resolve().parents[1] / "constraints.txt"
+    for line in constraints.read_text().splitlines() if constraints.is_file() else []:
+        if "==" in line and not line.startswith("#"):
+            name, pinned = line.split("==", 1)
+            pins[re.sub(r"[-_.]+", "-", name.strip().lower())] = pinned.strip()
+    have, drift = [], []
+    for name in REPORTED:
+        try:
+            installed = version(name).split("+")[0]
+        except PackageNotFoundError:
+            continue
+        have.append(f"{name} {installed}")
+        if name in pins and pins[name] != installed:
+            drift.append(f"{name} {installed} (pinned {pins[name]})")
+    lines = ["versions: " + ", ".join(have)]
+    if drift:
+        lines.append("NOT the pinned versions (bash scripts/test.sh installs them): " + ", ".join(drift))
+    return lines
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

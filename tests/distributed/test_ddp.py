@@ -70,8 +70,7 @@ def one_process(tiny_model_dir, tmp_path_factory):
     """The single-process reference runs, once for the module: LoRA SFT (with its exports) and QLoRA SFT."""
     here = tmp_path_factory.mktemp("one-process")
     model_dir = str(tiny_model_dir("llama"))
-    for kind in ("sft", "qlora"):
-        _run([sys.executable, str(WORKER), model_dir, str(here / f"{kind}.json"), kind], here)
+    _run([sys.executable, str(WORKER), model_dir, str(here / "{kind}.json"), "sft+qlora"], here)
     return here
 
 
@@ -100,8 +99,8 @@ def test_two_process_ddp_equals_one_process(one_process, tiny_model_dir, tmp_pat
     """Losses, LoRA weights and the exports equal one process's; the checkpoint is written once and a run
     resumed from it under DDP continues the same loss curve."""
     model_dir = str(tiny_model_dir("llama"))
-    _run([*TORCHRUN, model_dir, str(tmp_path / "two.json")], tmp_path)
-    one, two = _load(one_process / "sft.json"), _load(tmp_path / "two.json")
+    _run([*TORCHRUN, model_dir, str(tmp_path / "{kind}.json"), "sft+resume"], tmp_path)  # resume: a fresh model
+    one, two = _load(one_process / "sft.json"), _load(tmp_path / "sft.json")
     assert two["find_unused"] is False  # set by the drop-in: "unsloth" recomputes inside backward
     assert list(one["losses"]) == ["1", "2", "3", "4"] and one["losses"]["4"] < one["losses"]["1"]
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
@@ -112,8 +111,7 @@ def test_two_process_ddp_equals_one_process(one_process, tiny_model_dir, tmp_pat
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "sft2" / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
-    _run([*TORCHRUN, model_dir, str(tmp_path / "resumed.json"), "resume"], tmp_path)
-    resumed = _load(tmp_path / "resumed.json")
+    resumed = _load(tmp_path / "resume.json")
     assert [resumed["losses"][s] for s in ("3", "4")] == pytest.approx([two["losses"][s] for s in ("3", "4")],
                                                                        rel=1e-6)
     _close(resumed["lora"], two["lora"])
@@ -125,7 +123,7 @@ def test_accelerate_fsdp2_equals_one_process(one_process, tiny_model_dir, tmp_pa
     sharded checkpoints that resume to the same curve, and merged / GGUF / adapter saves, called on every rank,
     equal to one process's."""
     model_dir = str(tiny_model_dir("llama"))
-    _run([*_accelerate_launch(), model_dir, str(tmp_path / "fsdp.json"), "fsdp"], tmp_path)
+    _run([*_accelerate_launch(), model_dir, str(tmp_path / "{kind}.json"), "fsdp+fsdp-resume"], tmp_path)
     one, two = _load(one_process / "sft.json"), _load(tmp_path / "fsdp.json")
     assert len(two["sharded"]) == _projections(model_dir)  # every projection's base weight is a DTensor shard
     assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5)
@@ -137,8 +135,7 @@ def test_accelerate_fsdp2_equals_one_process(one_process, tiny_model_dir, tmp_pa
     saved = sorted(p.name for p in (tmp_path / "fsdp2" / "checkpoint-2").iterdir())
     assert "pytorch_model_fsdp_0" in saved and "optimizer_0" in saved  # the config's SHARDED_STATE_DICT
 
-    _run([*_accelerate_launch(), model_dir, str(tmp_path / "resumed.json"), "fsdp-resume"], tmp_path)
-    resumed = _load(tmp_path / "resumed.json")
+    resumed = _load(tmp_path / "fsdp-resume.json")  # a fresh model in the same launch
     assert [resumed["losses"][s] for s in ("3", "4")] == pytest.approx([two["losses"][s] for s in ("3", "4")],
                                                                        rel=1e-6)
     _close(resumed["lora"], two["lora"])
@@ -194,18 +191,18 @@ def test_grpo_trains_under_two_process_ddp(tiny_model_dir, tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
-@pytest.mark.parametrize("name", ["DPO", "ORPO"])
-def test_preference_trainers_under_ddp_equal_one_process(name, tiny_model_dir, tmp_path):
+def test_preference_trainers_under_ddp_equal_one_process(tiny_model_dir, tmp_path):
     """fasttune.trl's DPO and ORPO: 2 processes x 2 pairs give the same losses and LoRA weights as 1 x 4. ORPO's NLL
     is a token mean over the whole step: fasttune sums the step's chosen tokens over the ranks (TRL's own class takes
-    a mean per rank, which weighs a token of a short rank more)."""
+    a mean per rank, which weighs a token of a short rank more). Both trainers run in each launch."""
     model_dir = str(tiny_model_dir("llama"))
-    _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one.json"), name], tmp_path)
-    _run([*TORCHRUN, model_dir, str(tmp_path / "two.json"), name], tmp_path)
-    one, two = _load(tmp_path / "one.json"), _load(tmp_path / "two.json")
-    assert len(one["losses"]) == 2 and one["losses"][1] != one["losses"][0]
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
-    _close(two["lora"], one["lora"])
+    _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one-{kind}.json"), "DPO+ORPO"], tmp_path)
+    _run([*TORCHRUN, model_dir, str(tmp_path / "two-{kind}.json"), "DPO+ORPO"], tmp_path)
+    for name in ("DPO", "ORPO"):
+        one, two = _load(tmp_path / f"one-{name}.json"), _load(tmp_path / f"two-{name}.json")
+        assert len(one["losses"]) == 2 and one["losses"][1] != one["losses"][0], name
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-5), name
+        _close(two["lora"], one["lora"])
 
 
 def test_vision_sft_under_ddp_equals_one_process(tmp_path_factory, tmp_path):
@@ -265,10 +262,7 @@ def test_two_process_fsdp2_equals_one_process(checkpointing, units, tuning, tiny
                                    msg=name)
     shards = sorted(p.name for p in (tmp_path / "dcp2").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(FSDP2_WORKER), model_dir, str(tmp_path / "resumed.json"), checkpointing, "resume", units, tuning],
-         tmp_path)
-    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    resumed = two["resumed"]  # a fresh model in the same launch, from the sharded checkpoint
     assert resumed["losses"] == pytest.approx(two["losses"][2:], rel=1e-6)
     for name, weights in two["lora"].items():
         torch.testing.assert_close(torch.tensor(resumed["lora"][name]), torch.tensor(weights), msg=name)

@@ -212,7 +212,6 @@ def test_continued_pretraining_notebook(tiny_model_dir, tmp_path):
     assert {g["lr"] for g in trainer.optimizer.param_groups} == {5e-3, 5e-4}
     _assert_learns(trainer)
     assert ns["outputs"].shape[1] > ns["inputs"]["input_ids"].shape[1]
-    assert torch.equal(ns["_"], ns["outputs"]) and torch.equal(ns["by_keyword"], ns["outputs"])  # greedy: same ids
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if "modules_to_save" in n}
     assert len(trained) == 2
     reloaded, _ = FastLanguageModel.from_pretrained(str(save), max_seq_length=128, dtype=torch.float32,
