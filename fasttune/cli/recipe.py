@@ -141,7 +141,7 @@ class ExportSection:
 class RunSection:
     """Where the run folder goes."""
 
-    name: str = opt("run", "run name; the folder is <runs_root>/<name>-<timestamp>", "str")
+    name: str = opt("run", "run name, a plain folder name; the folder is <runs_root>/<name>-<timestamp>", "str")
     runs_root: str = opt("runs", "folder holding run folders", "str")
     output_dir: str = opt("", "the run folder itself (empty = <runs_root>/<name>-<timestamp>)", "str")
 
@@ -282,6 +282,11 @@ def _cross_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     if r.train.eval_steps and not r.data.eval_fraction:
         found.append((("train.eval_steps", "data.eval_fraction"), f"train.eval_steps: {r.train.eval_steps!r} is not "
                       "allowed with data.eval_fraction 0; allowed: 0, or set data.eval_fraction > 0"))
+    run_name = r.run.name
+    if not run_name.strip() or any(sep in run_name for sep in ("/", "\\", "\0")):
+        found.append((("run.name",), _problem("run.name", run_name, "a plain folder name, without '/' or '\\' "
+                                              "(the run folder is <runs_root>/<name>-<timestamp>, inside runs_root); "
+                                              "set run.output_dir for a folder elsewhere")))
     name = r.model.name
     if not name.strip():
         found.append((("model.name",), _problem("model.name", name, "a local folder, a Hub id or tiny-llama")))

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fasttune.data.infer_template import infer_template
 from fasttune.data.masking import IGNORE_INDEX, TokenTexts, response_mask
+from fasttune.data.spec import ROLES
 from fasttune.lora.unwrap import base_model
 
 logger = logging.getLogger("fasttune")
@@ -44,6 +45,28 @@ _URL_TIMEOUT_S = 30
 
 class VisionCollatorError(ValueError):
     """A row the collator cannot turn into model inputs; the message names the row and the fix."""
+
+
+def _checked_message(message: Any, where: str) -> str | list:
+    """The content of one message, after the checks the text path makes (:data:`fasttune.data.spec.ROLES` only: a role
+    is written into the prompt as is, so any other string could forge a turn) plus the vision shapes: a string, or a
+    list of parts. An assistant string must hold text (else only the end-of-turn marker would be trained)."""
+    if not isinstance(message, dict):
+        raise VisionCollatorError(f"{where}: {type(message).__name__} {message!r} is not a message; use "
+                                  "{'role': ..., 'content': ...}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise VisionCollatorError(f"{where}: role {role!r} is not allowed; allowed roles are {list(ROLES)}")
+    content = message.get("content")
+    if isinstance(content, str):
+        if role == "assistant" and not content.strip():
+            raise VisionCollatorError(f"{where}: the assistant answer is empty, so only the end-of-turn marker would "
+                                      "be trained; give it an answer or drop the row")
+        return content
+    if not isinstance(content, (list, tuple)) or not content:
+        raise VisionCollatorError(f"{where}: content must be a string or a non-empty list of parts "
+                                  f"({{'type': 'text', 'text': ...}} or {{'type': 'image'}}), got {content!r}")
+    return content
 
 
 def _image_token_ids(processor: Any, model_config: Any) -> set[int]:
@@ -196,13 +219,16 @@ class VisionDataCollator:
         rendered: list[dict] = []
         placeholders = 0
         for m, message in enumerate(messages):
-            content = message.get("content")
+            content = _checked_message(message, f"{where}, message {m}")
             if isinstance(content, str):
                 self._check_text(content, f"{where}, message {m}")
                 rendered.append({"role": message["role"], "content": content})
                 continue
             parts = []
-            for p, part in enumerate(content or []):
+            for p, part in enumerate(content):
+                if not isinstance(part, dict):
+                    raise VisionCollatorError(f"{where}, message {m}, part {p}: {type(part).__name__} {part!r} is not "
+                                              "a content part; use {'type': 'text', 'text': ...} or {'type': 'image'}")
                 kind = part.get("type")
                 if kind == "image":
                     value = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
@@ -223,6 +249,9 @@ class VisionDataCollator:
                 else:
                     raise VisionCollatorError(f"{where}, message {m}, part {p}: type {kind!r} is not supported; "
                                               "use 'text' or 'image'")
+            if message["role"] == "assistant" and not any(q.get("text", "").strip() for q in parts):
+                raise VisionCollatorError(f"{where}, message {m}: the assistant answer has no text, so only the "
+                                          "end-of-turn marker would be trained; give it an answer or drop the row")
             rendered.append({"role": message["role"], "content": parts})
         if placeholders < len(column):
             raise VisionCollatorError(f"{where}: {len(column)} image(s) in {self.images_field!r} but only "

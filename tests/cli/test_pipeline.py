@@ -83,10 +83,15 @@ def test_chat_answers_one_turn_from_stdin(trained_run, tmp_path):
     assert 2 <= tokens <= 8
 
 
-def test_bad_data_path_names_the_field(tmp_path):
-    recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "path": str(tmp_path / "missing.jsonl")}}
+def test_bad_data_path_and_a_run_name_leaving_the_runs_root_are_refused(tmp_path):
+    """Both problems at once, and nothing written: a run.name with a path separator would put the run folder outside
+    runs_root (``../../escaped`` did, before 2026-12-07)."""
+    recipe = {**TINY_RECIPE, "data": {**TINY_RECIPE["data"], "path": str(tmp_path / "missing.jsonl")},
+              "run": {"name": "../../escaped", "runs_root": str(tmp_path / "a" / "b" / "runs")}}
     from cli_helpers import write_recipe
 
     done = fasttune("train", str(write_recipe(tmp_path, recipe)), cwd=tmp_path)
     assert done.returncode == 2
     assert "data.path" in done.stderr and "missing.jsonl" in done.stderr and "does not exist" in done.stderr
+    assert "run.name: '../../escaped' is not allowed; allowed: a plain folder name" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

@@ -51,6 +51,16 @@ def test_cross_field_problems_are_reported_with_the_others():
     assert recipe_from_dict({"model": {"quantization": "full"}}).export.adapter == "auto"  # auto: no adapter to save
 
 
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/elsewhere", "a\\b", "sub/dir", ""])
+def test_run_name_must_stay_inside_runs_root(name):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"run": {"name": name}})
+    assert info.value.problems == [f"run.name: {name!r} is not allowed; allowed: a plain folder name, without '/' or "
+                                   "'\\' (the run folder is <runs_root>/<name>-<timestamp>, inside runs_root); set "
+                                   "run.output_dir for a folder elsewhere"]
+    assert recipe_from_dict({"run": {"name": "my-run..v2"}}).run.name == "my-run..v2"
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("lora:\n  r: 8\ntrain:\n  max_steps: 100\n")
