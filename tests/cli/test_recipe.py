@@ -61,6 +61,32 @@ def test_run_name_must_stay_inside_runs_root(name):
     assert recipe_from_dict({"run": {"name": "my-run..v2"}}).run.name == "my-run..v2"
 
 
+def test_open_bounds_refuse_the_bound_itself_and_closed_ones_take_it():
+    """Every bounded field at its bounds (a bound written "> 0" once accepted 0), and the open bounds users hit."""
+    checked = 0
+    for path, f in all_fields():
+        meta, (section, key) = f.metadata, path.split(".")
+        for bound, is_open in ((meta.get("low"), meta.get("low_open")), (meta.get("high"), meta.get("high_open"))):
+            if bound is None:
+                continue
+            value = int(bound) if meta["kind"] == "int" else float(bound)
+            if is_open:
+                with pytest.raises(RecipeError, match=rf"{path}: {value!r} is not allowed"):
+                    recipe_from_dict({section: {key: value}})
+            else:
+                problems = []
+                try:
+                    recipe_from_dict({section: {key: value}})
+                except RecipeError as error:
+                    problems = [p for p in error.problems if p.startswith(path)]
+                assert not problems, problems
+            checked += 1
+    assert checked >= 10
+    for section, key in (("lora", "alpha"), ("train", "learning_rate"), ("train", "epochs")):
+        with pytest.raises(RecipeError, match=rf"{section}.{key}: 0(\.0)? is not allowed; allowed: a number > 0"):
+            recipe_from_dict({section: {key: 0}})
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("lora:\n  r: 8\ntrain:\n  max_steps: 100\n")
