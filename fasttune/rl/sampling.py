@@ -72,27 +72,35 @@ def _number_in(value: object, low: float, high: float, low_open: bool = False) -
     return (low < value if low_open else low <= value) and value <= high
 
 
+def filter_problems(temperature: object, top_p: object, top_k: object, min_p: object,
+                    repetition_penalty: object) -> list[str]:
+    """The bad ones among the sampling filters, as ``name: value ...; allowed`` (shared with ``GRPOConfig``)."""
+    out = []
+    if not _number_in(temperature, 0.0, math.inf):
+        out.append(f"temperature: {temperature!r} must be a number >= 0 (0 = greedy)")
+    if not _number_in(top_p, 0.0, 1.0, low_open=True):
+        out.append(f"top_p: {top_p!r} is outside (0, 1]")
+    if not _is_int(top_k) or top_k < -1:
+        out.append(f"top_k: {top_k!r} must be an integer >= 1, or 0 / -1 to turn it off")
+    if not _number_in(min_p, 0.0, 1.0):
+        out.append(f"min_p: {min_p!r} is outside [0, 1]")
+    if not _number_in(repetition_penalty, 0.0, math.inf, low_open=True):
+        out.append(f"repetition_penalty: {repetition_penalty!r} must be a number > 0 (1 = off)")
+    return out
+
+
 def _problems(p: SamplingParams) -> list[str]:
     """Every bad field of ``p``, each as ``field: value ...; what is allowed`` (all reported at once)."""
     out = []
     if not _is_int(p.n) or p.n < 1:
         out.append(f"n: {p.n!r} must be an integer >= 1")
-    if not _number_in(p.temperature, 0.0, math.inf):
-        out.append(f"temperature: {p.temperature!r} must be a number >= 0 (0 = greedy)")
-    if not _number_in(p.top_p, 0.0, 1.0, low_open=True):
-        out.append(f"top_p: {p.top_p!r} is outside (0, 1]")
-    if not _is_int(p.top_k) or p.top_k < -1:
-        out.append(f"top_k: {p.top_k!r} must be an integer >= 1, or 0 / -1 to turn it off")
-    if not _number_in(p.min_p, 0.0, 1.0):
-        out.append(f"min_p: {p.min_p!r} is outside [0, 1]")
+    out += filter_problems(p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty)
     if p.max_tokens is not None and (not _is_int(p.max_tokens) or p.max_tokens < 1):
         out.append(f"max_tokens: {p.max_tokens!r} must be an integer >= 1, or None (up to max_length)")
     if not _is_int(p.min_tokens) or p.min_tokens < 0:
         out.append(f"min_tokens: {p.min_tokens!r} must be an integer >= 0")
     elif _is_int(p.max_tokens) and p.min_tokens > p.max_tokens:
         out.append(f"min_tokens: {p.min_tokens} is larger than max_tokens ({p.max_tokens})")
-    if not _number_in(p.repetition_penalty, 0.0, math.inf, low_open=True):
-        out.append(f"repetition_penalty: {p.repetition_penalty!r} must be a number > 0 (1 = off)")
     if p.logprobs is not None and (not _is_int(p.logprobs) or p.logprobs < 0):
         out.append(f"logprobs: {p.logprobs!r} must be None or an integer >= 0")
     if p.seed is not None and not (_is_int(p.seed) and SEED_RANGE[0] <= p.seed <= SEED_RANGE[1]):

@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from fasttune.config import _raise_if
 from fasttune.lora.unwrap import base_model
 from fasttune.notes import note_once
 from fasttune.rl.rewards import checked_reward_funcs
+from fasttune.rl.sampling import filter_problems
 
 from .compat import explicitly_set
 
@@ -70,10 +72,14 @@ def check_generation_batch(args: Any, num_processes: int = 1) -> None:
 
 
 class FastGRPOConfigMixin:
-    """``GRPOConfig`` that names the valid ``num_generations`` / batch sizes when they do not fit."""
+    """``GRPOConfig`` that names the valid ``num_generations`` / batch sizes when they do not fit, and refuses bad
+    sampling filters at construction (TRL's own class accepts ``temperature=-1`` and fails at the first rollout)."""
 
     def __post_init__(self) -> None:
         check_generation_batch(self, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun/accelerate set it
+        problems = filter_problems(self.temperature, self.top_p, self.top_k, 0.0 if self.min_p is None else self.min_p,
+                                   1.0 if self.repetition_penalty is None else self.repetition_penalty)
+        _raise_if(problems, "GRPOConfig")
         super().__post_init__()
 
 

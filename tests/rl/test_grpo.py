@@ -160,6 +160,16 @@ def test_check_rewards_values():
         check_rewards("f", 3, ["a"], 1.0)
 
 
+def test_bad_sampling_options_are_refused_at_construction(tmp_path):
+    """TRL's GRPOConfig takes temperature=-1 / top_p=2 and fails at the first rollout, naming SamplingParams."""
+    with pytest.raises(ValueError, match=r"GRPOConfig: 2 invalid option\(s\):\n  - temperature: -1 must be a number "
+                                         r">= 0 \(0 = greedy\)\n  - top_p: 2 is outside \(0, 1\]"):
+        ft.GRPOConfig(**cpu_args(tmp_path), num_generations=4, temperature=-1, top_p=2)
+    with pytest.raises(ValueError, match=r"min_p: 1.5 is outside \[0, 1\]"):
+        ft.GRPOConfig(**cpu_args(tmp_path), num_generations=4, min_p=1.5)
+    assert ft.GRPOConfig(**cpu_args(tmp_path), num_generations=4, temperature=0.7, top_p=0.9, top_k=50).top_k == 50
+
+
 def test_num_generations_that_does_not_divide_says_which_would(tmp_path):
     with pytest.raises(ValueError, match=r"num_generations: 4 does not divide the generation batch of 6 .*"
                                          r"values that would: \[2, 3, 6\]; or keep num_generations=4 with "
