@@ -51,16 +51,38 @@ def load_lora(model: nn.Module, lora_path: str | os.PathLike, load_tensors: bool
     """A handle on the adapter saved in ``lora_path``, checked against ``model``'s live adapter (Unsloth's
     ``model.load_lora``). ``load_tensors`` is accepted for Unsloth's signature; tensors are always read, so that a
     mismatch is reported here rather than mid-generation."""
-    from safetensors.torch import load_file
-
     folder = Path(lora_path)
     if not (folder / _ADAPTER_CONFIG).is_file() or not (folder / _ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"lora_path: {str(folder)!r} holds no saved adapter (expected {_ADAPTER_CONFIG} and "
                                 f"{_ADAPTER_WEIGHTS}; save one with model.save_lora(path))")
-    config = json.loads((folder / _ADAPTER_CONFIG).read_text())
-    request = LoRARequest(folder.name, next(_IDS), str(folder), config, load_file(str(folder / _ADAPTER_WEIGHTS)))
+    request = LoRARequest(folder.name, next(_IDS), str(folder), *_read_adapter(folder))
     _check_request(model, request)
     return request
+
+
+def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors; a damaged file, or a tensor holding NaN / inf (generation would then emit
+    garbage; ``save_lora`` refuses to write such tensors), is a ``ValueError`` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path, weights_path = folder / _ADAPTER_CONFIG, folder / _ADAPTER_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"lora_path: {str(config_path)!r} is not valid JSON ({error}); the save is damaged: save "
+                         "the adapter again with model.save_lora(path)") from error
+    try:
+        tensors = load_file(str(weights_path))
+    except SafetensorError as error:
+        raise ValueError(f"lora_path: {str(weights_path)!r} cannot be read ({error}); the file is damaged or "
+                         "truncated: save the adapter again with model.save_lora(path)") from error
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"lora_path: tensor {name} in {str(weights_path)!r} has {int(torch.isnan(tensor).sum())} "
+                             f"NaN and {int(torch.isinf(tensor).sum())} inf values; this adapter cannot be used (was "
+                             "its training diverging?)")
+    return config, tensors
 
 
 def _live_adapter(model: nn.Module) -> tuple[str, Any]:

@@ -4,6 +4,7 @@ vLLM's LoRA semantics, save_lora / load_lora; and an Unsloth GRPO notebook's cel
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -86,6 +87,31 @@ def test_load_lora_rejects_adapters_of_another_shape(tiny_model_dir, tmp_path):
         model.load_lora(tmp_path / "r4")
     with pytest.raises(FileNotFoundError, match="holds no saved adapter"):
         model.load_lora(tmp_path / "nothing")
+
+
+def test_load_lora_refuses_non_finite_and_damaged_adapters(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = fast_model(tiny_model_dir("llama"))
+    model.save_lora(tmp_path / "good")
+    assert model.load_lora(tmp_path / "good").tensors
+    tensors = load_file(tmp_path / "good" / "adapter_model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("nan")
+    shutil.copytree(tmp_path / "good", tmp_path / "nan")
+    save_file(tensors, tmp_path / "nan" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor {re.escape(name)} in .*nan/adapter_model.safetensors' has 1 NaN "
+                                         "and 0 inf values"):
+        model.load_lora(tmp_path / "nan")
+    shutil.copytree(tmp_path / "good", tmp_path / "cut")
+    weights = tmp_path / "cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"cut/adapter_model.safetensors' cannot be read .*damaged or truncated"):
+        model.load_lora(tmp_path / "cut")
+    shutil.copytree(tmp_path / "good", tmp_path / "json")
+    (tmp_path / "json" / "adapter_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"json/adapter_config.json' is not valid JSON"):
+        model.load_lora(tmp_path / "json")
 
 
 # An Unsloth GRPO notebook's cells (Qwen3 (4B)-GRPO / Llama3.1 (8B)-GRPO) as Unsloth wrote them, sizes shrunk for a
