@@ -4,7 +4,8 @@ Each example is a conversation (``messages``, Unsloth's and TRL's layout) whose 
 content (``{"type": "image", "image": <PIL image | path | URL | {"bytes": ...}>}``) or, in TRL's layout, an
 ``images`` column whose images fill the content's ``{"type": "image"}`` placeholders in order. The collator:
 
-1. loads every image (RGB), shrinking it to ``image_size`` (longest side, aspect kept) when given;
+1. loads every image (RGB), shrinking it to ``image_size`` (longest side, aspect kept) when given; an image
+   of more than ``max_image_pixels`` pixels (64 M by default) is refused from its header, before decoding;
 2. renders the conversation with the processor's chat template and runs the processor on the batch (padding to the
    longest row, never truncating: cutting a row would cut image tokens, so a row longer than ``max_seq_length`` is an
    error naming it);
@@ -89,8 +90,14 @@ def _image_token_ids(processor: Any, model_config: Any) -> set[int]:
     return ids
 
 
-def load_image(value: Any, where: str) -> Image.Image:
-    """An RGB PIL image from a PIL image, a path, an http(s) URL or datasets' ``{"bytes", "path"}`` dict."""
+# The most pixels an image may have before it is decoded (the collator's max_image_pixels default): 64 megapixels,
+# 192 MiB as RGB. A 97 KB PNG can declare 10000 x 10000 pixels (1.9 GB decoded, 6 s) only to be shrunk afterwards.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def load_image(value: Any, where: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path, an http(s) URL or datasets' ``{"bytes", "path"}`` dict; one of more
+    than ``max_pixels`` pixels (None: no limit) is refused from its header, before it is decoded."""
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -106,7 +113,13 @@ def load_image(value: Any, where: str) -> Image.Image:
         else:
             raise VisionCollatorError(f"{where}: {type(value).__name__} is not an image; give a PIL image, a file "
                                       "path, an http(s) URL or a {'bytes': ...} dict")
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise VisionCollatorError(f"{where}: the image is {image.width} x {image.height} pixels, more than the "
+                                      f"max_image_pixels={max_pixels} budget (it would be decoded whole before being "
+                                      "shrunk); shrink it, or raise max_image_pixels on the collator")
         image.load()
+    except Image.DecompressionBombError as error:  # not an OSError: PIL refused it in Image.open
+        raise VisionCollatorError(f"{where}: the image is too large to decode safely ({error}); shrink it") from error
     except (UnidentifiedImageError, OSError) as error:
         raise VisionCollatorError(f"{where}: the image cannot be read ({error})") from error
     return image.convert("RGB") if image.mode != "RGB" else image
@@ -158,11 +171,15 @@ class VisionDataCollator:
         messages_field: str = "messages",
         images_field: str = "images",
         padding_free: bool | None = None,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         if not hasattr(processor, "image_processor"):
             raise VisionCollatorError(f"processor: a {type(processor).__name__} has no image processor, so this is a "
                                       "text-only model; images cannot be trained on it (use a vision-language model "
                                       "loaded with FastVisionModel, or drop the images)")
+        if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels: {max_image_pixels!r} must be a positive int (width x height), or None "
+                             "for no limit")
         if image_size is not None and (not isinstance(image_size, int) or image_size < 8):
             raise ValueError(f"image_size: {image_size!r} must be an int of at least 8 pixels (the longest side), "
                              "or None")
@@ -173,6 +190,7 @@ class VisionDataCollator:
         self._rope_index = base_model(model).model.get_rope_index if self.packing == "mrope" else None
         self.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
         self.image_size = image_size
+        self.max_image_pixels = max_image_pixels
         self.formatting_func = formatting_func
         self.messages_field = messages_field
         self.images_field = images_field
@@ -240,7 +258,8 @@ class VisionDataCollator:
                                 f"{self.images_field!r}")
                         value = column[placeholders]
                         placeholders += 1
-                    images.append(_resized(load_image(value, f"{where}, message {m}, part {p}"), self.image_size))
+                    images.append(_resized(load_image(value, f"{where}, message {m}, part {p}", self.max_image_pixels),
+                                          self.image_size))
                     parts.append({"type": "image"})
                 elif kind == "text":
                     text = part.get("text") or ""  # a dataset's table fills absent keys with None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import pytest
 import torch
+from PIL import Image
 from vision_helpers import circle, conversation
 
 from fasttune import FastLanguageModel, FastVisionModel
@@ -145,6 +147,31 @@ def test_roles_and_content_are_checked_as_on_the_text_path(loaded):
         with pytest.raises(VisionCollatorError, match=pattern):
             collator([good, row])
     assert collator([good])["labels"].ne(IGNORE).sum() > 0  # the well-formed row still trains
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header declares ``width x height`` pixels (the IHDR fields and their CRC rewritten)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_huge_images_are_refused_before_they_are_decoded(loaded):
+    model, processor = loaded()
+    good = conversation(circle("red"))
+    bomb = conversation({"bytes": _png_declaring(10_000, 10_000), "path": None})
+    with pytest.raises(VisionCollatorError, match=r"row 1, message 0, part 0: the image is 10000 x 10000 pixels, more "
+                                                  r"than the max_image_pixels=64000000 budget"):
+        VisionDataCollator(model, processor)([good, bomb])
+    with pytest.raises(VisionCollatorError, match=r"row 0, message 0, part 0: the image is too large to decode "
+                                                  r"safely"):  # PIL's own DecompressionBombError, named
+        VisionDataCollator(model, processor, max_image_pixels=None)([conversation(
+            {"bytes": _png_declaring(20_000, 20_000), "path": None})])
+    with pytest.raises(ValueError, match=r"max_image_pixels: 0 must be a positive int"):
+        VisionDataCollator(model, processor, max_image_pixels=0)
 
 
 def test_images_for_a_text_only_model_are_refused(tiny_model_dir):
