@@ -11,7 +11,9 @@ dropped.
 Message text that contains a control string of the chat template (``<|eot_id|>``, ``<|im_start|>``, ``[INST]``...) is
 reported too, with the message and the string: fasttune's own tokenization (`encode_chat`) keeps it plain text, but
 tokenized elsewhere (``apply_chat_template`` as TRL calls it) it would forge turn boundaries. Pass
-``allow_control_strings=True`` when such text is intended (a dataset about tokenizers, say).
+``allow_control_strings=True`` when such text is intended (a dataset about tokenizers, say). Text that contains a
+turn marker the tokenizer writes as plain text (``[/INST]`` on a Llama-2-style tokenizer) is always reported: response
+masking would take it for a turn boundary even in fasttune's own tokenization.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fasttune.data.encode import control_strings, encode_chat, find_control_strings
-from fasttune.data.markers import markers_for
+from fasttune.data.markers import markers_for, plain_marker_problems, plain_text_markers
 from fasttune.data.masking import TokenTexts, response_mask
 from fasttune.data.validate import conversation_problems
 
@@ -69,6 +71,7 @@ class _TokenCheck:
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.markers = markers_for(tokenizer)
+        self.plain = plain_text_markers(tokenizer, self.markers)
         self.texts = TokenTexts(tokenizer)
         self.truncated = self.longest = self.unmatched = 0
         self.sample = ""
@@ -134,6 +137,8 @@ def check_dataset(
         reasons = conversation_problems(messages)
         if not reasons:
             reasons = [_control_reason(*found) for found in find_control_strings(messages, controls)]
+        if not reasons and tokens is not None:
+            reasons = plain_marker_problems(messages, tokens.plain)
         if not reasons and tokens is not None:
             valid += 1
             reason = tokens.problem(list(messages))

@@ -1,5 +1,12 @@
 """Which markers delimit assistant responses: from the tokenizer's fasttune template, from recognising its chat
-template among fasttune's, or from the caller. ``tokenizer.fasttune_template`` wins when present."""
+template among fasttune's, or from the caller. ``tokenizer.fasttune_template`` wins when present.
+
+Response masking (`fasttune.data.masking`) finds markers in the tokens' text. A marker holding a control token of the
+tokenizer (``<|im_start|>assistant\n``) cannot be spelled by message text (`encode_chat` keeps such text plain), but a
+marker the tokenizer writes as ordinary text (``[INST]`` on Llama-2 / Mistral v1 tokenizers, alpaca's
+``### Response:``) can: message text that contains one would move the trained span. `plain_text_markers` lists those
+markers and `plain_marker_problems` names each message that contains one, so such rows are refused by name.
+"""
 
 from __future__ import annotations
 
@@ -65,3 +72,30 @@ def markers_for(
     if not isinstance(response_part, str) or not response_part:
         raise ValueError(f"response_part: {response_part!r} must be a non-empty string")
     return instruction_part or "", response_part, tuple(end_parts)
+
+
+def plain_text_markers(tokenizer: Any, markers: tuple[str, str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The markers (whitespace-trimmed) that hold none of ``tokenizer``'s added tokens: message text can spell them."""
+    added = tokenizer.get_added_vocab()
+    instruction_part, response_part, end_parts = markers
+    found = [m.strip() for m in (instruction_part, response_part, *end_parts)
+             if m.strip() and not any(token in m for token in added)]
+    return tuple(dict.fromkeys(found))
+
+
+def plain_marker_problems(messages: Sequence[Any], plain: Sequence[str]) -> list[str]:
+    """One problem per message whose text contains a plain-text marker (see the module docstring)."""
+    problems = []
+    for i, message in enumerate(messages if plain else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        parts = [content] if isinstance(content, str) else [
+            part["text"] for part in (content if isinstance(content, (list, tuple)) else ())
+            if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        text = "".join(parts)
+        hits = [marker for marker in plain if marker in text]
+        if hits:
+            problems.append(
+                f"message {i} ({message.get('role')}): the text contains {hits[0]!r}, which this tokenizer writes as "
+                "plain text, the same as the chat template's turn marker, so the trained span would move; rewrite "
+                "that text (or use a tokenizer whose markers are control tokens) or drop the row")
+    return problems

@@ -18,7 +18,10 @@ rows do not), two more things are done:
 - a row whose message text contains a control string (``<|eot_id|>``...) was tokenized by TRL with that string as a
   real control token, forging turn boundaries; it is re-tokenized with `encode_chat` (the text stays text), cut to
   ``max_length`` as the trainer's ``truncation_mode`` says, and a warning counts such rows;
-- an assistant turn with empty content is reported: it would train only the end-of-turn token.
+- an assistant turn with empty content is reported: it would train only the end-of-turn token;
+- message text that contains a marker this tokenizer writes as plain text (``[/INST]`` on a Llama-2-style tokenizer,
+  alpaca's ``### Response:``) is reported with the message and the marker: masking would take it for a turn boundary
+  (`fasttune.data.markers.plain_text_markers`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from datasets import Dataset
 
 from fasttune.data.check import DatasetError
 from fasttune.data.encode import control_strings, encode_row, find_control_strings
-from fasttune.data.markers import markers_for
+from fasttune.data.markers import markers_for, plain_marker_problems, plain_text_markers
 from fasttune.data.masking import IGNORE_INDEX, TokenTexts, masked_labels, segmented_response_mask
 
 Markers = tuple[str, str, tuple[str, ...]]
-_EXTRA = ["fasttune_trainable", "fasttune_reencoded", "fasttune_empty_answer", "fasttune_full_length"]
+_EXTRA = ["fasttune_trainable", "fasttune_reencoded", "fasttune_empty_answer", "fasttune_full_length",
+          "fasttune_plain_marker"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +73,12 @@ def _label_fn(tokenizer: Any, markers: Markers, keep: slice):
     """The per-row function: re-tokenize rows with control strings in their text, then mask (module docstring)."""
     texts = TokenTexts(tokenizer)
     controls = control_strings(tokenizer)
+    plain = plain_text_markers(tokenizer, markers)
 
     def label(example: dict, row: int) -> dict:
         ids, old_labels = example["input_ids"], example.get("labels")
         messages = _conversation(example)
+        forged = plain_marker_problems(messages, plain) if messages is not None else []
         reencoded = messages is not None and bool(find_control_strings(messages, controls))
         full_length = -1
         if reencoded:
@@ -85,7 +91,7 @@ def _label_fn(tokenizer: Any, markers: Markers, keep: slice):
             full_length = len(encode_row(tokenizer, messages, row))  # for the error: how long the row really is
         return {"input_ids": ids, "labels": labels, "fasttune_trainable": trainable,
                 "fasttune_reencoded": reencoded, "fasttune_empty_answer": _empty_answer(messages),
-                "fasttune_full_length": full_length}
+                "fasttune_full_length": full_length, "fasttune_plain_marker": forged[0] if forged else ""}
 
     return label
 
@@ -136,8 +142,10 @@ def _truncation(max_length: int | None, truncation_mode: str) -> slice:
 def _row_problems(out: Any, max_length: int | None, response_part: str) -> list[tuple[int, str]]:
     problems = []
     columns = zip(out["fasttune_trainable"], out["fasttune_empty_answer"], out["fasttune_full_length"],
-                  out["input_ids"])
-    for row, (trainable, empty, full_length, ids) in enumerate(columns):
+                  out["input_ids"], out["fasttune_plain_marker"])
+    for row, (trainable, empty, full_length, ids, forged) in enumerate(columns):
+        if forged:
+            problems.append((row, forged))
         if empty >= 0:
             problems.append((row, f"message {empty} (assistant): content is empty, so only the end-of-turn token "
                                   "would be trained (teaching the model to answer nothing); give it text or drop it"))
@@ -184,8 +192,8 @@ def mask_dataset(
         raise DatasetError(problems, len(out),
                            hint="Fix these rows, or pass skip_invalid=True to train_on_responses_only to drop them.")
     bad = {row for row, _ in problems}
-    logger.warning("%s dataset: dropped %d of %d rows with no trainable token or an empty answer (skip_invalid=True).",
-                   name, len(bad), len(out))
+    logger.warning("%s dataset: dropped %d of %d rows with no trainable token, an empty answer or a plain-text turn "
+                   "marker in a message (skip_invalid=True).", name, len(bad), len(out))
     return out.select([i for i in range(len(out)) if i not in bad])
 
 

@@ -41,18 +41,22 @@ def build_tokenizer(
     family: str = "llama",
     extra_texts: list[str] | None = None,
     vocab_size: int = 1024,
+    markers: tuple[str, ...] = TEMPLATE_MARKERS,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer offline and wrap it as a transformers fast tokenizer.
 
     ``family`` picks the bos/eos/pad convention (see ``FAMILY_TOKENS``); ``extra_texts`` are added to the training
-    corpus (the quickstart adds its dataset so its words become single tokens). Deterministic for equal inputs.
+    corpus (the quickstart adds its dataset so its words become single tokens). ``markers`` are the template markers
+    registered as special tokens (the family's bos/eos/pad/unk always are): ``()`` gives a tokenizer on which chat
+    markers such as ``[INST]`` are plain text, as on Llama-2 / Mistral v1. Deterministic for equal inputs.
     """
     if family not in FAMILY_TOKENS:
         raise ValueError(f"family: {family!r} is not known; choose one of {sorted(FAMILY_TOKENS)}")
     if vocab_size < 300:
         raise ValueError(f"vocab_size: {vocab_size} is too small for a byte-level BPE; use at least 300")
     spec = FAMILY_TOKENS[family]
-    specials = list(dict.fromkeys(TEMPLATE_MARKERS))
+    own = [t for t in (spec.bos, spec.eos, spec.pad, spec.unk) if t is not None]
+    specials = list(dict.fromkeys([*markers, *own]))
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -48,18 +48,25 @@ def texts_for(name: str) -> TokenTexts:
 _BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
-def token_bytes(name: str, token_id: int) -> bytes:
+@functools.cache
+def plain_tokenizer_for(name: str):
+    """A tiny tokenizer carrying template ``name`` on which the template's markers are plain text (only the family's
+    bos/eos/pad and the template's end-of-turn token are special), as ``[INST]`` is on Llama-2 / Mistral v1."""
+    return get_chat_template(build_tokenizer(FAMILY_OF.get(name, "llama"), markers=()), name)
+
+
+def token_bytes(name: str, token_id: int, tokenizer=None) -> bytes:
     """The exact bytes a token of the (byte-level BPE) tiny tokenizer stands for; multi-byte characters may split."""
-    tokenizer = tokenizer_for(name)
+    tokenizer = tokenizer or tokenizer_for(name)
     token = tokenizer.convert_ids_to_tokens(token_id)
     if token in tokenizer.get_added_vocab():
         return token.encode()
     return bytes(_BYTE_OF[char] for char in token)
 
 
-def render_with_spans(name: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(name: str, messages: list[dict], tokenizer=None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and its ``{% generation %}`` character spans (transformers' renderer, no tokenizing)."""
-    tokenizer = tokenizer_for(name)
+    tokenizer = tokenizer or tokenizer_for(name)
     rendered, spans = render_jinja_template(
         conversations=[messages], chat_template=tokenizer.chat_template, return_assistant_tokens_mask=True,
         **tokenizer.special_tokens_map,
@@ -67,13 +74,13 @@ def render_with_spans(name: str, messages: list[dict]) -> tuple[str, list[tuple[
     return rendered[0], spans[0]
 
 
-def oracle_mask(name: str, ids: list[int], messages: list[dict]) -> list[int]:
+def oracle_mask(name: str, ids: list[int], messages: list[dict], tokenizer=None) -> list[int]:
     """1 for each token whose bytes overlap a ``{% generation %}`` span of the rendering (transformers' rule).
 
     Also checks that ``ids`` spell exactly the rendered text, byte for byte.
     """
-    text, spans = render_with_spans(name, messages)
-    pieces = [token_bytes(name, t) for t in ids]
+    text, spans = render_with_spans(name, messages, tokenizer)
+    pieces = [token_bytes(name, t, tokenizer) for t in ids]
     assert b"".join(pieces) == text.encode(), "the ids do not spell the rendered conversation"
     byte_spans = [(len(text[:s].encode()), len(text[:e].encode())) for s, e in spans]
     mask, offset = [], 0
