@@ -106,7 +106,7 @@ class FastLanguageModel:
         if fast_path and has_fast_path:
             patch_model(model)
         tokenizer = AutoTokenizer.from_pretrained(
-            source.adapter or source.base, token=token, revision=revision, trust_remote_code=trust_remote_code
+            source.tokenizer_source, token=token, revision=revision, trust_remote_code=trust_remote_code
         )
         if fix_tokenizer:
             prepare_tokenizer(tokenizer, max_seq_length)

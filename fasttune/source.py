@@ -25,6 +25,15 @@ class ModelSource:
     config: PretrainedConfig
     adapter: str | None = None
 
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the tokenizer / processor comes from: the adapter folder when it holds one (``save_pretrained`` with
+        the tokenizer), else the base model (``model.save_lora`` writes the adapter alone)."""
+        files = ("tokenizer_config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json")
+        if self.adapter is not None and any((Path(self.adapter) / f).is_file() for f in files):
+            return self.adapter
+        return self.base
+
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.sep in name.replace("/", "")

@@ -95,7 +95,7 @@ class FastVisionModel:
         elif fast_path:
             logger.warning("fasttune: %s's language tower (model_type %r) has no fast path; it trains through "
                            "transformers' forward", type(model).__name__, text_type)
-        processor = load_processor(source.adapter or source.base, token=token, revision=revision,
+        processor = load_processor(source.tokenizer_source, token=token, revision=revision,
                                    trust_remote_code=trust_remote_code)
         model.max_seq_length = max_seq_length
         model.fasttune_tokenizer = prepare_tokenizer(processor.tokenizer, max_seq_length)  # padding side follows modes

@@ -89,6 +89,19 @@ def test_load_lora_rejects_adapters_of_another_shape(tiny_model_dir, tmp_path):
         model.load_lora(tmp_path / "nothing")
 
 
+def test_a_save_lora_folder_loads_with_the_base_models_tokenizer(tiny_model_dir, tmp_path):
+    """model.save_lora writes the adapter alone; from_pretrained(that folder) took the tokenizer from it and failed."""
+    model, tokenizer = fast_model(tiny_model_dir("llama"))
+    model.save_lora(tmp_path / "lora")
+    assert not (tmp_path / "lora" / "tokenizer_config.json").exists()
+    again, again_tokenizer = FastLanguageModel.from_pretrained(str(tmp_path / "lora"), load_in_4bit=False,
+                                                               dtype="float32")
+    assert again_tokenizer("Count 1:")["input_ids"] == tokenizer("Count 1:")["input_ids"]
+    trained = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    loaded = dict(again.named_parameters())
+    assert trained and all(torch.equal(p.detach(), loaded[n].detach()) for n, p in trained.items())
+
+
 def test_load_lora_refuses_non_finite_and_damaged_adapters(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
