@@ -13,6 +13,7 @@ are relative to the current directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -301,7 +302,32 @@ def _cross_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     if data not in BUNDLED_DATA and looks_local(data) and not Path(data).expanduser().exists():
         found.append((("data.path",), _problem("data.path", data, "an existing file or folder (this one does not "
                                                f"exist), a Hub dataset id or {', '.join(BUNDLED_DATA)}")))
+    elif data not in BUNDLED_DATA and Path(data).expanduser().exists():
+        found += [(("data.path",), problem) for problem in _jsonl_problems(Path(data).expanduser())]
     return found
+
+
+def _jsonl_problems(path: Path) -> list[str]:
+    """The first line of each JSON Lines file under ``path`` that is not one JSON object (``datasets`` would stop on
+    it with an error naming neither the file nor the line)."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.jsonl"))
+    problems = []
+    for file in (f for f in files if f.suffix == ".jsonl"):
+        with open(file, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    problems.append(f"data.path: {str(file)!r} line {number} is not valid JSON ({error.msg}, column "
+                                    f"{error.colno}); allowed: one JSON object per line")
+                    break
+                if not isinstance(row, dict):
+                    problems.append(f"data.path: {str(file)!r} line {number} is a JSON {type(row).__name__}, not an "
+                                    "object; allowed: one JSON object per line")
+                    break
+    return problems
 
 
 def looks_local(name: str, base: Path | None = None) -> bool:

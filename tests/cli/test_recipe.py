@@ -87,6 +87,22 @@ def test_open_bounds_refuse_the_bound_itself_and_closed_ones_take_it():
             recipe_from_dict({section: {key: 0}})
 
 
+def test_a_malformed_jsonl_line_is_named_by_validate_and_train(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+    data.write_text(f"{good}\n\n{good}\n{good[:-5]}\n{good}\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": str(data)}}))
+    for command in ("validate", "train"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"data.path: {str(data)!r} line 4 is not valid JSON (" in err, err
+        assert "allowed: one JSON object per line" in err
+    data.write_text(f"{good}\n[1, 2]\n")
+    with pytest.raises(RecipeError, match=r"line 2 is a JSON list, not an object"):
+        load_recipe(path, [])
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("lora:\n  r: 8\ntrain:\n  max_steps: 100\n")
