@@ -7,9 +7,13 @@ checkpoint; Ctrl-C saves one and prints the command that resumes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import os
 import shlex
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from .report import PLOT, MetricsLog, plot_metrics, read_metrics, size_text, wri
 
 RECIPE_FILE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 # ---- the run folder -----------------------------------------------------------------------------------------------
@@ -146,6 +151,33 @@ def train_command(recipe_path: str | None, overrides: list[str], resume: str | b
     else:
         run_dir = new_run_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return _train_in(run_dir, recipe, checkpoint, quiet)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run>/.lock`` (an exclusive ``flock``, released by the kernel however the process ends) while a run
+    writes into the folder: a second ``fasttune train`` into it is refused with the holder's pid instead of
+    interleaving metrics, checkpoints and exports with it."""
+    path = run_dir / LOCK_FILE
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RecipeError([f"run.output_dir: {str(run_dir)!r} is in use by another fasttune train (pid {holder}); "
+                               "allowed: a folder no run is writing to (wait for that run, or choose another "
+                               "run.output_dir / run.name)"]) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _train_in(run_dir: Path, recipe: Recipe, checkpoint: Path | None, quiet: bool) -> int:
     recipe.run.output_dir = str(run_dir)
     with atomic_file(run_dir / RECIPE_FILE) as scratch:
         scratch.write_text(dump_recipe(recipe), encoding="utf-8")

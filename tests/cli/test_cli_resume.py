@@ -33,7 +33,7 @@ def test_resume_continues_from_the_last_checkpoint(trained_run, tmp_path):
     assert (copy / "checkpoints" / "checkpoint-8").is_dir()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command_and_a_second_run_is_locked_out(tmp_path):
     recipe = {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "max_steps": 400, "save_steps": 0},
               "data": {**TINY_RECIPE["data"], "eval_fraction": 0.0}}
     path = write_recipe(tmp_path, recipe)
@@ -45,6 +45,10 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.time() < deadline, "training did not start"
         time.sleep(0.1)
+    # a second run into the same folder is refused while this one writes there (both exited 0 before 2026-12-07)
+    second = fasttune("train", str(path), "--run.output_dir", str(run), "--quiet", cwd=tmp_path)
+    assert second.returncode == 2 and f"is in use by another fasttune train (pid {proc.pid})" in second.stderr
+    assert proc.poll() is None, "the first run should still be training"
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
