@@ -12,6 +12,9 @@ from typing import Any
 
 from torch import nn
 
+# The largest float32 (torch.finfo(torch.float32).max): TRL converts rewards to float32.
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 class RewardFunctionError(ValueError):
     """A reward function raised, or returned something other than one number (or None) per completion."""
@@ -43,6 +46,10 @@ def check_rewards(name: str, step: int, completions: Sequence[Any], rewards: Any
         if math.isnan(float(value)) or math.isinf(float(value)):
             raise RewardFunctionError(f"{where} returned {value} for completion {row} "
                                       f"({str(completions[row])[:60]!r}); return None to skip a completion")
+        if abs(float(value)) > FLOAT32_MAX:  # TRL holds rewards in float32: this would become inf there
+            raise RewardFunctionError(f"{where} returned {value} for completion {row} "
+                                      f"({str(completions[row])[:60]!r}); rewards must lie within +-{FLOAT32_MAX:.4g} "
+                                      "(they are float32 in the trainer)")
         out.append(float(value))
     return out
 

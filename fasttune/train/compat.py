@@ -194,7 +194,10 @@ class CompatTrainerMixin:
             if name in kwargs:
                 raise TypeError(f"{owner}: got multiple values for argument {name!r}")
             kwargs[name] = value
-        kwargs, moved = translate_trainer_kwargs(self.fasttune_kind, owner, params, kwargs)
+        mro = type(self).__mro__
+        own = [name for cls in mro[:mro.index(base)] if "__init__" in vars(cls)  # fasttune mixins' own options
+               for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        kwargs, moved = translate_trainer_kwargs(self.fasttune_kind, owner, params + own, kwargs)
         trl_config = trl_base(self.fasttune_config)
         kwargs["args"] = build_config(self.fasttune_config, trl_config, kwargs.get("args"), moved, owner)
         kwargs = self._fasttune_prepare(kwargs)

@@ -31,12 +31,14 @@ import torch
 from fasttune.config import _raise_if
 from fasttune.lora.unwrap import base_model
 from fasttune.notes import note_once
-from fasttune.rl.rewards import checked_reward_funcs
+from fasttune.rl.rewards import RewardFunctionError, checked_reward_funcs
 from fasttune.rl.sampling import filter_problems
 
 from .compat import explicitly_set
 
 logger = logging.getLogger("fasttune")
+# GRPOTrainer(on_unusable_rewards=...): what a step in which no completion got a reward does
+UNUSABLE_REWARDS: tuple[str, ...] = ("error", "skip")
 
 FAST_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # generation_kwargs the engine understands (the rest send rollouts back to TRL's model.generate)
@@ -105,12 +107,31 @@ def use_vllm_colocate(model: Any, args: Any) -> None:
 class FastGRPOMixin:
     """Mixed in before TRL's ``GRPOTrainer`` (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_unusable_rewards: str = "error", **kwargs: Any) -> None:
+        if on_unusable_rewards not in UNUSABLE_REWARDS:
+            raise ValueError(f"on_unusable_rewards: {on_unusable_rewards!r} is not allowed; allowed: "
+                             f"{', '.join(UNUSABLE_REWARDS)}")
         if vllm_rollouts_wanted(kwargs.get("model"), kwargs.get("args")):
             use_vllm_colocate(kwargs["model"], kwargs["args"])
         super().__init__(*args, **kwargs)
+        self.fasttune_on_unusable_rewards = on_unusable_rewards
         self.reward_funcs = checked_reward_funcs(self.reward_funcs, self.reward_func_names,
                                                  lambda: self.state.global_step)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards (gathered over the processes, so every rank decides alike), refused when no completion of the
+        step got a number from any reward function: the advantages, the loss and the gradient would all be 0, and
+        training would go on learning nothing without a word."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if len(rewards) and bool(torch.isnan(rewards).all()):
+            message = (f"GRPOTrainer: at training step {self.state.global_step} no reward function returned a number "
+                       f"for any of the {len(rewards)} completions (every reward was None), so the loss and the "
+                       "gradient are 0 and nothing is learned")
+            if self.fasttune_on_unusable_rewards == "error":
+                raise RewardFunctionError(message + "; make the reward functions score these completions, or pass "
+                                                    "on_unusable_rewards='skip' to GRPOTrainer to go on")
+            logger.warning("%s; the step changes nothing (on_unusable_rewards='skip')", message)
+        return rewards
 
     # ---------------------------------------------------------------- rollouts
     def _fasttune_model(self) -> Any | None:

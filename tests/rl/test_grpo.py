@@ -160,6 +160,35 @@ def test_check_rewards_values():
         check_rewards("f", 3, ["a"], 1.0)
 
 
+def test_a_step_without_any_usable_reward_stops_or_is_skipped_by_choice(tiny_model_dir, tmp_path, caplog):
+    """Every reward None gave loss 0 and grad norm 0 with no word; 1e308 (finite in float64) became inf in float32."""
+    model, tokenizer = fast_model(tiny_model_dir("llama"))
+
+    def no_reward(completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = ft.GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[no_reward],
+                             args=ft.GRPOConfig(**cpu_args(tmp_path / "a", max_steps=1, per_device_train_batch_size=4),
+                                                num_generations=4, max_completion_length=4),
+                             train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    with pytest.raises(RewardFunctionError, match=r"at training step 0 no reward function returned a number for any "
+                                                  r"of the 4 completions .* on_unusable_rewards='skip'"):
+        trainer.train()
+    skipping = ft.GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[no_reward],
+                              args=ft.GRPOConfig(**cpu_args(tmp_path / "b", max_steps=1, per_device_train_batch_size=4),
+                                                 num_generations=4, max_completion_length=4),
+                              train_dataset=Dataset.from_dict({"prompt": PROMPTS}), on_unusable_rewards="skip")
+    with caplog.at_level("WARNING", logger="fasttune"):
+        skipping.train()
+    assert "the step changes nothing (on_unusable_rewards='skip')" in caplog.text
+    with pytest.raises(ValueError, match=r"on_unusable_rewards: 'ignore' is not allowed; allowed: error, skip"):
+        ft.GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[no_reward], args=skipping.args,
+                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}), on_unusable_rewards="ignore")
+    with pytest.raises(RewardFunctionError, match=r"returned 1e\+308 for completion 1 .* rewards must lie within "
+                                                  r"\+-3.403e\+38"):
+        check_rewards("huge", 3, ["a", "b"], [1.0, 1e308])
+
+
 def test_bad_sampling_options_are_refused_at_construction(tmp_path):
     """TRL's GRPOConfig takes temperature=-1 / top_p=2 and fails at the first rollout, naming SamplingParams."""
     with pytest.raises(ValueError, match=r"GRPOConfig: 2 invalid option\(s\):\n  - temperature: -1 must be a number "
