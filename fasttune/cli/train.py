@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import shlex
 import time
+import zipfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from datasets.utils.logging import disable_progress_bar
+from safetensors import SafetensorError, safe_open
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
@@ -77,7 +80,32 @@ def last_checkpoint(run_dir: Path) -> Path:
         raise RecipeError([f"--resume: {str(run_dir)!r} has no checkpoint in {CHECKPOINTS}/ (checkpoint-N "
                            "folders); allowed: a run folder written by fasttune train with train.save_steps > 0 or "
                            "stopped with Ctrl-C"])
+    damage = damaged_file(Path(found))
+    if damage is not None:
+        older = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p != Path(found)
+                        and damaged_file(p) is None), key=lambda p: int(p.name.split("-")[-1]))
+        fallback = (f"the newest intact one is {older[-1].name}: move {Path(found).name} out of {folder} and resume "
+                    f"again to continue from {older[-1].name}" if older else "no earlier checkpoint is intact")
+        raise RecipeError([f"--resume: {damage}; {fallback}"])
     return Path(found)
+
+
+def damaged_file(checkpoint: Path) -> str | None:
+    """What is wrong with the first unreadable file of ``checkpoint`` (truncated safetensors, torch or JSON files, as
+    a full disk or a killed copy leaves them), or None. Reads headers only: safetensors' header and data size, the zip
+    directory at the end of torch's files, JSON whole (small)."""
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(path).close()
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (SafetensorError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+            return f"{str(path)!r} cannot be read ({type(error).__name__}: {error}); the file is damaged or truncated"
+    return None
 
 
 # ---- model, data, trainer -----------------------------------------------------------------------------------------

@@ -33,6 +33,20 @@ def test_resume_continues_from_the_last_checkpoint(trained_run, tmp_path):
     assert (copy / "checkpoints" / "checkpoint-8").is_dir()
 
 
+def test_resume_from_a_truncated_checkpoint_names_the_file_and_the_intact_one(trained_run, tmp_path):
+    """A truncated file in the last checkpoint gave a raw SafetensorError naming no file (before 2026-12-07)."""
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("adapter"))
+    (copy / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace(str(run), str(copy)))
+    weights = copy / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    done = fasttune("train", str(copy / "recipe.yaml"), "--resume", "--quiet", cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"--resume: {str(weights)!r} cannot be read (SafetensorError" in done.stderr, done.stderr[-2000:]
+    assert "the newest intact one is checkpoint-4: move checkpoint-8 out of" in done.stderr
+
+
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command_and_a_second_run_is_locked_out(tmp_path):
     recipe = {**TINY_RECIPE, "train": {**TINY_RECIPE["train"], "max_steps": 400, "save_steps": 0},
               "data": {**TINY_RECIPE["data"], "eval_fraction": 0.0}}
