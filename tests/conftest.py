@@ -18,7 +18,13 @@ REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
             "llama-cpp-python")
 
 
-def pytest_report_header(config) -> list[str]:
+def pytest_terminal_summary(terminalreporter) -> None:
+    """At the end of every run, also under ``-q``: the versions under test, and any drift from the pins."""
+    for line in _version_lines():
+        terminalreporter.write_line(line)
+
+
+def _version_lines() -> list[str]:
     """The versions under test, and any that differ from the pins (constraints.txt) that scripts/test.sh installs."""
     import re
     from importlib.metadata import PackageNotFoundError, version
