@@ -75,7 +75,7 @@ class ModelSection:
 class LoraSection:
     """LoRA adapters (FastLanguageModel.get_peft_model); ignored when model.quantization is full."""
 
-    r: int = opt(16, "LoRA rank", "int", low=1)
+    r: int = opt(16, "LoRA rank", "int", low=1, high=8192)
     alpha: float = opt(16, "LoRA scale numerator (scale = alpha / r)", "float", low=0, low_open=True)
     dropout: float = opt(0.0, "dropout on the LoRA input; 0 keeps the fused fast path", "float", low=0, high=1,
                          high_open=True)
@@ -242,6 +242,25 @@ def _coerce(value: Any, f: dataclasses.Field) -> Any:
     if kind == "str" and value is None:
         return ""
     return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, but a key written twice in one mapping is recorded (YAML keeps the last one silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []  # (line, problem)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                self.duplicates.append((line, f"{key}: written twice (lines {lines[key]} and {line}); allowed: each "
+                                              "key once (YAML would keep the last value without a word)"))
+            lines.setdefault(key, line)
+        return super().construct_mapping(node, deep)
 
 
 def _problem(path: str, value: Any, allowed: str) -> str:
@@ -415,9 +434,15 @@ def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recip
         if not path.is_file():
             raise RecipeError([f"recipe: {str(path)!r} is not a file"], source)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
+            try:
+                raw = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
         except yaml.YAMLError as error:
             raise RecipeError([f"(YAML syntax): {error}"], source) from error
+        if loader.duplicates:
+            raise RecipeError([problem for _, problem in sorted(loader.duplicates)], source)
         if isinstance(raw, dict):
             _absolute_paths(raw, path.parent.resolve())
     if overrides and isinstance(raw, dict):

@@ -103,6 +103,19 @@ def test_a_malformed_jsonl_line_is_named_by_validate_and_train(tmp_path, capsys)
         load_recipe(path, [])
 
 
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lora:\n  r: 8\n  alpha: 16\n  r: 64\ntrain:\n  max_steps: 5\ntrain:\n  max_steps: 6\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, [])
+    assert info.value.problems == [
+        "r: written twice (lines 2 and 4); allowed: each key once (YAML would keep the last value without a word)",
+        "train: written twice (lines 5 and 7); allowed: each key once (YAML would keep the last value without a word)"]
+    with pytest.raises(RecipeError, match=r"lora.r: 100000000000000000000 is not allowed; allowed: an integer >= 1 "
+                                          r"and <= 8192"):
+        recipe_from_dict({"lora": {"r": 10**20}})
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("lora:\n  r: 8\ntrain:\n  max_steps: 100\n")
