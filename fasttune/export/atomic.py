@@ -272,12 +272,27 @@ def _must_stay(target: Path) -> bool:
     return target.is_symlink() or _holds_cwd(target)
 
 
+def _refuse_non_folder(target: Path) -> None:
+    """A save target that exists but is not a folder, named for what it is: a file, or a link to nowhere."""
+    if target.is_symlink() and not target.exists():
+        raise FileNotFoundError(errno.ENOENT, f"save_directory: {str(target)!r} is a symbolic link to "
+                                f"{os.readlink(target)!r}, which does not exist; nothing was written. Create that "
+                                "folder, or remove the link")
+    if os.path.lexists(target) and not target.is_dir():
+        raise FileExistsError(errno.EEXIST, f"save_directory: {str(target)!r} is a file, not a folder; nothing was "
+                              "written. Exports write a folder: choose a folder path")
+
+
 def check_writable(folder: Path) -> None:
     """Raise ``PermissionError`` (nothing written yet) unless files can be created and removed in ``folder`` or, when
     it does not exist, in the nearest folder above it that does."""
+    _refuse_non_folder(folder)
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if probe != folder and not probe.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"save_directory: {str(probe)!r} is a file, so {str(folder)!r} cannot "
+                                 "be created under it; nothing was written. Choose a path under a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"save_directory: {str(probe)!r} is not writable, so {str(folder)!r} "
                               "cannot be saved; nothing was written. Make it writable or choose another folder")
@@ -354,8 +369,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
     file at ``target`` is an error. On an exception in the block the scratch folder is removed and it propagates.
     """
     target = Path(target).absolute()
-    if os.path.lexists(target) and not target.is_dir():
-        raise FileExistsError(f"save_directory: {str(target)!r} exists and is not a folder")
+    _refuse_non_folder(target)
     recover_interrupted(target)
     if target.is_dir():
         if _holds_cwd(target) and not overwrite:

@@ -107,6 +107,8 @@ def load_image(value: Any, where: str, max_pixels: int | None = MAX_IMAGE_PIXELS
             with urllib.request.urlopen(str(value), timeout=_URL_TIMEOUT_S) as response:  # noqa: S310 (http(s) only)
                 image = Image.open(io.BytesIO(response.read()))
         elif isinstance(value, (str, os.PathLike)):
+            if os.path.isdir(value):
+                raise VisionCollatorError(f"{where}: image path {str(value)!r} is a folder, not an image file")
             if not os.path.isfile(value):
                 raise VisionCollatorError(f"{where}: image file {str(value)!r} does not exist")
             image = Image.open(value)

@@ -191,3 +191,20 @@ def test_gguf_into_read_only_folder_fails_before_merging(saves_lora_model, saves
     monkeypatch.setattr("fasttune.export.gguf.save.iter_merged_tensors", lambda *a, **k: pytest.fail("merged"))
     with pytest.raises(PermissionError, match="is not writable.*nothing was written"):
         save_pretrained_gguf(saves_lora_model(0), folder, saves_chat_tokenizer, quantization_method="q8_0")
+
+
+def test_a_file_or_a_dangling_link_as_the_target_is_named_for_what_it_is(saves_lora_model, saves_chat_tokenizer,
+                                                                          tmp_path, monkeypatch):
+    """Both were reported misleadingly ("is not writable", "exists and is not a folder") before 2026-12-07."""
+    monkeypatch.setattr("fasttune.export.gguf.save.iter_merged_tensors", lambda *a, **k: pytest.fail("merged"))
+    file = tmp_path / "model.gguf"
+    file.write_bytes(b"an earlier export")
+    with pytest.raises(FileExistsError, match=r"'.*model.gguf' is a file, not a folder; nothing was written"):
+        save_pretrained_gguf(saves_lora_model(0), file, saves_chat_tokenizer, quantization_method="q8_0")
+    with pytest.raises(NotADirectoryError, match=r"'.*model.gguf' is a file, so '.*model.gguf/sub' cannot be created"):
+        save_pretrained_gguf(saves_lora_model(0), file / "sub", saves_chat_tokenizer, quantization_method="q8_0")
+    assert file.read_bytes() == b"an earlier export"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match=r"'.*link' is a symbolic link to '.*gone', which does not exist"):
+        save_pretrained_merged(saves_lora_model(0), link, saves_chat_tokenizer)

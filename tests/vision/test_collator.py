@@ -95,6 +95,8 @@ def test_errors_name_the_row_and_the_problem(loaded, tmp_path):
     good = conversation(circle("red"))
     with pytest.raises(VisionCollatorError, match=r"row 1, message 0, part 0: image file '.*missing.png' does not"):
         collator([good, conversation(str(tmp_path / "missing.png"))])
+    with pytest.raises(VisionCollatorError, match=r"row 0, message 0, part 0: image path '.*' is a folder, not an image"):
+        collator([conversation(str(tmp_path))])
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(VisionCollatorError, match=r"row 0, message 0, part 0: the image cannot be read"):
         collator([conversation(str(tmp_path / "broken.png"))])
