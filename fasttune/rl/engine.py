@@ -162,8 +162,10 @@ def rollout_cache(config: Any, prompt_width: int, max_new: int) -> DynamicCache:
 
 # ---- checking the request -------------------------------------------------------------------------------------------
 def _check_prompts(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or len(prompt_ids) == 0:
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
         raise ValueError(f"prompt_ids: expected a non-empty list of token-id lists, got {type(prompt_ids).__name__}")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompts: the list is empty; give at least one prompt")
     prompts = []
     for i, ids in enumerate(prompt_ids):
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -182,10 +184,16 @@ def _token_limits(prompts: list[list[int]], params: SamplingParams, max_length: 
     if max_length is None:
         return [params.max_tokens] * len(prompts)
     wanted = params.max_tokens if params.max_tokens is not None else 1
+    limit = f"the length limit {max_length} (the model's max_seq_length, set by from_pretrained)"
+    if wanted >= max_length:
+        raise ValueError(f"max_tokens: {wanted} new tokens do not fit {limit} with any prompt; lower "
+                         f"SamplingParams(max_tokens=...) below {max_length}, or load the model with a larger "
+                         "max_seq_length")
     for i, ids in enumerate(prompts):
         if len(ids) > max_length - wanted:
-            raise ValueError(f"prompt_ids[{i}]: the prompt has {len(ids)} tokens, more than max_length - max_tokens "
-                             f"= {max_length} - {wanted} = {max_length - wanted}; shorten it or raise max_length")
+            raise ValueError(f"prompts[{i}]: {len(ids)} prompt tokens + max_tokens {wanted} = {len(ids) + wanted}, "
+                             f"more than {limit}; shorten the prompt, lower SamplingParams(max_tokens=...) to at most "
+                             f"{max_length - len(ids)}, or load the model with a larger max_seq_length")
     return [params.max_tokens or max_length - len(ids) for ids in prompts]
 
 

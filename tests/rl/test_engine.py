@@ -357,11 +357,19 @@ def test_stop_strings_need_the_tokenizer(plain_model):
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------
-def test_prompt_too_long_names_the_prompt(plain_model):
-    with pytest.raises(ValueError, match=r"prompt_ids\[1\]: the prompt has 30 tokens, more than max_length - "
-                                         r"max_tokens = 40 - 16 = 24"):
+def test_prompt_too_long_names_the_prompt_and_the_real_remedies(plain_model):
+    with pytest.raises(ValueError, match=r"prompts\[1\]: 30 prompt tokens \+ max_tokens 16 = 46, more than the length "
+                                         r"limit 40 \(the model's max_seq_length, set by from_pretrained\); shorten the "
+                                         r"prompt, lower SamplingParams\(max_tokens=...\) to at most 10"):
         generate_ids(plain_model, [[5] * 10, [5] * 30], SamplingParams(), eos_token_ids=[], pad_token_id=0,
                      max_length=40)
+    # max_tokens alone past the limit: that is what is wrong, not the (short) prompt
+    with pytest.raises(ValueError, match=r"max_tokens: 100 new tokens do not fit the length limit 40 .* with any "
+                                         r"prompt; lower SamplingParams\(max_tokens=...\) below 40"):
+        generate_ids(plain_model, [[5] * 3], SamplingParams(max_tokens=100), eos_token_ids=[], pad_token_id=0,
+                     max_length=40)
+    with pytest.raises(ValueError, match=r"prompts: the list is empty; give at least one prompt"):
+        generate_ids(plain_model, [], SamplingParams(), eos_token_ids=[], pad_token_id=0)
 
 
 def test_max_tokens_none_fills_up_to_max_length(plain_model):
