@@ -272,6 +272,24 @@ def _must_stay(target: Path) -> bool:
     return target.is_symlink() or _holds_cwd(target)
 
 
+# How a full disk shows up: OSError ENOSPC / EDQUOT, safetensors' error text, or numpy's short write (tofile).
+_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|\d+ requested and \d+ written")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (an ``OSError``, safetensors' ``SafetensorError``, ...) means the disk or the quota is full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return bool(_NO_SPACE.search(str(error)))
+
+
+def _raise_if_disk_full(error: BaseException, target: Path, what: str) -> None:
+    """Re-raise a full disk as ``OSError(ENOSPC)`` saying where and that nothing changed (the cause kept as context)."""
+    if is_disk_full(error):
+        raise OSError(errno.ENOSPC, f"no space left on the disk holding {str(target.parent)!r}: {what}; free some "
+                                    "space or choose another folder", str(target)) from error
+
+
 def _refuse_non_folder(target: Path) -> None:
     """A save target that exists but is not a folder, named for what it is: a file, or a link to nowhere."""
     if target.is_symlink() and not target.exists():
@@ -391,8 +409,10 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
         scratch.mkdir()
         try:
             yield scratch
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(scratch)
+            _raise_if_disk_full(error, target, "the export stopped, its partial files were removed and "
+                                               f"{str(target)!r} was not changed")
             raise
         _install(scratch, target, overwrite, managed, tag)
     finally:
@@ -437,8 +457,9 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     try:
         try:
             yield scratch
-        except BaseException:
+        except BaseException as error:
             scratch.unlink(missing_ok=True)
+            _raise_if_disk_full(error, target, f"the partial file was removed and {str(target)!r} was not changed")
             raise
         os.replace(scratch, target)
     finally:

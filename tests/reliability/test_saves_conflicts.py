@@ -208,3 +208,30 @@ def test_a_file_or_a_dangling_link_as_the_target_is_named_for_what_it_is(saves_l
     link.symlink_to(tmp_path / "gone")
     with pytest.raises(FileNotFoundError, match=r"'.*link' is a symbolic link to '.*gone', which does not exist"):
         save_pretrained_merged(saves_lora_model(0), link, saves_chat_tokenizer)
+
+
+def test_a_full_disk_is_named_and_leaves_nothing_behind(saves_lora_model, saves_chat_tokenizer, tmp_path,
+                                                        monkeypatch):
+    """As a full disk reports itself: safetensors' error text (merged export) and numpy's short write (GGUF). Before
+    2026-12-07 the first named no path and the second left an empty target folder."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(hf, "save_file", full)
+    with pytest.raises(OSError, match=r"no space left on the disk holding '.*': the export stopped, its partial files "
+                                      r"were removed and '.*merged' was not changed") as info:
+        save_pretrained_merged(saves_lora_model(0), tmp_path / "merged", saves_chat_tokenizer)
+    assert info.value.errno == 28 and isinstance(info.value.__cause__, SafetensorError)
+
+    import fasttune.export.gguf.writer as writer
+
+    def short_write(self):
+        raise OSError("196608 requested and 151152 written")
+
+    monkeypatch.setattr(writer.GGUFWriter, "write_tensors_to_file", short_write)
+    with pytest.raises(OSError, match=r"no space left on the disk holding .*: the partial file was removed"):
+        save_pretrained_gguf(saves_lora_model(0), tmp_path / "gguf", saves_chat_tokenizer, quantization_method="q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

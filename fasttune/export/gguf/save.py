@@ -126,7 +126,18 @@ def save_pretrained_gguf(
     ftypes = resolve_methods(quantization_method)
     folder = Path(save_directory)
     check_writable(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _save_files(model, folder, tokenizer, ftypes, validate, kw, save_directory)
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # nothing of this save is left behind, not even the folder it made
+        raise
+
+
+def _save_files(model: Any, folder: Path, tokenizer: Any, ftypes: list[str], validate: bool, kw: dict[str, Any],
+                save_directory: Any) -> list[Path]:
     recover_interrupted(folder)
     base = base_model(model)
     tied = tied_output_key(base) is not None or base.get_output_embeddings() is None
