@@ -8,8 +8,9 @@ is the one-process mean. Rank 0 writes the global loss per step and the gathered
 run saves a sharded checkpoint (model and optimizer, torch.distributed.checkpoint: each rank writes its shards);
 after ``train`` under several processes a fresh model, in the same processes, loads it and trains step 3 only
 (written as ``resumed``; ``resume`` does only that). ``units``: the input embeddings and the LM head are
-units of their own (the fused loss then runs inside the head's unit). ``save-rank0``: after training, only rank 0
-calls ``save_pretrained_merged`` (a collective under FSDP2); the error it gets is written. ``full``: full fine-tuning instead of LoRA;
+units of their own (the fused loss then runs inside the head's unit). ``save-rank0``: after training, every rank
+calls ``save_pretrained_merged`` with rank 0's write failing (each rank's error is written to
+collective-error-<rank>.txt), then only rank 0 calls it (a collective under FSDP2); the error it gets is written. ``full``: full fine-tuning instead of LoRA;
 the head, the embeddings and the last layer's weights are written.
 """
 
@@ -103,6 +104,25 @@ def run(model_dir: str, out: str, checkpointing: str, mode: str, units: str, tun
     lora = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
             for n, p in model.named_parameters() if any(w in n for w in written)}
     result = {"losses": losses, "lora": lora, "fused_loss": out_.logits is None}
+    if mode == "save-rank0" and world > 1:
+        # first, every rank calls a collective save whose write fails on rank 0: every rank must raise (a rank that
+        # returned quietly would look saved)
+        import fasttune.export.hf as hf
+
+        write = hf.save_file
+        if rank == 0:
+            def full_disk(*args, **kwargs):
+                raise OSError(28, "No space left on device (injected)")
+
+            hf.save_file = full_disk
+        try:
+            model.save_pretrained_merged(Path(out).parent / "merged-all", tokenizer)
+            failed = "no error"
+        except Exception as err:
+            failed = f"{type(err).__name__}: {err}"
+        hf.save_file = write
+        Path(out).with_name(f"collective-error-{rank}.txt").write_text(failed)
+
     if mode == "save-rank0" and world > 1:  # the mistake: a collective save guarded to rank 0 only
         import datetime
         import time

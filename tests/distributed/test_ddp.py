@@ -270,12 +270,19 @@ def test_two_process_fsdp2_equals_one_process(checkpointing, units, tuning, tiny
 
 def test_fsdp2_save_on_rank_zero_only_fails_clearly(tiny_model_dir, tmp_path):
     """Under FSDP2 a save is collective. Guarded by `if rank == 0` it cannot finish: rank 0 gets an error that says
-    to call it on every rank (after the arrival timeout, 3 s here) instead of waiting forever, and writes nothing."""
+    to call it on every rank (after the arrival timeout, 3 s here) instead of waiting forever, and writes nothing.
+    Called on every rank with rank 0's write failing, every rank raises rank 0's error."""
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(FSDP2_WORKER),
           str(tiny_model_dir("llama")), str(tmp_path / "out.json"), "unsloth", "save-rank0"], tmp_path)
     error = _load(tmp_path / "out.json")["save_error"]
     assert "call save_pretrained_merged on every rank" in error and "Ranks 1 failed" in error
     assert not (tmp_path / "merged").exists()
+    # called on every rank with rank 0's write failing (a full disk): every rank raises, none returns as if saved
+    zero, one = ((tmp_path / f"collective-error-{r}.txt").read_text() for r in (0, 1))
+    assert zero.startswith("OSError: ") and "no space left on the disk holding" in zero, zero
+    assert one.startswith("RuntimeError: save_pretrained_merged failed on rank 0: OSError: ") and \
+        "no space left" in one, one
+    assert not (tmp_path / "merged-all").exists()
 
 
 def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
