@@ -152,6 +152,19 @@ def test_empty_sequences_and_empty_batches():
     assert out.loss.item() == 0.0 and empty.grad.shape == (0, 5)
 
 
+def test_gspo_clip_fractions_count_only_sequences_with_tokens():
+    """An empty completion has no ratio: counted in the denominator it would dilute the fraction (1/3 here, not 1/2)."""
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    old = torch.full((3, 4), -1.0)
+    logps = old.clone()
+    logps[0] -= 0.5  # sequence 0: ratio exp(-0.5) = 0.61 < 1 - 0.2, with a negative advantage: clipped low
+    adv = torch.tensor([-1.0, -1.0, -1.0])
+    for level, low in (("sequence", 1 / 2), ("token", 4 / 6)):
+        out = grpo_loss(logps, old, adv, mask, importance_sampling_level=level, loss_type="bnpo")
+        assert out.clip_low_frac.item() == pytest.approx(low), level
+        assert out.clip_region_frac.item() == pytest.approx(low) and out.clip_high_frac.item() == 0.0
+
+
 def test_on_policy_old_logps_none_means_ratio_one_and_the_policy_gradient():
     """With old = logps.detach() the ratio is 1 and d loss / d logp_it = -A_i / (n_i B) for grpo."""
     logps, _, _, adv, mask = _batch()
