@@ -53,7 +53,7 @@ class PatchRecord:
     def suspend_hub_kernels(self, hf_model: nn.Module) -> None:
         """Turn off transformers' Hub-kernel switching (see the module docstring) on every model inside ``hf_model``."""
         for module in hf_model.modules():
-            if isinstance(module, PreTrainedModel) and module.use_kernels:
+            if isinstance(module, PreTrainedModel) and getattr(module, "use_kernels", False):  # transformers >= 5.x
                 module.use_kernels = False  # reset_kernels(): every decorated layer back to its class forward
                 self.hub_kernels.append(module)
 
