@@ -13,11 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .data import apply_chat_template, standardize_data_formats, standardize_sharegpt, to_sharegpt
-from .device import device_args, is_bfloat16_supported
-from .loader import FastLanguageModel, FastModel
-from .rl import PatchFastRL, SamplingParams
-from .vision import FastVisionModel, UnslothVisionDataCollator
+from .notes import quiet_kernel_probe
+
+with quiet_kernel_probe():  # the first import of bitsandbytes (through peft) may happen here: fasttune.notes
+    from .data import apply_chat_template, standardize_data_formats, standardize_sharegpt, to_sharegpt
+    from .device import device_args, is_bfloat16_supported
+    from .loader import FastLanguageModel, FastModel
+    from .rl import PatchFastRL, SamplingParams
+    from .vision import FastVisionModel, UnslothVisionDataCollator
 
 __version__ = "0.1.0"
 

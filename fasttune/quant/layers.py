@@ -17,7 +17,7 @@ layer (its bnb branches test ``isinstance``), ``state_dict`` is unchanged, and `
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
+import bitsandbytes as bnb  # first imported under fasttune.notes.quiet_kernel_probe (fasttune/__init__.py)
 import torch
 import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant

@@ -277,9 +277,12 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | It
             choice = choose_tensor_qtype(gname, data.shape, ftype, c.num_hidden_layers, arch=tmap.arch,
                                          n_gqa=c.num_attention_heads // n_kv, tied_embeddings=tied)
             if choice.reason:
-                logger.warning("gguf: %s", choice.reason)
                 report.fallbacks.append(choice.reason)
             writer.add_tensor(gname, quantize(data, choice.qtype), raw_dtype=choice.qtype)
             report.tensor_types[gname] = choice.qtype.name
+    if report.fallbacks:  # one line, not one per tensor (SmolLM2's q4_k_m: 210 of them)
+        logger.warning("gguf: %d of %d tensors of %s use another type, as llama.cpp's quantizer does, because their row "
+                       "length does not fit the type's block (e.g. %s); GGUFReport.fallbacks lists them all",
+                       len(report.fallbacks), len(report.tensor_types), report.path.name, report.fallbacks[0])
     logger.info("gguf: wrote %s (%s, %d tensors)", path, ftype, len(report.tensor_types))
     return report
