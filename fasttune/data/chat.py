@@ -24,7 +24,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from fasttune.data.infer_template import TemplateInferenceError, infer_template
-from fasttune.data.ollama import modelfile_text
+from fasttune.data.ollama import modelfile_text, runtime_template, special_tokens_added
 from fasttune.data.spec import EOS_PLACEHOLDER, ChatTemplate, jinja_string, system_prelude
 from fasttune.data.templates import resolve_template
 
@@ -152,7 +152,7 @@ def ollama_modelfile(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate)
             return None
         template = dataclasses.replace(template, ollama_template=converted.ollama_template,
                                        bos_token=converted.bos_token, default_system=converted.default_system)
-    return modelfile_text("{__FILE_LOCATION__}", template)
+    return modelfile_text("{__FILE_LOCATION__}", runtime_template(template, special_tokens_added(tokenizer)[0]))
 
 
 def template_of(tokenizer: PreTrainedTokenizerBase) -> ChatTemplate | None:

@@ -4,10 +4,16 @@ The Go TEMPLATE is rendered with fasttune's renderer (`fasttune.data.gotemplate`
 with the Jinja rendering; a mismatch is an ``OllamaTemplateError``. Writing a Modelfile file next to a GGUF is
 `fasttune.export.ollama.write_ollama_modelfile`; ``tokenizer._ollama_modelfile`` (`fasttune.data.chat`) uses
 :func:`modelfile_text` here.
+
+The table's Go templates leave the BOS out (Jinja = bos + Go): llama.cpp, under Ollama, puts the BOS token before the
+prompt when the GGUF says ``tokenizer.ggml.add_bos_token``, which fasttune writes from the tokenizer
+(:func:`special_tokens_added`). Where the tokenizer adds no BOS (SmolLM2: its BOS is ``<|im_start|>``, the opening of
+every turn), nothing would put it back, so :func:`runtime_template` writes the BOS text into the TEMPLATE itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -44,8 +50,24 @@ def jinja_render_conversation(template: Any, messages: list[dict[str, str]]) -> 
                   eos_token=template.eos_token, bos_token=template.bos_token)
 
 
-def check_template(template: Any, conversations: Any = SAMPLE_CONVERSATIONS) -> None:
-    """Raise ``OllamaTemplateError`` when Go and Jinja renderings differ (Jinja = bos + Go, by the table contract).
+def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether encoding plain text puts ``bos`` first / ``eos`` last (GGUF's ``add_bos_token`` / ``add_eos_token``)."""
+    ids = tokenizer("a").input_ids
+    bos = tokenizer.bos_token_id is not None and len(ids) > 1 and ids[0] == tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id is not None and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id
+    return bos, eos
+
+
+def runtime_template(template: Any, adds_bos: bool) -> Any:
+    """``template`` as Ollama must hold it: the BOS text written into the Go TEMPLATE when the runtime adds none."""
+    if adds_bos or not template.bos_token:
+        return template
+    return dataclasses.replace(template, ollama_template=template.bos_token + template.ollama_template)
+
+
+def check_template(template: Any, conversations: Any = SAMPLE_CONVERSATIONS, adds_bos: bool = True) -> None:
+    """Raise ``OllamaTemplateError`` when Go and Jinja renderings differ (Jinja = bos + Go, by the table contract;
+    with ``adds_bos=False`` the Go TEMPLATE holds the BOS itself, :func:`runtime_template`, and Jinja = Go).
 
     A conversation with a system message is skipped when the Jinja template refuses system messages (a format
     without a system slot, e.g. ``apply_chat_template`` with no ``{SYSTEM}``): there is nothing trained to match.
@@ -57,7 +79,8 @@ def check_template(template: Any, conversations: Any = SAMPLE_CONVERSATIONS) -> 
             if messages[0]["role"] != "system":
                 raise
             continue
-        go = template.bos_token + go_render_conversation(template, list(messages))
+        go = (template.bos_token if adds_bos else "") + go_render_conversation(runtime_template(template, adds_bos),
+                                                                               list(messages))
         if jinja != go:
             at = next((i for i, (a, b) in enumerate(zip(jinja, go)) if a != b), min(len(jinja), len(go)))
             raise OllamaTemplateError(

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.data.infer_template import TemplateInferenceError, infer_template
-from fasttune.data.ollama import OllamaTemplateError, check_template, modelfile_text
+from fasttune.data.ollama import (
+    OllamaTemplateError,
+    check_template,
+    modelfile_text,
+    runtime_template,
+    special_tokens_added,
+)
 from fasttune.data.templates import CHAT_TEMPLATES, resolve_template
 
 from .atomic import atomic_file
@@ -78,9 +84,10 @@ def write_ollama_modelfile(path: str | os.PathLike, gguf_path: str | os.PathLike
     if target.is_dir():
         target = target / "Modelfile"
     chat = resolve_chat_template(tokenizer, template)
+    adds_bos = special_tokens_added(tokenizer)[0] if tokenizer is not None else True  # as the GGUF says
     if check:
-        check_template(chat)
-    text = modelfile_text(gguf_path, chat, parameters, relative_to=target.parent)
+        check_template(chat, adds_bos=adds_bos)
+    text = modelfile_text(gguf_path, runtime_template(chat, adds_bos), parameters, relative_to=target.parent)
     with atomic_file(target) as scratch:
         scratch.write_text(text, encoding="utf-8")
     return target

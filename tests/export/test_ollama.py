@@ -121,3 +121,41 @@ def test_unconvertible_template_says_why(tiny_tokenizer, tmp_path):
     with pytest.raises(OllamaTemplateError, match="cannot convert .*is not rendered exactly once"):
         write_ollama_modelfile(tmp_path, tmp_path / "model.gguf", tokenizer)
     assert not (tmp_path / "Modelfile").exists()
+
+
+SMOLLM2_JINJA = (  # SmolLM2-135M-Instruct's own template: a default system prompt, turns opened by its BOS token
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_the_modelfile_writes_the_bos_itself_only_when_the_gguf_adds_none(adds_bos, tiny_tokenizer, tmp_path):
+    """SmolLM2's BOS is <|im_start|> and its GGUF says add_bos_token = false: the TEMPLATE began 'system\\n...' without
+    it (before 2026-12-07), as if the runtime would add it. The Go rendering must equal the Jinja one, with the BOS
+    put in front by the runtime only where the tokenizer (hence the GGUF's add_bos_token) adds it."""
+    from fasttune.data.ollama import special_tokens_added
+
+    tokenizer = tiny_tokenizer("qwen2" if not adds_bos else "llama")
+    tokenizer.bos_token = "<|im_start|>" if not adds_bos else tokenizer.bos_token
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = SMOLLM2_JINJA
+    assert special_tokens_added(tokenizer)[0] is adds_bos
+    path = write_ollama_modelfile(tmp_path, tmp_path / "model.gguf", tokenizer)
+    parsed = _parse_modelfile(path.read_text())
+    if not adds_bos:
+        assert parsed["template"].startswith("<|im_start|>system\n")
+        # Unsloth's tokenizer._ollama_modelfile follows the same rule
+        unsloth_style = get_chat_template(tokenizer, (SMOLLM2_JINJA, "<|im_end|>"))._ollama_modelfile
+        assert _parse_modelfile(unsloth_style)["template"] == parsed["template"]
+    runtime_bos = tokenizer.bos_token if adds_bos else ""
+    for messages in CONVERSATIONS:
+        want = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=messages[-1]["role"] != "assistant")
+        system = next((m["content"] for m in messages if m["role"] == "system"), parsed["system"] or "")
+        data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+        got = runtime_bos + render_go_template(parsed["template"], data)
+        if adds_bos:  # the Jinja template writes no BOS: the tokenizer adds it when the prompt is encoded
+            want = runtime_bos + want
+        assert got == want, f"go:    {got!r}\njinja: {want!r}"

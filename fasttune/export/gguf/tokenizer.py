@@ -24,6 +24,8 @@ from typing import Any
 
 from gguf import GGUFWriter, TokenType
 
+from fasttune.data.ollama import special_tokens_added
+
 logger = logging.getLogger(__name__)
 
 # The split regex of each pre-tokenizer llama.cpp knows, as found in tokenizer.json (facts about those tokenizers).
@@ -98,14 +100,6 @@ def _merge_strings(merges: list[Any]) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def _adds(tokenizer: Any) -> tuple[bool, bool]:
-    """Whether encoding plain text puts ``bos`` first / ``eos`` last."""
-    ids = tokenizer("a").input_ids
-    bos = tokenizer.bos_token_id is not None and len(ids) > 1 and ids[0] == tokenizer.bos_token_id
-    eos = tokenizer.eos_token_id is not None and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id
-    return bos, eos
-
-
 def _eot_id(tokenizer: Any, template: Any) -> int | None:
     marker = getattr(template, "eos_token", None)
     if marker is None:
@@ -173,7 +167,7 @@ def build_vocab(tokenizer: Any, n_vocab: int, template: Any = None, pre_tokenize
         types[tokenizer.unk_token_id] = int(TokenType.UNKNOWN)
     special = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
     special["eot"] = _eot_id(tokenizer, template)
-    add_bos, add_eos = _adds(tokenizer)
+    add_bos, add_eos = special_tokens_added(tokenizer)  # the Modelfile follows the same rule
     out = GGUFVocab(
         model="llama" if spm else "gpt2",
         pre=None if spm else (pre_tokenizer or _pre_tokenizer_name(spec.get("pre_tokenizer"))),
