@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,8 +74,13 @@ class FastLanguageModel:
         ``fast_path=True`` installs fasttune's fused forwards on this instance for supported families
         (``fasttune.patch.unpatch_model(model)`` undoes it). ``fast_inference`` / ``max_lora_rank`` /
         ``gpu_memory_utilization`` are Unsloth's RL options (see ``fasttune.config.RLOptions``); every model gets
-        ``fast_generate``, ``save_lora`` and ``load_lora``.
+        ``fast_generate``, ``save_lora`` and ``load_lora``. A GGUF file (``model.gguf``, a folder holding one, or
+        transformers' ``gguf_file=`` beside a folder) is a base model too: dequantized once into a cached folder
+        (``fasttune.gguf_source``), then loaded in 4-bit / 8-bit / 16-bit as asked.
         """
+        gguf_file = kwargs.pop("gguf_file", None)
+        if gguf_file is not None:  # transformers' spelling: a folder and the GGUF file in it
+            model_name = str(Path(model_name) / gguf_file)
         if full_finetuning and (load_in_4bit or load_in_8bit):
             logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
                            "not %s", "4-bit" if load_in_4bit else "8-bit")

@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from .export.atomic import recover_interrupted
+from .gguf_source import gguf_in, gguf_model_folder
 
 logger = logging.getLogger("fasttune")
 
@@ -131,6 +132,9 @@ def resolve_source(
     """
     path = Path(model_name).expanduser()
     if path.exists():
+        gguf = gguf_in(path)
+        if gguf is not None:  # a GGUF file as the base model: its cached plain folder (fasttune.gguf_source)
+            path = gguf_model_folder(gguf)
         return _from_folder(path, token, revision, trust_remote_code)
     if _looks_like_path(model_name):
         raise FileNotFoundError(f"model_name: folder {model_name!r} does not exist")
