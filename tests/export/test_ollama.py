@@ -11,6 +11,7 @@ from fasttune.data.gotemplate import GoTemplateError, render_go_template
 from fasttune.data.ollama import OllamaTemplateError, check_template, go_render_conversation
 from fasttune.data.templates import CHAT_TEMPLATES
 from fasttune.export.ollama import resolve_chat_template, write_ollama_modelfile
+from fasttune.tiny import build_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -131,13 +132,13 @@ SMOLLM2_JINJA = (  # SmolLM2-135M-Instruct's own template: a default system prom
 
 
 @pytest.mark.parametrize("adds_bos", [False, True])
-def test_the_modelfile_writes_the_bos_itself_only_when_the_gguf_adds_none(adds_bos, tiny_tokenizer, tmp_path):
+def test_the_modelfile_writes_the_bos_itself_only_when_the_gguf_adds_none(adds_bos, tmp_path):
     """SmolLM2's BOS is <|im_start|> and its GGUF says add_bos_token = false: the TEMPLATE began 'system\\n...' without
     it (before 2026-12-07), as if the runtime would add it. The Go rendering must equal the Jinja one, with the BOS
     put in front by the runtime only where the tokenizer (hence the GGUF's add_bos_token) adds it."""
     from fasttune.data.ollama import special_tokens_added
 
-    tokenizer = tiny_tokenizer("qwen2" if not adds_bos else "llama")
+    tokenizer = build_tokenizer("qwen2" if not adds_bos else "llama")  # its own: the test changes it
     tokenizer.bos_token = "<|im_start|>" if not adds_bos else tokenizer.bos_token
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = SMOLLM2_JINJA
