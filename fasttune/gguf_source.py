@@ -47,10 +47,11 @@ def gguf_in(path: Path) -> Path | None:
 
 def _key(file: Path) -> str:
     """Changes when the file does: its size, modification time and its first and last MiB."""
-    digest = hashlib.sha256(f"{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    stat = file.stat()
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     with open(file, "rb") as f:
         digest.update(f.read(1 << 20))
-        f.seek(max(0, file.stat().st_size - (1 << 20)))
+        f.seek(max(0, stat.st_size - (1 << 20)))
         digest.update(f.read())
     return digest.hexdigest()[:16]
 
@@ -92,11 +93,12 @@ def _read(file: Path) -> tuple[torch.nn.Module, object]:
                          "the file may be truncated or hold a tensor type transformers cannot dequantize") from error
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.generation_config = loaded.generation_config
+    del loaded  # one dequantized copy in memory while the folder is written, not two
     tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise ValueError(f"model_name: {str(file)!r}: the GGUF's tensors do not fill the {type(plain).__name__} "
                          f"transformers builds from it (missing {sorted(set(missing) - tied)[:3]}, unexpected "
                          f"{sorted(unexpected)[:3]})")
     plain.tie_weights()
-    plain.generation_config = loaded.generation_config
     return plain, tokenizer
