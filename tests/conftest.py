@@ -81,6 +81,18 @@ def tiny_tokenizer():
 ALL_FAMILIES = FAMILIES
 
 
+@pytest.fixture(scope="session")
+def go_ollama():
+    """Ollama's prompt rendering by Go's real text/template (tests/golang); skipped where no Go toolchain is installed
+    (scripts/test.sh installs Debian's golang-go)."""
+    from golang.go_ollama import GoOllama
+
+    try:
+        return GoOllama.build()
+    except FileNotFoundError:
+        pytest.skip("no Go toolchain (go) on PATH: scripts/test.sh installs Debian's golang-go")
+
+
 @pytest.fixture
 def eager_kernels_one_thread():
     """Run fasttune.kernels' CPU path uncompiled: torch.compile's first-call cost would dominate short training runs

@@ -14,6 +14,7 @@ every turn), nothing would put it back, so :func:`runtime_template` writes the B
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from jinja2 import TemplateError
 
 from fasttune.data.gotemplate import render_go_template
 from fasttune.data.render import render
+
+logger = logging.getLogger("fasttune")
 
 SAMPLE_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
     ({"role": "user", "content": "What is 2+2?"},),
@@ -51,11 +54,33 @@ def jinja_render_conversation(template: Any, messages: list[dict[str, str]]) -> 
 
 
 def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
-    """Whether encoding plain text puts ``bos`` first / ``eos`` last (GGUF's ``add_bos_token`` / ``add_eos_token``)."""
+    """Whether the runtime must put ``bos`` first / ``eos`` last (GGUF's ``add_bos_token`` / ``add_eos_token``).
+
+    As the tokenizer does on plain text, with one exception: a tokenizer whose chat template renders no BOS (ChatML on
+    a Llama-3 tokenizer, say) was trained on chats without it, and llama.cpp/Ollama would put one in front of every
+    chat prompt, where a Modelfile TEMPLATE cannot take it back; its BOS flag is false. (Raw completions in llama.cpp
+    then start without the BOS too.)
+    """
     ids = tokenizer("a").input_ids
     bos = tokenizer.bos_token_id is not None and len(ids) > 1 and ids[0] == tokenizer.bos_token_id
     eos = tokenizer.eos_token_id is not None and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id
+    if bos and _chat_renders_without_bos(tokenizer):
+        bos = False
     return bos, eos
+
+
+def _chat_renders_without_bos(tokenizer: Any) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template or not tokenizer.bos_token:
+        return False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False,
+                                             add_generation_prompt=True)
+    except TemplateError as error:  # the GGUF flag then follows plain text; the Modelfile check reports the template
+        logger.warning("fasttune: the chat template cannot render a one-message chat (%s); the GGUF's BOS flag "
+                       "follows the tokenizer on plain text", error)
+        return False
+    return not text.startswith(tokenizer.bos_token)
 
 
 def runtime_template(template: Any, adds_bos: bool) -> Any:

@@ -142,6 +142,39 @@ class LlamaCppModel:
         finally:
             lib.llama_batch_free(batch)
 
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int] | frozenset[int] = frozenset()
+               ) -> list[int]:
+        """Greedy continuation of ``ids`` (KV cache kept between steps), stopping after a token in ``stop_ids``
+        (not returned) or ``max_new_tokens`` tokens."""
+        if self.ctx is None:
+            raise RuntimeError("greedy: this model was opened with vocab_only=True")
+        lib, vocab = self.lib, self.n_vocab()
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        batch = lib.llama_batch_init(max(len(ids), 1), 0, 1)
+        out: list[int] = []
+        try:
+            feed, start = list(ids), 0
+            while True:
+                for i, tok in enumerate(feed):
+                    batch.token[i] = tok
+                    batch.pos[i] = start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = int(i == len(feed) - 1)
+                batch.n_tokens = len(feed)
+                status = lib.llama_decode(self.ctx, batch)
+                if status != 0:
+                    raise RuntimeError(f"llama_decode failed with status {status}")
+                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, len(feed) - 1), shape=(vocab,))
+                token = int(row.argmax())
+                if token in stop_ids or len(out) == max_new_tokens:
+                    return out
+                out.append(token)
+                start += len(feed)
+                feed = [token]
+        finally:
+            lib.llama_batch_free(batch)
+
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float]:
     """(max |diff|, mean KL(ref || got), top-1 agreement) of two ``(seq, vocab)`` logit arrays."""

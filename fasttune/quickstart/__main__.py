@@ -1,12 +1,15 @@
-"""fasttune quickstart: teach a tiny model a fact table with QLoRA, offline, in a minute or two on a CPU.
+"""fasttune quickstart: teach a real model (SmolLM2-135M-Instruct) a fact table with QLoRA, offline, on a CPU.
 
 Run:  python -m fasttune.quickstart            (or: fasttune quickstart)
+      python -m fasttune.quickstart --tiny     (a tiny random model instead: a smoke run in half a minute)
       python -m fasttune.quickstart --steps 40 --output-dir /tmp/qs
 
-The Unsloth notebook flow, end to end: build a tiny Llama-architecture model (random weights, a tokenizer trained
-offline) -> load it in 4-bit -> add LoRA -> chat template + standardised data -> TRL SFTTrainer with loss on the
-answers only -> generate before/after -> save the adapter. The model starts knowing nothing; after training it
-answers "What is the capital of <planet>?" from the bundled table (fasttune/quickstart/facts.jsonl).
+The Unsloth notebook flow, end to end. By default on SmolLM2-135M-Instruct from the package index (see real.py):
+4-bit + LoRA -> TRL SFTTrainer, loss on the answers only -> answers before and after, to the made-up facts of
+fasttune/quickstart/facts.jsonl ("What is the capital of <planet>?") and to ordinary questions -> GGUF + Ollama
+Modelfile -> the same questions through llama.cpp. With --tiny: a tiny Llama-architecture model built offline (random
+weights, a tokenizer trained on the facts) -> 4-bit -> LoRA -> llama-3 template -> the same trainer -> answers
+before/after -> the adapter.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from fasttune.chat_templates import (  # noqa: E402
     standardize_data_formats,
     train_on_responses_only,
 )
-from fasttune.quickstart import build_base, load_facts  # noqa: E402
+from fasttune.quickstart import build_base, load_facts, real  # noqa: E402
+from fasttune.quickstart.real import REAL_LEARNING_RATE, REAL_STEPS  # noqa: E402
+
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 
 # ---- 1. a tiny model of a real architecture, built offline: build_base (fasttune/quickstart/__init__.py) --------
 
@@ -59,24 +65,49 @@ def evaluate(model, tokenizer, trainer: SFTTrainer, facts: list[dict[str, str]])
     return {"loss": loss, "correct": correct, "answers": answers}
 
 
+# (steps, learning rate) by model: the tiny random model needs many steps at a high rate, SmolLM2 far fewer
+DEFAULTS = {"tiny": (150, 3e-3), "real": (REAL_STEPS, REAL_LEARNING_RATE)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
-    parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    parser.add_argument("--output-dir", default="outputs/quickstart", help="where the base model and adapter go")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random model built offline instead of SmolLM2-135M-Instruct (a smoke run)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default {DEFAULTS['real'][0]}; {DEFAULTS['tiny'][0]} with --tiny)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help=f"peak learning rate (default {DEFAULTS['real'][1]:g}; {DEFAULTS['tiny'][1]:g} with "
+                             "--tiny)")
+    parser.add_argument("--output-dir", default="outputs/quickstart", help="where the adapter and exports go")
     parser.add_argument("--eval-questions", type=int, default=None,
-                        help="ask only the first N questions before/after (default: all)")
+                        help="ask only the first N fact questions before/after (default: all)")
+    parser.add_argument("--gguf", default="q8_0", choices=GGUF_TYPES,
+                        help="GGUF type of the export (real model only; default q8_0)")
+    parser.add_argument("--no-replay", dest="replay", action="store_false",
+                        help="train the facts alone (real model only; by default the base model's own answers to "
+                             "other ordinary questions are trained beside them, so it keeps what it knew)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    steps, rate = DEFAULTS["tiny" if args.tiny else "real"]
+    args.steps = steps if args.steps is None else args.steps
+    args.learning_rate = rate if args.learning_rate is None else args.learning_rate
     if args.steps <= 0:
         parser.error(f"--steps: {args.steps} must be a positive integer")
+    if args.eval_questions is not None and args.eval_questions <= 0:
+        parser.error(f"--eval-questions: {args.eval_questions} must be a positive integer")
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     disable_progress_bar()
+    facts = load_facts()
+    if not args.tiny:
+        return real.run(args, facts)
+    return run_tiny(args, facts)
+
+
+def run_tiny(args: argparse.Namespace, facts: list[dict[str, str]]) -> int:
     out = Path(args.output_dir)
     start = time.perf_counter()
-    facts = load_facts()
     asked = facts[: args.eval_questions] if args.eval_questions else facts
 
     print(f"[1/5] building a tiny Llama-architecture model offline in {out / 'base_model'}")

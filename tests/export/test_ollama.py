@@ -8,7 +8,13 @@ import pytest
 
 from fasttune.data.chat import get_chat_template
 from fasttune.data.gotemplate import GoTemplateError, render_go_template
-from fasttune.data.ollama import OllamaTemplateError, check_template, go_render_conversation
+from fasttune.data.ollama import (
+    OllamaTemplateError,
+    check_template,
+    go_render_conversation,
+    runtime_template,
+    special_tokens_added,
+)
 from fasttune.data.templates import CHAT_TEMPLATES
 from fasttune.export.ollama import resolve_chat_template, write_ollama_modelfile
 from fasttune.tiny import build_tokenizer
@@ -39,7 +45,8 @@ def test_modelfile_for_every_table_template(name, tiny_tokenizer, tmp_path):
     path = write_ollama_modelfile(tmp_path, gguf, tokenizer)
     parsed = _parse_modelfile(path.read_text())
     assert parsed["from"] == "./model.Q8_0.gguf"
-    assert parsed["template"] == bound.ollama_template
+    adds_bos = special_tokens_added(tokenizer)[0]  # as the GGUF's add_bos_token will say
+    assert parsed["template"] == runtime_template(bound, adds_bos).ollama_template
     assert parsed["system"] == (bound.default_system or None)
     assert bound.eos_token in parsed["stops"] and set(bound.stop_strings) <= set(parsed["stops"])
     assert "{EOS_TOKEN}" not in path.read_text()
@@ -48,7 +55,7 @@ def test_modelfile_for_every_table_template(name, tiny_tokenizer, tmp_path):
                                              add_generation_prompt=messages[-1]["role"] != "assistant")
         system = next((m["content"] for m in messages if m["role"] == "system"), parsed["system"] or "")
         data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
-        got = bound.bos_token + render_go_template(parsed["template"], data)
+        got = (tokenizer.bos_token if adds_bos else "") + render_go_template(parsed["template"], data)
         assert got == want, f"{name}: Go rendering differs from Jinja\n go:    {got!r}\n jinja: {want!r}"
 
 
@@ -131,32 +138,29 @@ SMOLLM2_JINJA = (  # SmolLM2-135M-Instruct's own template: a default system prom
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-@pytest.mark.parametrize("adds_bos", [False, True])
-def test_the_modelfile_writes_the_bos_itself_only_when_the_gguf_adds_none(adds_bos, tmp_path):
+@pytest.mark.parametrize("plain_adds_bos", [False, True])
+def test_the_modelfile_writes_the_bos_itself_only_when_the_gguf_adds_none(plain_adds_bos, tmp_path):
     """SmolLM2's BOS is <|im_start|> and its GGUF says add_bos_token = false: the TEMPLATE began 'system\\n...' without
     it (before 2026-12-07), as if the runtime would add it. The Go rendering must equal the Jinja one, with the BOS
-    put in front by the runtime only where the tokenizer (hence the GGUF's add_bos_token) adds it."""
-    from fasttune.data.ollama import special_tokens_added
-
-    tokenizer = build_tokenizer("qwen2" if not adds_bos else "llama")  # its own: the test changes it
-    tokenizer.bos_token = "<|im_start|>" if not adds_bos else tokenizer.bos_token
+    put in front by the runtime only where the GGUF's add_bos_token is true. A tokenizer that adds a BOS to plain text
+    under a chat template that renders none (True case) was trained on chats without it: the GGUF flag is false."""
+    tokenizer = build_tokenizer("qwen2" if not plain_adds_bos else "llama")  # its own: the test changes it
+    tokenizer.bos_token = "<|im_start|>" if not plain_adds_bos else tokenizer.bos_token
     tokenizer.eos_token = "<|im_end|>"
+    assert (tokenizer("a").input_ids[0] == tokenizer.bos_token_id) is plain_adds_bos
     tokenizer.chat_template = SMOLLM2_JINJA
-    assert special_tokens_added(tokenizer)[0] is adds_bos
+    assert special_tokens_added(tokenizer)[0] is False
     path = write_ollama_modelfile(tmp_path, tmp_path / "model.gguf", tokenizer)
     parsed = _parse_modelfile(path.read_text())
-    if not adds_bos:
+    if not plain_adds_bos:
         assert parsed["template"].startswith("<|im_start|>system\n")
         # Unsloth's tokenizer._ollama_modelfile follows the same rule
         unsloth_style = get_chat_template(tokenizer, (SMOLLM2_JINJA, "<|im_end|>"))._ollama_modelfile
         assert _parse_modelfile(unsloth_style)["template"] == parsed["template"]
-    runtime_bos = tokenizer.bos_token if adds_bos else ""
     for messages in CONVERSATIONS:
         want = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=messages[-1]["role"] != "assistant")
         system = next((m["content"] for m in messages if m["role"] == "system"), parsed["system"] or "")
         data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
-        got = runtime_bos + render_go_template(parsed["template"], data)
-        if adds_bos:  # the Jinja template writes no BOS: the tokenizer adds it when the prompt is encoded
-            want = runtime_bos + want
+        got = render_go_template(parsed["template"], data)
         assert got == want, f"go:    {got!r}\njinja: {want!r}"
