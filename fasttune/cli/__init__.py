@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
     export_arguments(sub.add_parser("export", help="export a run or adapter folder: adapter, merged, GGUF, Ollama"))
     chat_arguments(sub.add_parser("chat", help="chat with a run or model folder (stdin, streaming; /exit quits)"))
-    sub.add_parser("quickstart", help="train a tiny model offline end to end (python -m fasttune.quickstart)",
-                   add_help=False)
+    sub.add_parser("quickstart", help="teach SmolLM2-135M-Instruct a fact table end to end, offline "
+                   "(python -m fasttune.quickstart; --tiny: a tiny random model)", add_help=False)
     sub.add_parser("port", help="rewrite an Unsloth notebook's imports for fasttune", add_help=False)
     return parser
 

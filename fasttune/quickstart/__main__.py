@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from datasets.utils.logging import disable_progress_bar  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from fasttune.trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fasttune import FastLanguageModel, device_args  # noqa: E402
 from fasttune.chat_templates import (  # noqa: E402
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     disable_progress_bar()
     facts = load_facts()
     if not args.tiny:
-        return real.run(args, facts)
+        real.run(args, facts)
+        return 0
     return run_tiny(args, facts)
 
 

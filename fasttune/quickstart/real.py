@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
+from fasttune.trl import SFTConfig, SFTTrainer
 
 from fasttune import FastLanguageModel, device_args
 from fasttune.chat_templates import encode_chat, standardize_data_formats, train_on_responses_only
@@ -30,7 +31,7 @@ GENERAL_FILE = "general.jsonl"
 REPLAY_FILE = "replay.jsonl"
 MAX_NEW_TOKENS = 24
 REAL_STEPS = 60
-REAL_LEARNING_RATE = 2e-3
+REAL_LEARNING_RATE = 1e-3
 
 
 def _rows(name: str) -> list[dict]:
@@ -102,7 +103,23 @@ def score(answers: list[str], facts: list[dict], general: list[dict]) -> Score:
                  sum(is_right(a, g["accept"]) for a, g in zip(general_answers, general)), answers)
 
 
-def run(args, facts: list[dict]) -> int:
+@dataclass
+class Outcome:
+    """What a run measured and wrote (the quickstart prints it; tests read it)."""
+
+    model: Any
+    tokenizer: Any
+    trainer: Any
+    loss_before: float
+    loss_after: float
+    before: Score
+    after: Score
+    llama_cpp: Score | None
+    adapter: Path
+    gguf: Path
+
+
+def run(args, facts: list[dict]) -> Outcome:
     out = Path(args.output_dir)
     start = time.perf_counter()
     general = load_general()
@@ -164,12 +181,13 @@ def run(args, facts: list[dict]) -> int:
     print()
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
-    lost = [g["question"] for g, a, b in zip(general, before.answers[len(asked):], after.answers[len(asked):])
+    lost = [(g["question"], b) for g, a, b in zip(general, before.answers[len(asked):], after.answers[len(asked):])
             if is_right(a, g["accept"]) and not is_right(b, g["accept"])]
-    if lost:
-        print(f"ordinary questions answered right before and not after: {lost}")
+    for question, said in lost:
+        print(f"answered right before, not after: {question!r} -> {said!r}")
     print(f"\nexpected answer: {asked[0]['output']!r}")
-    print(f"run it in Ollama:  ollama create smollm2-facts -f {out / 'gguf' / 'Modelfile'}  &&  "
-          "ollama run smollm2-facts")
+    if (out / "gguf" / "Modelfile").is_file():
+        print(f"run it in Ollama:  ollama create smollm2-facts -f {out / 'gguf' / 'Modelfile'}  &&  "
+              "ollama run smollm2-facts")
     print(f"outputs: adapter {out / 'adapter'}, GGUF {gguf}; total {time.perf_counter() - start:.0f} s")
-    return 0
+    return Outcome(model, tokenizer, trainer, before_loss, after_loss, before, after, cpp, out / "adapter", gguf)

@@ -20,7 +20,7 @@ def test_bundled_facts_are_well_formed():
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
-    assert main(["--steps", "6", "--eval-questions", "3", "--output-dir", str(tmp_path)]) == 0
+    assert main(["--tiny", "--steps", "6", "--eval-questions", "3", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "exact answers (of 3)" in out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
