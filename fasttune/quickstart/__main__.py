@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from datasets.utils.logging import disable_progress_bar  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
-from fasttune.trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from fasttune import FastLanguageModel, device_args  # noqa: E402
 from fasttune.chat_templates import (  # noqa: E402
@@ -39,6 +38,7 @@ from fasttune.chat_templates import (  # noqa: E402
 )
 from fasttune.quickstart import build_base, load_facts, real  # noqa: E402
 from fasttune.quickstart.real import REAL_LEARNING_RATE, REAL_STEPS  # noqa: E402
+from fasttune.trl import SFTConfig, SFTTrainer  # noqa: E402
 
 GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
 

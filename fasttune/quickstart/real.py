@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from fasttune.trl import SFTConfig, SFTTrainer
 
 from fasttune import FastLanguageModel, device_args
 from fasttune.chat_templates import encode_chat, standardize_data_formats, train_on_responses_only
 from fasttune.real_models import REAL_MODELS, real_model
+from fasttune.trl import SFTConfig, SFTTrainer
 
 MODEL = "smollm2-135m-instruct"
 GENERAL_FILE = "general.jsonl"
