@@ -3,6 +3,7 @@
 Run (quick: a few steps per configuration, each in its own process):
 
     python bench/bench_sft.py --steps 6 --models small long qwen2
+    python bench/bench_sft.py --steps 6 --models smollm2 gemma3      # real models (fasttune.real_models, from PyPI)
     python bench/bench_sft.py --sweep 2048 4096 8192 --budget-gib 6     # longest sequence within a memory budget
     python bench/bench_sft.py --sweep 16384 --modes fasttune            # one mode, chosen lengths (run in parallel)
 
@@ -69,12 +70,16 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
     from fasttune.train.fused_loss import FastLossMixin
 
     sys.path.insert(0, str(HERE))
-    from sft_data import chat_dataset, long_dataset, model_config
+    from sft_data import REAL_MODELS, chat_dataset, long_dataset, model_config, real_model_folder
 
     torch.manual_seed(opts.seed)
     config = model_config(opts.model)
     dtype = getattr(torch, opts.dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if opts.model in REAL_MODELS:  # the real weights (the dequantized GGUF the package ships)
+        model = AutoModelForCausalLM.from_pretrained(real_model_folder(opts.model), dtype=dtype,
+                                                     attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
                                              bias="none", task_type="CAUSAL_LM"))
     n_rows = opts.steps * opts.batch

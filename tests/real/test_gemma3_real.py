@@ -1,5 +1,5 @@
 """Gemma-3-270M (vocabulary 262144, sliding-window layers): the fused loss keeps its memory bound, packing stays exact
-across the 512-token window, and the GGUF round trip holds."""
+across the 512-token window, and the q8_0 GGUF is right in llama.cpp."""
 
 from __future__ import annotations
 
@@ -82,18 +82,17 @@ def test_sliding_window_layers_exact_under_padding_free_packing(gemma3_dir, gemm
 
 
 @pytest.mark.llama_cpp
-def test_gguf_round_trip(gemma, tmp_path):
-    """q8_0 export checked in llama.cpp (logits against the file's own dequantized weights), then the GGUF read back
-    as a base model gives the same next-token predictions."""
+def test_gguf_export_in_llama_cpp(gemma, tmp_path):
+    """The base model read from a GGUF (the package's Q4_K_M, through fasttune.gguf_source) exported again as q8_0:
+    llama.cpp tokenizes like the HF tokenizer (262144 entries, Gemma's pre-tokenizer) and its logits match the file's
+    own dequantized weights (validate=True), sliding-window layers and all."""
     pytest.importorskip("llama_cpp")
+    import gguf
+
     model, tokenizer = gemma
-    path = model.save_pretrained_gguf(str(tmp_path / "gguf"), tokenizer, quantization_method="q8_0", validate=True)[0]
-    back, back_tokenizer = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, load_in_4bit=False,
-                                                             max_seq_length=512)
-    ids = torch.tensor([tokenizer(REAL_TEXT).input_ids])
-    assert back_tokenizer(REAL_TEXT).input_ids == ids[0].tolist()
-    with torch.no_grad():
-        want = model(input_ids=ids).logits[0]
-        got = back(input_ids=ids).logits[0]
-    agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
-    assert agree >= 0.95, agree
+    path = model.save_pretrained_gguf(str(tmp_path), tokenizer, quantization_method="q8_0", validate=True,
+                                      validate_prompt=REAL_TEXT[:300])[0]
+    fields = gguf.GGUFReader(str(path)).fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "gemma3"
+    assert int(fields["gemma3.attention.sliding_window"].parts[-1][0]) == 512
+    assert len(fields["tokenizer.ggml.tokens"].data) == 262144
