@@ -16,6 +16,11 @@ On top of TRL's ``SFTTrainer`` (a subclass; nothing in TRL is patched):
   instead of by TRL's ``apply_chat_template``: text in a message that spells a control token (``<|eot_id|>``...)
   stays text, so a row cannot forge a turn, and a template error names its row. Skipped where TRL's own tokenization
   is needed: ``assistant_only_loss`` (masks from the template), a ``formatting_func``, ``skip_prepare_dataset``;
+* a rendered-text dataset (``dataset_text_field``, Unsloth's ``formatting_prompts_func`` flow) is tokenized by fasttune
+  as TRL would, except that turn markers spelled inside a message never become real turns
+  (:func:`fasttune.data.text_rows.tokenize_text_rows`): rows that still carry their ``conversations`` are tokenized
+  from it where the text is its rendering; other rows whose turn markers could not come from well-formed messages are
+  refused by index unless ``forged_turns="allow"``;
 * the LoRA weights of a fasttune QLoRA model keep their exact values and dtype (fp32, as peft made them): TRL casts a
   quantized model's trainable weights to bf16 while the trainer is built (the QLoRA paper's setting), rounding the
   initial adapters; they are saved before and put back after (``fasttune.lora.precision`` keeps the dtype later on).
@@ -31,6 +36,7 @@ from datasets import Dataset
 from torch import nn
 
 from ..data.pretokenize import tokenize_conversations
+from ..data.text_rows import CONVERSATION_COLUMNS, FORGED_TURNS, tokenize_text_rows
 from ..lora.precision import restore_snapshot, snapshot_trainable
 from ..patch import is_patched
 from .compat import CompatConfigMixin, CompatTrainerMixin, explicitly_set
@@ -55,6 +61,25 @@ def _tokenize_here(dataset: Any, config: Any, kwargs: dict[str, Any]) -> bool:
         return False
     skip = (config.dataset_kwargs or {}).get("skip_prepare_dataset", False)
     return not (config.assistant_only_loss or kwargs.get("formatting_func") is not None or skip)
+
+
+def _tokenize_text_here(dataset: Any, config: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether fasttune tokenizes ``dataset`` as rendered text (``dataset_text_field``; see fasttune.data.text_rows)."""
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(dataset, Dataset) or not isinstance(columns, list) or not len(dataset):
+        return False
+    field = config.dataset_text_field
+    if field not in columns or "input_ids" in columns or {"messages", "prompt", "completion"} & set(columns):
+        return False
+    tokenizer = kwargs.get("processing_class")
+    if tokenizer is None or hasattr(tokenizer, "image_processor"):
+        return False
+    first = dataset[0]
+    if any(isinstance(first.get(c), list) and first[c] and isinstance(first[c][0], dict) and "from" in first[c][0]
+           for c in CONVERSATION_COLUMNS):
+        return False  # ShareGPT from/value rows: TRL converts them to messages and takes the conversational path
+    skip = (config.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+    return not (kwargs.get("formatting_func") is not None or skip)
 
 
 def _slow_reason(model: Any, config: Any, kwargs: dict[str, Any]) -> str | None:
@@ -108,6 +133,10 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
                 if _tokenize_here(kwargs.get(split), config, kwargs):
                     kwargs[split] = tokenize_conversations(kwargs[split], kwargs["processing_class"],
                                                            num_proc=config.dataset_num_proc)
+                elif _tokenize_text_here(kwargs.get(split), config, kwargs):
+                    kwargs[split] = tokenize_text_rows(kwargs[split], kwargs["processing_class"],
+                                                       config.dataset_text_field, self._fasttune_forged_turns,
+                                                       config.dataset_num_proc, split.split("_")[0])
         reason = _slow_reason(model, config, kwargs) if config is not None else "no config"
         self.fasttune_fast_loss = reason is None
         self.fasttune_padding_free = (reason is None and kwargs.get("data_collator") is None and not config.packing
@@ -119,7 +148,10 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
                                 and quantized else {})
         return kwargs
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, forged_turns: str = "refuse", **kwargs: Any) -> None:
+        if forged_turns not in FORGED_TURNS:
+            raise ValueError(f"forged_turns: {forged_turns!r} is not allowed; allowed: {', '.join(FORGED_TURNS)}")
+        self._fasttune_forged_turns = forged_turns
         super().__init__(*args, **kwargs)
         self._restore_trainable_weights()
         if self.fasttune_padding_free and not self._is_vision_dataset:
