@@ -54,7 +54,7 @@ from fasttune.patch.loss import loss_chunk_size
 from fasttune.real_models import REAL_MODELS, real_model
 
 from .memory import gib
-from .recipe import Recipe, load_recipe
+from .recipe import TINY_MODELS, Recipe, load_recipe
 
 RUNTIME_BYTES = 38 * 2**20
 _FILE_DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -101,7 +101,7 @@ def model_shape(recipe: Recipe) -> Shape:
 
 
 def _config(recipe: Recipe) -> Any:
-    if recipe.model.name == "tiny-llama":
+    if recipe.model.name in TINY_MODELS:
         from fasttune.quickstart import quickstart_tokenizer
         from fasttune.tiny import tiny_config
 

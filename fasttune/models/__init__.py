@@ -9,7 +9,7 @@
   offset) and the hyper-parameter facts llama.cpp's architecture needs (softcapping, sliding window kind, ...);
 - ``tiny``: its tiny random model's config overrides and tokenizer special tokens (:class:`TinySpec`).
 
-:mod:`fasttune.models.registry` is the only list of families; fast/patch.py, export/gguf and fasttune.tiny ask it
+:mod:`fasttune.models.registry` is the only list of families; patch/, export/gguf and fasttune.tiny ask it
 (``get_family(model_type)``, ``families()``, ``family(name)``). This package imports only the standard library, and
 never fasttune.export / fasttune.patch / fasttune.tiny (they depend on it, not the other way round).
 

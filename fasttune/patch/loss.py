@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from fasttune.data.masking import IGNORE_INDEX
 from fasttune.kernels import fused_linear_cross_entropy
 from fasttune.kernels.cross_entropy import TokenStats
 
-IGNORE_INDEX = -100
 # Tokens per loss chunk are chosen so one chunk's fp32 logits (and their gradient) stay near 128 MiB: 1024 tokens
 # for a 32k vocabulary, 256 for Llama-3's 128k (measured: 1024-token chunks at 128k vocab add ~0.75 GiB of peak RSS).
 LOGITS_CHUNK_ELEMENTS = 2**25

@@ -31,6 +31,7 @@ import torch
 from fasttune.config import _raise_if
 from fasttune.lora.unwrap import base_model
 from fasttune.notes import note_once
+from fasttune.rl.losses import LOSS_TYPES
 from fasttune.rl.rewards import RewardFunctionError, checked_reward_funcs
 from fasttune.rl.sampling import filter_problems
 
@@ -40,7 +41,7 @@ logger = logging.getLogger("fasttune")
 # GRPOTrainer(on_unusable_rewards=...): what a step in which no completion got a reward does
 UNUSABLE_REWARDS: tuple[str, ...] = ("error", "skip")
 
-FAST_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+FAST_LOSS_TYPES = LOSS_TYPES  # every type rl/losses.py implements runs the fast path
 # generation_kwargs the engine understands (the rest send rollouts back to TRL's model.generate)
 _ENGINE_GENERATION_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
                              "repetition_penalty", "pad_token_id", "bos_token_id", "eos_token_id",

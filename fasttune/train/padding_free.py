@@ -12,7 +12,7 @@ Attention never crosses an example boundary: with no ``attention_mask`` in the b
 restarting ``position_ids`` (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask
 for SDPA/eager -- but only when no KV cache exists, and models default to ``use_cache=True``, so the batch carries
 ``use_cache=False`` -- and flash-attention-2 uses the varlen kernel with ``cu_seq_lens``. fasttune relies on that (tested
-exactly in ``tests/fast/test_padding_free.py``: the packed loss equals the per-example losses).
+exactly in ``tests/patch/test_padding_free.py``: the packed loss equals the per-example losses).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from ..data.masking import IGNORE_INDEX
 
 
 def _as_list(value: Any) -> list[int]:
