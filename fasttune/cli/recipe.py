@@ -25,6 +25,7 @@ import yaml
 from fasttune.config import DEFAULT_TARGET_MODULES, ConfigError
 from fasttune.data.templates import template_names
 from fasttune.export.gguf.quants import ALIASES, METHODS
+from fasttune.gguf_source import gguf_in
 from fasttune.real_models import REAL_MODELS
 
 TINY_MODELS: tuple[str, ...] = ("tiny-llama",)  # built offline: the quickstart's model (quickstart.build_base)
@@ -351,12 +352,14 @@ def _jsonl_problems(path: Path) -> list[str]:
 
 
 def _model_path(path: Path) -> bool:
-    """A folder with config.json / adapter_config.json, a .gguf file, or a folder holding exactly one .gguf."""
-    if path.is_file():
-        return path.suffix.lower() == ".gguf"
+    """A folder with config.json / adapter_config.json, a .gguf file, or a folder holding exactly one .gguf (the
+    loader's rule: fasttune.gguf_source.gguf_in)."""
     if any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
         return True
-    return path.is_dir() and len([p for p in path.glob("*.gguf") if not p.name.startswith("mmproj")]) == 1
+    try:
+        return gguf_in(path) is not None
+    except ValueError:  # a folder holding several GGUF files: which one to load is not said
+        return False
 
 
 def looks_local(name: str, base: Path | None = None) -> bool:

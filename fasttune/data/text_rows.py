@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from fasttune.data.check import DatasetError
-from fasttune.data.encode import encode_chat
+from fasttune.data.encode import control_strings, encode_chat, find_control_strings
 from fasttune.data.markers import markers_for, plain_marker_problems, plain_text_markers
 
 logger = logging.getLogger("fasttune")
@@ -70,6 +70,7 @@ class _RowTokenizer:
         self.forged_turns = forged_turns
         self.eos = tokenizer.eos_token
         self.bos = tokenizer.bos_token
+        self.controls = control_strings(tokenizer)
         try:
             instruction_part, response_part, _ = markers_for(tokenizer)
         except ValueError:  # a template fasttune does not know: its markers are unknown, nothing to check against
@@ -85,44 +86,54 @@ class _RowTokenizer:
         full = text + self.eos if self.eos and not text.endswith(self.eos) else text  # TRL's add_eos
         ids = list(self.tokenizer(full).input_ids)  # what TRL trains on
         conversation = example.get(self.column) if self.column else None
-        safe = self._safe_rendering(conversation, text, row) if _is_conversation(conversation) else None
-        spelled = plain_marker_problems(conversation, self.plain) if safe is not None and self.plain else []
-        if spelled:
-            return {"input_ids": ids, "fasttune_text_row": spelled[0] if self.forged_turns == "refuse" else "forged"}
-        if safe is not None:
-            plain = list(self.tokenizer(text, add_special_tokens=False).input_ids)
-            if safe == plain:
+        strip = self._rendering_offset(conversation, text) if _is_conversation(conversation) else None
+        if strip is not None:
+            spelled = plain_marker_problems(conversation, self.plain) if self.plain else []
+            if spelled:
+                return {"input_ids": ids,
+                        "fasttune_text_row": spelled[0] if self.forged_turns == "refuse" else "forged"}
+            if not find_control_strings(conversation, self.controls):  # encode_chat would give the text's own tokens
                 return {"input_ids": ids, "fasttune_text_row": "clean"}
-            at = next((i for i in range(len(ids) - len(plain) + 1) if ids[i:i + len(plain)] == plain), None)
-            if at is None:
-                raise ValueError(f"row {row} ({field!r} column): the tokenized text does not contain the text's own "
-                                 "tokens; cannot replace them by the conversation's")
-            return {"input_ids": ids[:at] + safe + ids[at + len(plain):], "fasttune_text_row": "reencoded"}
+            safe = encode_chat(self.tokenizer, conversation)
+            if not strip or (safe and safe[0] == self.tokenizer.bos_token_id):
+                return self._replaced(ids, safe[strip:], text, row, field)
         problem = turn_marker_problem(text, *self.markers) if self.markers else None
         if problem is not None and self.forged_turns == "refuse":
             return {"input_ids": ids, "fasttune_text_row": problem}
         return {"input_ids": ids, "fasttune_text_row": "forged" if problem else "clean"}
 
-    def _safe_rendering(self, conversation: list, text: str, row: int) -> list[int] | None:
-        """The conversation's tokens for the part of ``text`` it renders to, or None when text is not its rendering."""
+    def _rendering_offset(self, conversation: list, text: str) -> int | None:
+        """How many leading tokens of the conversation's rendering ``text`` lacks (0, or 1 without its BOS), or None
+        when ``text`` is not its rendering."""
         rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False)
         if text == rendered:
-            strip = 0
-        elif self.bos and rendered.startswith(self.bos) and text == rendered[len(self.bos):]:
-            strip = 1  # the notebook removed the BOS text (Gemma's .removeprefix('<bos>')): drop the BOS token
-        else:
-            return None
-        ids = encode_chat(self.tokenizer, conversation)
-        if strip and (not ids or ids[0] != self.tokenizer.bos_token_id):
-            return None
-        return ids[strip:]
+            return 0
+        if self.bos and rendered.startswith(self.bos) and text == rendered[len(self.bos):]:
+            return 1  # the notebook removed the BOS text (Gemma's .removeprefix('<bos>')): drop the BOS token
+        return None
+
+    def _replaced(self, ids: list[int], safe: list[int], text: str, row: int, field: str) -> dict:
+        """TRL's ``ids`` with the text's own tokens replaced by the conversation's ``safe`` ones."""
+        plain = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        if safe == plain:
+            return {"input_ids": ids, "fasttune_text_row": "clean"}
+        at = next((i for i in range(len(ids) - len(plain) + 1) if ids[i:i + len(plain)] == plain), None)
+        if at is None:
+            raise ValueError(f"row {row} ({field!r} column): the tokenized text does not contain the text's own "
+                             "tokens; cannot replace them by the conversation's")
+        return {"input_ids": ids[:at] + safe + ids[at + len(plain):], "fasttune_text_row": "reencoded"}
+
+
+def check_forged_turns(value: str) -> str:
+    if value not in FORGED_TURNS:
+        raise ValueError(f"forged_turns: {value!r} is not allowed; allowed: {', '.join(FORGED_TURNS)}")
+    return value
 
 
 def tokenize_text_rows(dataset: Any, tokenizer: Any, field: str = "text", forged_turns: str = "refuse",
                        num_proc: int | None = None, name: str = "train") -> Any:
     """Add ``input_ids`` to a text dataset as TRL would, without forged turns (see the module docstring)."""
-    if forged_turns not in FORGED_TURNS:
-        raise ValueError(f"forged_turns: {forged_turns!r} is not allowed; allowed: {', '.join(FORGED_TURNS)}")
+    check_forged_turns(forged_turns)
     column = _conversation_column(dataset.column_names)
     row_tokenizer = _RowTokenizer(tokenizer, column, forged_turns)
     out = dataset.map(lambda example, row: row_tokenizer(example, row, field), with_indices=True, num_proc=num_proc,
@@ -147,4 +158,4 @@ def tokenize_text_rows(dataset: Any, tokenizer: Any, field: str = "text", forged
     return out
 
 
-__all__ = ["FORGED_TURNS", "tokenize_text_rows", "turn_marker_problem"]
+__all__ = ["FORGED_TURNS", "check_forged_turns", "tokenize_text_rows", "turn_marker_problem"]

@@ -36,7 +36,7 @@ from datasets import Dataset
 from torch import nn
 
 from ..data.pretokenize import tokenize_conversations
-from ..data.text_rows import CONVERSATION_COLUMNS, FORGED_TURNS, tokenize_text_rows
+from ..data.text_rows import CONVERSATION_COLUMNS, check_forged_turns, tokenize_text_rows
 from ..lora.precision import restore_snapshot, snapshot_trainable
 from ..patch import is_patched
 from .compat import CompatConfigMixin, CompatTrainerMixin, explicitly_set
@@ -149,9 +149,7 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
         return kwargs
 
     def __init__(self, *args: Any, forged_turns: str = "refuse", **kwargs: Any) -> None:
-        if forged_turns not in FORGED_TURNS:
-            raise ValueError(f"forged_turns: {forged_turns!r} is not allowed; allowed: {', '.join(FORGED_TURNS)}")
-        self._fasttune_forged_turns = forged_turns
+        self._fasttune_forged_turns = check_forged_turns(forged_turns)
         super().__init__(*args, **kwargs)
         self._restore_trainable_weights()
         if self.fasttune_padding_free and not self._is_vision_dataset:

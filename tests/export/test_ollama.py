@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
+from golang.go_ollama import CONVERSATIONS, parse_modelfile
 
 from fasttune.data.chat import get_chat_template
 from fasttune.data.gotemplate import GoTemplateError, render_go_template
@@ -19,22 +18,6 @@ from fasttune.data.templates import CHAT_TEMPLATES
 from fasttune.export.ollama import resolve_chat_template, write_ollama_modelfile
 from fasttune.tiny import build_tokenizer
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Italy?"},
-     {"role": "assistant", "content": "Rome"}, {"role": "user", "content": "And of Spain?"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-     {"role": "assistant", "content": "d"}],
-]
-
-
-def _parse_modelfile(text: str) -> dict:
-    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
-    system = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
-    stops = [bytes(s, "utf-8").decode("unicode_escape") for s in re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)]
-    source = re.search(r"^FROM (.+)$", text, re.M)[1]
-    return {"template": template[1], "system": system[1] if system else None, "stops": stops, "from": source}
-
 
 @pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
 def test_modelfile_for_every_table_template(name, tiny_tokenizer, tmp_path):
@@ -43,11 +26,11 @@ def test_modelfile_for_every_table_template(name, tiny_tokenizer, tmp_path):
     gguf = tmp_path / "model.Q8_0.gguf"
     gguf.write_bytes(b"GGUF")
     path = write_ollama_modelfile(tmp_path, gguf, tokenizer)
-    parsed = _parse_modelfile(path.read_text())
+    parsed = parse_modelfile(path.read_text())
     assert parsed["from"] == "./model.Q8_0.gguf"
     adds_bos = special_tokens_added(tokenizer)[0]  # as the GGUF's add_bos_token will say
     assert parsed["template"] == runtime_template(bound, adds_bos).ollama_template
-    assert parsed["system"] == (bound.default_system or None)
+    assert parsed["system"] == (bound.default_system or "")
     assert bound.eos_token in parsed["stops"] and set(bound.stop_strings) <= set(parsed["stops"])
     assert "{EOS_TOKEN}" not in path.read_text()
     for messages in CONVERSATIONS:
@@ -114,8 +97,8 @@ def test_modelfile_for_a_template_outside_the_table_is_converted(tiny_tokenizer,
     tokenizer.chat_template = CHATML_OWN_JINJA
     tokenizer.eos_token = "<|im_end|>"
     path = write_ollama_modelfile(tmp_path, tmp_path / "model.Q8_0.gguf", tokenizer)
-    parsed = _parse_modelfile(path.read_text(encoding="utf-8"))
-    assert parsed["stops"] == ["<|im_end|>"] and parsed["system"] is None
+    parsed = parse_modelfile(path.read_text(encoding="utf-8"))
+    assert parsed["stops"] == ["<|im_end|>"] and parsed["system"] == ""
     template = resolve_chat_template(tokenizer)
     for messages in CONVERSATIONS:
         jinja = tokenizer.apply_chat_template(messages, tokenize=False,
@@ -151,12 +134,12 @@ def test_the_modelfile_writes_the_bos_itself_only_when_the_gguf_adds_none(plain_
     tokenizer.chat_template = SMOLLM2_JINJA
     assert special_tokens_added(tokenizer)[0] is False
     path = write_ollama_modelfile(tmp_path, tmp_path / "model.gguf", tokenizer)
-    parsed = _parse_modelfile(path.read_text())
+    parsed = parse_modelfile(path.read_text())
     if not plain_adds_bos:
         assert parsed["template"].startswith("<|im_start|>system\n")
         # Unsloth's tokenizer._ollama_modelfile follows the same rule
         unsloth_style = get_chat_template(tokenizer, (SMOLLM2_JINJA, "<|im_end|>"))._ollama_modelfile
-        assert _parse_modelfile(unsloth_style)["template"] == parsed["template"]
+        assert parse_modelfile(unsloth_style)["template"] == parsed["template"]
     for messages in CONVERSATIONS:
         want = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=messages[-1]["role"] != "assistant")

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from fasttune.data.encode import encode_chat
 from fasttune.data.gotemplate import render_go_template
 from fasttune.data.ollama import special_tokens_added
@@ -71,9 +73,12 @@ class GoOllama:
 
 
 def parse_modelfile(text: str) -> dict:
+    """A Modelfile's TEMPLATE, SYSTEM ("" when absent), stop strings and FROM."""
     template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
     system = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
-    return {"template": template[1], "system": system[1] if system else ""}
+    stops = [bytes(s, "utf-8").decode("unicode_escape") for s in re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)]
+    source = re.search(r"^FROM (.+)$", text, re.M)[1]
+    return {"template": template[1], "system": system[1] if system else "", "stops": stops, "from": source}
 
 
 def ollama_ids(tokenizer, text: str, adds_bos: bool) -> list[int]:
@@ -106,7 +111,7 @@ def check_modelfile(go, tokenizer, modelfile: str, conversations=CONVERSATIONS, 
         generation = messages[-1]["role"] != "assistant"
         try:
             want = encode_chat(tokenizer, messages, add_generation_prompt=generation)
-        except Exception as error:  # noqa: BLE001 - a template that refuses system messages: nothing to match
+        except TemplateError as error:  # a template that refuses system messages: nothing to match
             if messages[0]["role"] == "system" and "system" in str(error).lower():
                 continue
             raise

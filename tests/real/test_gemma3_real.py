@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REAL_TEXT
+from real_samples import REAL_TEXT
 from transformers import AutoModelForCausalLM
 
 from fasttune import FastLanguageModel

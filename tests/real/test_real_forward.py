@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import REAL_TEXT
+from real_samples import REAL_TEXT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fasttune import FastLanguageModel

@@ -8,8 +8,8 @@ import argparse
 
 import pytest
 import torch
-from conftest import FACTS
 from golang.go_ollama import check_modelfile
+from real_samples import FACTS
 
 from fasttune import FastLanguageModel
 from fasttune.quickstart import real
@@ -32,10 +32,7 @@ def run(tmp_path_factory):
 def test_the_notebook_flow_learns_facts_it_could_not_know(run):
     trainer = run.trainer
     assert isinstance(trainer.data_collator, PaddingFreeCollator) and trainer.fasttune_fast_loss
-    labels = [t for t in trainer.train_dataset[0]["labels"] if t != -100] if "labels" in trainer.train_dataset[0] \
-        else None
-    row = trainer.train_dataset[0]
-    trained = [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m] if labels is None else labels
+    trained = [t for t in trainer.train_dataset[0]["labels"] if t != -100]  # train_on_responses_only's labels
     assert run.tokenizer.decode(trained).startswith(ANSWERS[0]), run.tokenizer.decode(trained)
     assert run.before.facts == 0 and run.loss_before > 2.0, (run.before.answers, run.loss_before)
     assert run.loss_after < 0.3 and run.after.facts >= 5, (run.after.answers, run.loss_after)
