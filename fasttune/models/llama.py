@@ -6,7 +6,6 @@ from .spec import FamilySpec, SpecialTokens, TinySpec
 SPEC = FamilySpec(
     family="llama",
     model_type="llama",
-    wrapper_model_types=("llava",),  # Llava: a CLIP tower and projector in front of a Llama
     name="Llama",
     gguf=TensorMap("llama", {**GLOBAL, **ATTN, **MLP, **PRE_NORMS}, permute_qk=True),
     tiny=TinySpec(

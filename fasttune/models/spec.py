@@ -2,9 +2,11 @@
 
 A family file (llama.py, gemma2.py, ...) declares one ``FamilySpec``: the facts the fast path reads (norm kind,
 activation, projection names), how the family is written to GGUF (:class:`fasttune.models.gguf.TensorMap`) and how
-its tiny random test model and tokenizer are built (:class:`TinySpec`). Generic code (LoRA target validation, fast
-forwards, GGUF export, fasttune.tiny) walks the spec instead of special-casing families. Plain data only: this module
-imports nothing heavy, so any part of fasttune can ask it.
+its tiny random test model and tokenizer are built (:class:`TinySpec`). A vision-language family's file declares a
+``VisionSpec`` too: its language tower's ``FamilySpec``, how its rows are packed, its mmproj map
+(:class:`fasttune.models.mmproj.MMProjMap`) and its tiny VLM (:class:`TinyVisionSpec`). Generic code (LoRA target
+validation, fast forwards, GGUF export, the vision collator, fasttune.tiny) walks the specs instead of special-casing
+families. Plain data only: this module imports nothing heavy, so any part of fasttune can ask it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .gguf import TensorMap
+from .mmproj import MMProjMap
 
 NormKind = Literal["rms", "rms_offset"]  # x * w, or Gemma's x * (1 + w)
 Activation = Literal["silu", "gelu_tanh", "gelu"]
+# How a VLM's rows are packed into one padding-free row: "mrope" (3-D positions computed per conversation), "1d"
+# (plain positions); None: they cannot be packed exactly (bidirectional image attention, cross-attention masks).
+Packing = Literal["mrope", "1d"] | None
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,9 @@ class FamilySpec:
     """Architecture facts of one model family, and what the rest of fasttune needs to handle it.
 
     ``family`` is the family's short name (also its file name and its tiny-model name); ``model_type`` is the
-    ``model_type`` of its text causal LM in transformers, the key of the fast path and of the GGUF tensor map;
-    ``wrapper_model_types`` are multimodal wrappers whose text tower is this family (``gemma3`` around
-    ``gemma3_text``), so that :func:`fasttune.models.get_family` knows them too.
+    ``model_type`` of its text causal LM in transformers, the key of the fast path and of the GGUF tensor map.
+    Multimodal wrappers whose text tower is this family (``gemma3`` around ``gemma3_text``) are the ``VisionSpec`` of
+    their own family; :func:`fasttune.models.get_family` finds this spec from their ``model_type`` too.
     ``attention`` / ``mlp`` list the linear projections inside a decoder layer's ``self_attn`` / ``mlp`` module.
     ``fused_aliases`` maps Unsloth's default LoRA target names onto fused projections (phi3 has one ``qkv_proj`` where
     others have q/k/v), so the default ``target_modules`` works on every family.
@@ -65,7 +71,6 @@ class FamilySpec:
     attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     fused_aliases: dict[str, str] = field(default_factory=dict)
-    wrapper_model_types: tuple[str, ...] = ()
     fast_path: bool = True
     gguf: TensorMap | None = None
     text_equivalent: str | None = None  # model_type of a text model computing the same on text (GGUF validation)
@@ -75,7 +80,55 @@ class FamilySpec:
     def linear_names(self) -> tuple[str, ...]:
         return self.attention + self.mlp
 
-    @property
-    def model_types(self) -> tuple[str, ...]:
-        """Every ``model_type`` this family covers: the text model's first, then wrappers'."""
-        return (self.model_type, *self.wrapper_model_types)
+
+@dataclass(frozen=True)
+class TinyVisionSpec:
+    """How :mod:`fasttune.tiny.vision` builds this family's tiny random VLM and its processor, as data.
+
+    ``tokenizer``: the text family whose tiny tokenizer convention (bos/eos/pad) it uses; ``image_markers``: special
+    tokens its image placeholders use, added to that tokenizer; ``tokenizer_names``: processor-facing names of
+    some of them (``{"image_token": ...}``) the processor reads off the tokenizer, where the released tokenizer has
+    them. ``template``: the chat template (:mod:`fasttune.models.tiny_templates`) with ``IMAGE`` where one image goes,
+    written as ``image_marker``; ``end_of_turn``: the token the template ends a turn with, where it is not eos
+    (generation stops there).
+    ``text`` / ``vision``: the text and vision configs' values over the shared tiny text shape; ``config``: the
+    wrapper config's own values; ``token_ids``: wrapper config keys set to a marker's token id;
+    ``vision_width``: the vision config key that must equal the text width (a merger's output), if any.
+    ``processor``: the transformers processor class name; ``image_processor``: the image processor class as
+    ``module:Class`` (the PIL backend, no torchvision) with its keyword arguments; ``processor_kwargs``: the
+    processor's own keyword arguments.
+    """
+
+    tokenizer: FamilySpec
+    image_markers: tuple[str, ...]
+    template: str
+    image_marker: str
+    processor: str
+    image_processor: tuple[str, dict[str, Any]]
+    text: dict[str, Any] = field(default_factory=dict)
+    vision: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    token_ids: dict[str, str] = field(default_factory=dict)
+    vision_width: str | None = None
+    tokenizer_names: dict[str, str] = field(default_factory=dict)
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    end_of_turn: str | None = None
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """A vision-language model family: what fasttune needs beyond its language tower's :class:`FamilySpec`.
+
+    ``family`` is its short name (its file name and tiny-VLM name); ``model_type`` the ``model_type`` of the
+    multimodal model in transformers (the wrapper's config); ``language`` the family of its text tower, whose fast
+    path and GGUF map the language model gets. ``packing``: how the vision collator packs its rows (:data:`Packing`);
+    ``mmproj``: how its vision tower and projector are written as llama.cpp's mmproj file (None: no GGUF export).
+    """
+
+    family: str
+    model_type: str
+    name: str
+    language: FamilySpec
+    packing: Packing = None
+    mmproj: MMProjMap | None = None
+    tiny: TinyVisionSpec | None = None

@@ -27,16 +27,20 @@ def load_facts() -> list[dict[str, str]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# the architecture of the quickstart's tiny random model (--tiny)
+FAMILY = "llama"
+
+
 def quickstart_tokenizer(facts: list[dict[str, str]] | None = None) -> PreTrainedTokenizerBase:
     """The tiny Llama tokenizer, trained offline on the fact table (vocabulary 1024)."""
     facts = load_facts() if facts is None else facts
     corpus = [f"{row['instruction']} {row['output']}" for row in facts] * 4
-    return build_tokenizer("llama", extra_texts=corpus, vocab_size=1024)
+    return build_tokenizer(FAMILY, extra_texts=corpus, vocab_size=1024)
 
 
 def build_base(folder: Path, facts: list[dict[str, str]] | None = None) -> Path:
     """Write the quickstart's tiny Llama-architecture model (random weights, seed 0) and tokenizer to ``folder``."""
-    return build_tiny_model("llama", folder, tokenizer=quickstart_tokenizer(facts), seed=0)
+    return build_tiny_model(FAMILY, folder, tokenizer=quickstart_tokenizer(facts), seed=0)
 
 
-__all__ = ["build_base", "facts_path", "load_facts", "quickstart_tokenizer"]
+__all__ = ["FAMILY", "build_base", "facts_path", "load_facts", "quickstart_tokenizer"]

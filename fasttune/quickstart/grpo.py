@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from fasttune import FastLanguageModel, PatchFastRL, SamplingParams, device_args  # noqa: E402
 from fasttune.chat_templates import get_chat_template, train_on_responses_only  # noqa: E402
+from fasttune.quickstart import FAMILY  # noqa: E402
 from fasttune.rl import generate  # noqa: E402
 from fasttune.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 from fasttune.trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
@@ -58,11 +59,11 @@ def correctness_reward(completions, answer, **kwargs) -> list[float]:
 
 def build_base(folder: Path, rows: list[dict[str, str]]) -> Path:
     corpus = [f"{r['question']} <answer>{r['answer']}</answer>" for r in rows] * 4
-    tokenizer = build_tokenizer("llama", extra_texts=corpus, vocab_size=512)
+    tokenizer = build_tokenizer(FAMILY, extra_texts=corpus, vocab_size=512)
     # initializer_range 0.1 (transformers' default is 0.02): with a frozen random LM head of std 0.02 and a
     # normalised hidden state, no token can get more than ~0.25 probability, so sampling at temperature 1 would stay
     # near-uniform however well the LoRA layers learn; a real model's head has no such limit
-    return build_tiny_model("llama", folder, tokenizer=tokenizer, seed=0, initializer_range=0.1)
+    return build_tiny_model(FAMILY, folder, tokenizer=tokenizer, seed=0, initializer_range=0.1)
 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict[str, str]]) -> tuple[float, float]:

@@ -38,6 +38,7 @@ from fasttune.data.infer_template import infer_template
 from fasttune.data.masking import IGNORE_INDEX, TokenTexts, response_mask
 from fasttune.data.spec import ROLES
 from fasttune.lora.unwrap import base_model
+from fasttune.models import get_vision_family, vision_families
 
 logger = logging.getLogger("fasttune")
 
@@ -135,17 +136,15 @@ def _resized(image: Image.Image, size: int | None) -> Image.Image:
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
-# model_type -> how its rows are packed: "mrope" (3-D positions per conversation), "1d" (plain positions); families
-# not listed cannot be packed exactly (bidirectional image attention, cross-attention masks).
-PACKABLE: dict[str, str] = {"qwen2_vl": "mrope", "qwen2_5_vl": "mrope", "llava": "1d"}
-
-
 def _packing_kind(config: Any, padding_free: bool | None) -> str | None:
+    """How this model's rows are packed (its family's ``VisionSpec.packing``), or None for padded rows."""
     model_type = getattr(config, "model_type", None)
-    kind = PACKABLE.get(model_type)
+    vision = get_vision_family(model_type) if isinstance(model_type, str) else None
+    kind = vision.packing if vision is not None else None
     if padding_free and kind is None:
+        packable = sorted(v.model_type for v in vision_families() if v.packing is not None)
         raise ValueError(f"padding_free=True: {model_type!r} rows cannot be packed exactly (its image tokens attend "
-                         f"bidirectionally or through cross-attention); packable families: {sorted(PACKABLE)}. "
+                         f"bidirectionally or through cross-attention); packable families: {packable}. "
                          "Leave padding_free=None to pack where possible")
     return kind if padding_free is not False else None
 

@@ -10,8 +10,8 @@ import torch
 from gguf import GGUFReader
 
 from fasttune import FastVisionModel
-from fasttune.export.gguf import mmproj as mmproj_module
 from fasttune.export.llama_cpp import GGUFValidationError
+from fasttune.models import VISION_FAMILIES, Split
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama_cpp
@@ -52,11 +52,17 @@ def test_language_model_and_mmproj_validate_in_llama_cpp(tiny_vlm_dir, tmp_path,
     assert (tmp_path / "Modelfile").exists()
 
 
+def _with_mmproj(monkeypatch, model_type: str, **changes) -> None:
+    """The registry's VLM family of ``model_type`` with its mmproj map changed, for this test only."""
+    vision = VISION_FAMILIES[model_type]
+    monkeypatch.setitem(VISION_FAMILIES, model_type,
+                        dataclasses.replace(vision, mmproj=dataclasses.replace(vision.mmproj, **changes)))
+
+
 def test_a_wrong_mmproj_fails_validation(tiny_vlm_dir, tmp_path, monkeypatch):
     """Without Gemma's 1 + w norm offset the projector is wrong: the image embeddings check must catch it."""
     model, processor = _adapted(tiny_vlm_dir)
-    wrong = dataclasses.replace(mmproj_module.MMPROJ_MAPS["gemma3"], offset_norms=())
-    monkeypatch.setitem(mmproj_module.MMPROJ_MAPS, "gemma3", wrong)
+    _with_mmproj(monkeypatch, "gemma3", offset_norms=())
     with pytest.raises(GGUFValidationError, match="image embeddings differ from transformers'"):
         model.save_pretrained_gguf(str(tmp_path), processor, quantization_method="f16", validate=True)
 
@@ -64,13 +70,12 @@ def test_a_wrong_mmproj_fails_validation(tiny_vlm_dir, tmp_path, monkeypatch):
 def test_swapped_query_and_key_fail_validation(tiny_vlm_dir, tmp_path, monkeypatch):
     """Qwen2-VL's fused qkv split in the wrong order gives other image embeddings: caught."""
     model, processor = _adapted(tiny_vlm_dir, "qwen2_vl")
-    table = dict(mmproj_module.MMPROJ_MAPS["qwen2_vl"].names)
-    table["blocks.{}.attn.qkv.weight"] = mmproj_module.Split(0, ("v.blk.{}.attn_k.weight", "v.blk.{}.attn_q.weight",
-                                                                 "v.blk.{}.attn_v.weight"))
-    table["blocks.{}.attn.qkv.bias"] = mmproj_module.Split(0, ("v.blk.{}.attn_k.bias", "v.blk.{}.attn_q.bias",
-                                                               "v.blk.{}.attn_v.bias"))
-    monkeypatch.setitem(mmproj_module.MMPROJ_MAPS, "qwen2_vl",
-                        dataclasses.replace(mmproj_module.MMPROJ_MAPS["qwen2_vl"], names=table))
+    table = dict(VISION_FAMILIES["qwen2_vl"].mmproj.names)
+    table["blocks.{}.attn.qkv.weight"] = Split(0, ("v.blk.{}.attn_k.weight", "v.blk.{}.attn_q.weight",
+                                                   "v.blk.{}.attn_v.weight"))
+    table["blocks.{}.attn.qkv.bias"] = Split(0, ("v.blk.{}.attn_k.bias", "v.blk.{}.attn_q.bias",
+                                                 "v.blk.{}.attn_v.bias"))
+    _with_mmproj(monkeypatch, "qwen2_vl", names=table)
     with pytest.raises(GGUFValidationError, match="image embeddings differ from transformers'"):
         model.save_pretrained_gguf(str(tmp_path), processor, quantization_method="f16", validate=True)
 
