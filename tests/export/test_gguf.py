@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from export_helpers import lora_model
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 
 from fasttune.data.chat import get_chat_template
 from fasttune.export import save_pretrained_gguf
+from fasttune.export.gguf.mixes import FTYPES
 from fasttune.export.gguf.quants import resolve_methods
 from fasttune.export.gguf.reader import read_gguf_state, unpermute_rows
 from fasttune.export.gguf.tensor_maps import permute_rows
@@ -26,12 +27,18 @@ def _field(reader: GGUFReader, key: str):
 
 
 def test_method_names_and_aliases():
-    assert resolve_methods("fast_quantized") == ["q8_0"]
-    assert resolve_methods(["quantized", "Q4_K_M", "not_quantized", "q8_0"]) == ["q4_k_m", "f16", "q8_0"]
+    assert resolve_methods("fast_quantized") == [FTYPES["q8_0"]]
+    resolved = resolve_methods(["quantized", "Q4_K_M", "not_quantized", "q8_0"])
+    assert [t.name for t in resolved] == ["q4_k_m", "f16", "q8_0"]
+    assert resolved[0] == (GGMLQuantizationType.Q4_K, 15, "q4_k_m")  # default tensor type, LLAMA_FTYPE, name
     with pytest.raises(ValueError, match="quantization_method: 'q4_k_xl' is not supported; choose one of"):
         resolve_methods("q4_k_xl")
     with pytest.raises(ValueError, match="empty"):
         resolve_methods([])
+    with pytest.raises(TypeError, match=r"quantization_method: got 8 \(int\); pass a method name"):
+        resolve_methods(["q8_0", 8])
+    with pytest.raises(TypeError, match=r"quantization_method: got \{'q8_0'\} \(set\); pass a method name"):
+        resolve_methods({"q8_0"})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

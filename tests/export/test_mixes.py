@@ -134,7 +134,7 @@ def test_fused_qkv_follows_attn_v_rules():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="ftype: 'q4_k_x' is not supported; allowed: .*q4_k_m"):
+    with pytest.raises(ValueError, match="quantization_method: 'q4_k_x' is not supported; choose one of .*q4_k_m"):
         tensor_qtype("blk.0.attn_q.weight", (256, 256), "q4_k_x", 4)
     with pytest.raises(ValueError, match="layer 7, outside"):
         tensor_qtype("blk.7.attn_v.weight", (256, 256), "q4_k_m", 4)

@@ -16,15 +16,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-__all__ = ["FTYPES", "TensorTypeChoice", "choose_tensor_qtype", "fallback_reason", "tensor_qtype"]
+__all__ = ["ALIASES", "FTYPES", "FileType", "TensorTypeChoice", "choose_tensor_qtype", "fallback_reason", "file_type",
+           "tensor_qtype"]
 
 Q = GGMLQuantizationType
 
+
+class FileType(NamedTuple):
+    """A GGUF file type: its default tensor type, llama.cpp's LLAMA_FTYPE value (``general.file_type``), its name."""
+
+    qtype: GGMLQuantizationType
+    llama_ftype: int
+    name: str
+
+
 #: file type name -> (default tensor type, llama.cpp's LLAMA_FTYPE value written as general.file_type)
-FTYPES: dict[str, tuple[GGMLQuantizationType, int]] = {
+_FILE_TYPES: dict[str, tuple[GGMLQuantizationType, int]] = {
     "f32": (Q.F32, 0),
     "f16": (Q.F16, 1),
     "q4_0": (Q.Q4_0, 2),
@@ -43,6 +54,34 @@ FTYPES: dict[str, tuple[GGMLQuantizationType, int]] = {
     "q6_k": (Q.Q6_K, 18),
     "bf16": (Q.BF16, 32),
 }
+FTYPES: dict[str, FileType] = {name: FileType(qtype, number, name) for name, (qtype, number) in _FILE_TYPES.items()}
+
+# Unsloth's quantization_method names that are not file types themselves.
+ALIASES: dict[str, str] = {
+    "not_quantized": "f16",
+    "fast_quantized": "q8_0",
+    "quantized": "q4_k_m",
+    "q3_k": "q3_k_m",
+    "q4_k": "q4_k_m",
+    "q5_k": "q5_k_m",
+}
+
+
+def file_type(method: Any) -> FileType:
+    """The file type a ``quantization_method`` name stands for (case-insensitive, Unsloth's aliases resolved); a
+    resolved :class:`FileType` is returned as it is. The one place a method name is checked: an unknown name or a
+    non-string raises, listing the allowed names."""
+    if isinstance(method, FileType):
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"quantization_method: got {method!r} ({type(method).__name__}); pass a method name (str) "
+                        f"such as 'q8_0'; names: {sorted(set(FTYPES) | set(ALIASES))}")
+    key = method.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in FTYPES:
+        raise ValueError(f"quantization_method: {method!r} is not supported; choose one of "
+                         f"{sorted(set(FTYPES) | set(ALIASES))}")
+    return FTYPES[key]
 
 _UNQUANTIZED = (Q.F32, Q.F16, Q.BF16)
 # where a tensor's row length does not fit the chosen type (llama.cpp tensor_type_fallback)
@@ -190,7 +229,7 @@ def _fallback(name: str, cols: int, qtype: Q) -> tuple[Q, str | None]:
 def choose_tensor_qtype(
     name: str,
     shape: tuple[int, ...],
-    ftype: str,
+    ftype: FileType | str,
     n_layers: int,
     n_expert: int = 0,
     *,
@@ -198,25 +237,24 @@ def choose_tensor_qtype(
     arch: str = "llama",
     tied_embeddings: bool = False,
 ) -> TensorTypeChoice:
-    """The GGUF type llama.cpp's quantizer gives tensor ``name`` of ``shape`` in a file of type ``ftype``.
+    """The GGUF type llama.cpp's quantizer gives tensor ``name`` of ``shape`` in a file of type ``ftype`` (a
+    :class:`FileType`, or a name :func:`file_type` resolves).
 
     n_layers: the model's block count. n_expert: experts per MoE layer (0 or 1 for dense). n_gqa: n_head // n_head_kv
     (only q2_k's attn_v rule and the llama-70B rule read it). arch: GGUF architecture name (falcon has its own rules).
     tied_embeddings: True when the file has no output.weight, so token_embd doubles as the output head and gets its
     type. 1-D tensors (norms, biases) and tensors llama.cpp never quantizes stay F32.
     """
-    key = ftype.lower()
-    if key not in FTYPES:
-        raise ValueError(f"ftype: {ftype!r} is not supported; allowed: {', '.join(FTYPES)}")
+    resolved = file_type(ftype)
     if n_layers < 1:
         raise ValueError(f"n_layers: {n_layers} must be >= 1")
     shape = tuple(int(s) for s in shape)
-    default = FTYPES[key][0]
+    default = resolved.qtype
     if not _allows_quantization(name, shape):
         return TensorTypeChoice(Q.F32, Q.F32)
     if default in _UNQUANTIZED:
         return TensorTypeChoice(default, default)
-    planned = _mix_rule(name, shape, key, default, n_layers, n_expert, n_gqa, arch, tied_embeddings)
+    planned = _mix_rule(name, shape, resolved.name, default, n_layers, n_expert, n_gqa, arch, tied_embeddings)
     qtype, reason = _fallback(name, shape[-1], planned)
     return TensorTypeChoice(qtype, planned, reason)
 
@@ -224,7 +262,7 @@ def choose_tensor_qtype(
 def tensor_qtype(
     name: str,
     shape: tuple[int, ...],
-    ftype: str,
+    ftype: FileType | str,
     n_layers: int,
     n_expert: int = 0,
     *,
@@ -241,7 +279,7 @@ def tensor_qtype(
 def fallback_reason(
     name: str,
     shape: tuple[int, ...],
-    ftype: str,
+    ftype: FileType | str,
     n_layers: int,
     n_expert: int = 0,
     *,

@@ -1,4 +1,5 @@
-"""Quantization method names (Unsloth's, with aliases) and the numpy quantizer for each GGUF tensor type.
+"""``quantization_method`` resolved to file types (:func:`resolve_methods`), and the numpy quantizer for each GGUF
+tensor type.
 
 No compiler is involved: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 use the ``gguf`` package's own numpy quantizers and
 Q2_K..Q6_K use fasttune's (``kquants.quantize_k``). Each returns the bytes GGUF stores for the tensor.
@@ -6,53 +7,34 @@ Q2_K..Q6_K use fasttune's (``kquants.quantize_k``). Each returns the bytes GGUF 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from .kquants import quantize_k
-from .mixes import FTYPES
+from .kquants import K_QUANT_TYPES, quantize_k
+from .mixes import ALIASES, FTYPES, FileType, file_type
 
 Q = GGMLQuantizationType
 
-# Unsloth's quantization_method names that are not file types themselves.
-ALIASES: dict[str, str] = {
-    "not_quantized": "f16",
-    "fast_quantized": "q8_0",
-    "quantized": "q4_k_m",
-    "q3_k": "q3_k_m",
-    "q4_k": "q4_k_m",
-    "q5_k": "q5_k_m",
-}
 METHODS: tuple[str, ...] = tuple(FTYPES)
 
 _GGUF_NUMPY = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
-_K_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
-def resolve_method(method: str) -> str:
-    """The file type for ``method`` (case-insensitive; aliases resolved). Unknown names raise, listing the allowed."""
-    if not isinstance(method, str):
-        raise TypeError(f"quantization_method: expected a string or a list of strings, got {type(method).__name__}")
-    key = method.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in FTYPES:
-        allowed = sorted(set(FTYPES) | set(ALIASES))
-        raise ValueError(f"quantization_method: {method!r} is not supported; choose one of {allowed}")
-    return key
-
-
-def resolve_methods(methods: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``"q8_0"`` or ``["q4_k_m", "quantized", "q8_0"]`` -> distinct file types in the order given."""
-    items = [methods] if isinstance(methods, str) else list(methods)
+def resolve_methods(methods: Any) -> list[FileType]:
+    """``quantization_method`` (``"q8_0"`` or ``["q4_k_m", "quantized", "q8_0"]``) -> the distinct file types, in the
+    order given. The one place it is resolved and checked (each name by :func:`fasttune.export.gguf.mixes.file_type`);
+    what is written downstream takes the result."""
+    items = [methods] if isinstance(methods, str) else methods
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"quantization_method: got {methods!r} ({type(methods).__name__}); pass a method name (str) "
+                        "such as 'q8_0' or a list of names such as ['q4_k_m', 'q8_0'] (for an unquantized file: "
+                        f"'not_quantized' = f16, 'bf16', 'f32'); names: {sorted(set(METHODS) | set(ALIASES))}")
     if not items:
         raise ValueError("quantization_method: the list is empty; give at least one method such as 'q8_0'")
-    return list(dict.fromkeys(resolve_method(m) for m in items))
-
-
-def file_type_id(ftype: str) -> int:
-    """llama.cpp's LLAMA_FTYPE number for ``general.file_type``."""
-    return FTYPES[resolve_method(ftype)][1]
+    return list(dict.fromkeys(file_type(m) for m in items))
 
 
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -60,11 +42,11 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     blocks ``(..., cols // block * type_size)``. ``cols`` must be a multiple of the type's block size."""
     qtype = Q(qtype)
     data = np.ascontiguousarray(data, dtype=np.float32)
-    if qtype in _K_TYPES:
+    if qtype in K_QUANT_TYPES:
         return quantize_k(data, qtype)
     if qtype in _GGUF_NUMPY:
         return gguf_quants.quantize(data, qtype)
-    supported = ", ".join(t.name for t in _GGUF_NUMPY + _K_TYPES)
+    supported = ", ".join(t.name for t in _GGUF_NUMPY + K_QUANT_TYPES)
     raise ValueError(f"qtype: {qtype.name} cannot be written by fasttune; supported: {supported}")
 
 

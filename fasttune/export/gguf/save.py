@@ -25,8 +25,9 @@ from ...lora.unwrap import base_model
 from ..atomic import check_writable, recover_interrupted
 from ..hub import split_push_kwargs, upload_folder
 from ..merge import iter_merged_tensors, merged_state_dict, tied_output_key
+from .mixes import FileType
 from .mmproj import LANGUAGE_PATHS, image_side, language_tensors, mmproj_map, write_mmproj
-from .quants import ALIASES, METHODS, resolve_methods
+from .quants import resolve_methods
 from .writer import GGUFReport, write_gguf
 
 logger = logging.getLogger(__name__)
@@ -47,21 +48,6 @@ MAX_KL_UNQUANTIZED = 1e-4
 MAX_KL_QUANTIZED = 0.25
 _KEYWORDS = ("file_stem", "pre_tokenizer", "validate_prompt", "max_kl", "write_modelfile", "push_to_hub", "token",
              "private", "commit_message")
-
-
-def _check_method_types(value: Any) -> None:
-    """``quantization_method`` must be a name or a list/tuple of names (Unsloth raises a TypeError for other types)."""
-    items = [value] if isinstance(value, str) else value
-    if isinstance(items, (list, tuple)) and all(isinstance(m, str) for m in items):
-        return
-    names = sorted(set(METHODS) | set(ALIASES))
-    if isinstance(items, (list, tuple)):
-        bad = next(i for i, m in enumerate(items) if not isinstance(m, str))
-        got = f"item {bad} of the list is {items[bad]!r} ({type(items[bad]).__name__})"
-    else:
-        got = f"got {value!r} ({type(value).__name__})"
-    raise TypeError(f"quantization_method: {got}; pass a method name (str) such as 'q8_0' or a list of names such as "
-                    f"['q4_k_m', 'q8_0'] (for an unquantized file: 'not_quantized' = f16, 'bf16', 'f32'); names: {names}")
 
 
 def gguf_filename(file_stem: str, ftype: str) -> str:
@@ -133,8 +119,7 @@ def save_pretrained_gguf(
     if tokenizer is None:
         raise ValueError("tokenizer: a GGUF file needs the tokenizer (llama.cpp reads the vocabulary from the file); "
                          "pass the tokenizer used for training")
-    _check_method_types(quantization_method)
-    ftypes = resolve_methods(quantization_method)
+    ftypes = resolve_methods(quantization_method)  # resolved and checked here, once
     folder = Path(save_directory)
     check_writable(folder)
     created = not folder.exists()
@@ -147,7 +132,7 @@ def save_pretrained_gguf(
         raise
 
 
-def _save_files(model: Any, folder: Path, tokenizer: Any, ftypes: list[str], validate: bool, kw: dict[str, Any],
+def _save_files(model: Any, folder: Path, tokenizer: Any, ftypes: list[FileType], validate: bool, kw: dict[str, Any],
                 save_directory: Any) -> list[Path]:
     recover_interrupted(folder)
     base = base_model(model)
@@ -159,13 +144,13 @@ def _save_files(model: Any, folder: Path, tokenizer: Any, ftypes: list[str], val
     stem = kw.get("file_stem", "model")
     paths: list[Path] = []
     reports: list[GGUFReport] = []
+    mmap = mmproj_map(base.config) if vision else None  # an unsupported family fails before anything is written
     if vision:
-        mmproj_map(base.config)  # an unsupported family fails before anything is written
         if processor is None:
             raise ValueError("tokenizer: pass the model's processor (it holds the image mean/std the mmproj file "
                              "needs), not only its tokenizer")
     for ftype in ftypes:
-        path = folder / gguf_filename(stem, ftype)
+        path = folder / gguf_filename(stem, ftype.name)
         # The merge is streamed: one dense float32 tensor at a time, re-done per file type (cheap next to quantizing).
         if vision:  # the language tower only: the vision part goes to the mmproj file
             tensors = language_tensors(iter_merged_tensors(model, torch.float32, within=LANGUAGE_PATHS))
@@ -174,14 +159,13 @@ def _save_files(model: Any, folder: Path, tokenizer: Any, ftypes: list[str], val
         reports.append(write_gguf(path, tensors, base.config, tokenizer, ftype, template, kw.get("pre_tokenizer"),
                                   name=stem, tied=tied))
         if validate:
-            max_kl = kw.get("max_kl") or (MAX_KL_UNQUANTIZED if ftype in _UNQUANTIZED else MAX_KL_QUANTIZED)
-            _validate(path, ftype, model, tokenizer, kw.get("validate_prompt"), max_kl)
+            max_kl = kw.get("max_kl") or (MAX_KL_UNQUANTIZED if ftype.name in _UNQUANTIZED else MAX_KL_QUANTIZED)
+            _validate(path, ftype.name, model, tokenizer, kw.get("validate_prompt"), max_kl)
         paths.append(path)
-    if vision:  # llama.cpp runs a VLM from the language file plus this projector file
+    if mmap is not None:  # llama.cpp runs a VLM from the language file plus this projector file
         path = folder / f"mmproj-{stem}.F16.gguf"
-        vision_paths = mmproj_map(base.config).module_paths
-        write_mmproj(path, iter_merged_tensors(model, torch.float32, within=vision_paths), base.config, processor,
-                     "f16", name=stem)
+        write_mmproj(path, iter_merged_tensors(model, torch.float32, within=mmap.module_paths), base.config, processor,
+                     "f16", name=stem, mmap=mmap)
         if validate:
             _validate_mmproj(paths[0], path, model, processor)
         paths.append(path)

@@ -23,8 +23,8 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, RopeScalingType
 
 from ..atomic import atomic_file
-from .mixes import choose_tensor_qtype
-from .quants import file_type_id, quantize, resolve_method
+from .mixes import FileType, choose_tensor_qtype, file_type
+from .quants import quantize
 from .tensor_maps import TensorMap, get_tensor_map, gguf_name, is_norm, permute_rows
 from .tokenizer import build_vocab
 
@@ -214,13 +214,13 @@ def _ordered(state: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]
     return sorted(state.items(), key=lambda kv: rank(kv[0]))
 
 
-def _write_metadata(writer: GGUFWriter, config: Any, tmap: TensorMap, tokenizer: Any, ftype: str, template: Any,
+def _write_metadata(writer: GGUFWriter, config: Any, tmap: TensorMap, tokenizer: Any, ftype: FileType, template: Any,
                     pre_tokenizer: str | None, name: str | None, report: GGUFReport) -> None:
     """General keys, hyper-parameters, the vocabulary, and extra tensors the config implies (rope_freqs)."""
     c = text_config(config)
     n_vocab = int(c.vocab_size)
     writer.add_name(name or getattr(c, "_name_or_path", "") or c.model_type)
-    writer.add_file_type(file_type_id(ftype))
+    writer.add_file_type(ftype.llama_ftype)
     writer.add_quantization_version(GGML_QUANT_VERSION)
     extra = write_hparams(writer, config, tmap, n_vocab)
     if tokenizer is not None:
@@ -249,14 +249,16 @@ def gguf_file(path: str | os.PathLike, arch: str) -> Iterator[GGUFWriter]:
 
 
 def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-               config: Any, tokenizer: Any, ftype: str, template: Any = None, pre_tokenizer: str | None = None,
+               config: Any, tokenizer: Any, ftype: FileType | str, template: Any = None, pre_tokenizer: str | None = None,
                name: str | None = None, tied: bool | None = None) -> GGUFReport:
     """Write merged transformers tensors as a GGUF file of type ``ftype`` at ``path`` (atomically).
 
     ``tensors`` is a state dict, or an iterable of ``(name, tensor)`` consumed one at a time (then ``tied`` must say
-    whether it leaves out ``lm_head.weight`` because the head shares the input embeddings).
+    whether it leaves out ``lm_head.weight`` because the head shares the input embeddings). ``ftype`` is a
+    :class:`~fasttune.export.gguf.mixes.FileType` (``save_pretrained_gguf`` resolves its ``quantization_method`` once
+    and passes them down) or a name.
     """
-    ftype = resolve_method(ftype)
+    ftype = file_type(ftype)
     c = text_config(config)
     tmap = get_tensor_map(c.model_type)
     if isinstance(tensors, Mapping):
@@ -267,7 +269,7 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | It
     if not tied and not tmap.output_optional:
         raise ValueError(f"gguf: {c.model_type} in llama.cpp always uses the input embeddings as its output head, but "
                          "this model has a separate lm_head (a LoRA on lm_head?); export it merged_16bit instead")
-    report = GGUFReport(Path(path), ftype)
+    report = GGUFReport(Path(path), ftype.name)
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     with gguf_file(path, tmap.arch) as writer:
         _write_metadata(writer, config, tmap, tokenizer, ftype, template, pre_tokenizer, name, report)
@@ -284,5 +286,5 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | It
         logger.warning("gguf: %d of %d tensors of %s use another type, as llama.cpp's quantizer does, because their row "
                        "length does not fit the type's block (e.g. %s); GGUFReport.fallbacks lists them all",
                        len(report.fallbacks), len(report.tensor_types), report.path.name, report.fallbacks[0])
-    logger.info("gguf: wrote %s (%s, %d tensors)", path, ftype, len(report.tensor_types))
+    logger.info("gguf: wrote %s (%s, %d tensors)", path, ftype.name, len(report.tensor_types))
     return report
