@@ -1,7 +1,8 @@
 """The public facades: ``FastLanguageModel`` (and ``FastModel``), with Unsloth's names and defaults.
 
-They only orchestrate: option checks live in ``config``, model lookup in ``source``, quantized layers in ``quant``,
-LoRA injection in ``lora``, the training-time patches in ``fast``.
+They only orchestrate: the loading steps both facades share live in ``loading`` (option checks in ``config``, model
+lookup in ``source``, quantized layers in ``quant``, LoRA injection in ``lora``, the fast forwards in ``patch``, the
+model's state in ``state``).
 """
 
 from __future__ import annotations
@@ -13,31 +14,18 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import modes
-from .config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings, RLOptions
-from .device import default_device_map
-from .lora import inject_lora
+from .config import DEFAULT_TARGET_MODULES, LoraSettings, RLOptions
+from .loading import add_lora, load_config, load_pretrained, source_of
 from .lora.inject import targets_from_switches
 from .models import get_family
-from .modes import finish_loading, finish_peft, prepare_tokenizer
-from .patch import FAST_PATHS, patch_model
-from .quant import patch_quantized_layers
-from .quant.config import int8_config, nf4_config
-from .source import resolve_source
+from .source import ModelSource
 from .vision.facade import FastVisionModel, is_vision_config
 from .vision.towers import has_vision_tower
 
 logger = logging.getLogger("fasttune")
-
-
-def _quantization_config(cfg: LoadConfig) -> BitsAndBytesConfig | None:
-    if cfg.quantization == "4bit":
-        return nf4_config(cfg.dtype)
-    if cfg.quantization == "8bit":
-        return int8_config()
-    return None
 
 
 class FastLanguageModel:
@@ -45,7 +33,7 @@ class FastLanguageModel:
 
     @staticmethod
     def from_pretrained(
-        model_name: str = "unsloth/Llama-3.2-1B-Instruct",
+        model_name: str | ModelSource = "unsloth/Llama-3.2-1B-Instruct",
         max_seq_length: int = 2048,
         dtype: torch.dtype | str | None = None,
         load_in_4bit: bool = True,
@@ -81,47 +69,23 @@ class FastLanguageModel:
         gguf_file = kwargs.pop("gguf_file", None)
         if gguf_file is not None:  # transformers' spelling: a folder and the GGUF file in it
             model_name = str(Path(model_name) / gguf_file)
-        if full_finetuning and (load_in_4bit or load_in_8bit):
-            logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
-                           "not %s", "4-bit" if load_in_4bit else "8-bit")
-        cfg = LoadConfig(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
-                         full_finetuning, trust_remote_code)
+        cfg = load_config(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
+                          full_finetuning, trust_remote_code)
         rl_options = RLOptions(fast_inference, max_lora_rank, gpu_memory_utilization)
-        source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
-        has_fast_path = source.config.get_text_config().model_type in FAST_PATHS
-        if not has_fast_path:
-            logger.warning("fasttune: %s (model_type %r) has no fast path; loading through the generic path",
-                           type(source.config).__name__, source.config.model_type)
+        source = source_of(model_name, token, revision, trust_remote_code)
         if rope_scaling is not None:
             kwargs["rope_scaling"] = rope_scaling
         if attn_implementation is not None:  # None: transformers picks SDPA where the family supports it
             kwargs["attn_implementation"] = attn_implementation
-        if fast_path and has_fast_path:  # no Hub kernels fetched at load: fasttune's forwards replace them
-            kwargs.setdefault("use_kernels", False)  # (fasttune.patch.model's docstring)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.base,
-            dtype=cfg.dtype,
-            quantization_config=_quantization_config(cfg),
-            device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
-            token=token,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
-        patch_quantized_layers(model)
-        if fast_path and has_fast_path:
-            patch_model(model)
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.tokenizer_source, token=token, revision=revision, trust_remote_code=trust_remote_code
-        )
-        if fix_tokenizer:
-            prepare_tokenizer(tokenizer, max_seq_length)
-        model.max_seq_length = max_seq_length
-        model.fasttune_tokenizer = tokenizer
-        model.max_lora_rank = rl_options.max_lora_rank
-        model.fasttune_rl_options = rl_options  # read by fasttune.trl.GRPOTrainer (vLLM rollouts on CUDA)
-        model = finish_loading(model, source.adapter, full_finetuning, use_gradient_checkpointing)
-        return model, tokenizer
+
+        def tokenizer(folder: str) -> Any:
+            return AutoTokenizer.from_pretrained(folder, token=token, revision=revision,
+                                                 trust_remote_code=trust_remote_code)
+
+        return load_pretrained(source, cfg, AutoModelForCausalLM, tokenizer, fast_path=fast_path,
+                               device_map=device_map, token=token, revision=revision,
+                               use_gradient_checkpointing=use_gradient_checkpointing, fix_tokenizer=fix_tokenizer,
+                               rl=rl_options, **kwargs)
 
     @staticmethod
     def get_peft_model(
@@ -163,19 +127,11 @@ class FastLanguageModel:
                                       ("finetune_mlp_modules", finetune_mlp_modules)) if v is not None}
         if switches:
             target_modules = _switch_targets(model, target_modules, switches)
-        max_rank = getattr(model, "max_lora_rank", None)
-        if max_rank is not None and isinstance(r, int) and r > max_rank:
-            raise ValueError(f"r: {r} is above max_lora_rank={max_rank} given to from_pretrained; use r <= {max_rank} "
-                             "or load with a larger max_lora_rank")
         settings = LoraSettings(r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
                                 random_state, use_rslora, use_dora, modules_to_save, layers_to_transform,
                                 init_lora_weights)
         extra = {k: v for k, v in (("layers_pattern", layers_pattern), ("loftq_config", loftq_config)) if v}
-        spec = get_family(model.config.model_type)
-        peft_model = inject_lora(model, settings, spec, **extra, **kwargs)
-        if max_seq_length is not None:
-            peft_model.max_seq_length = max_seq_length
-        return finish_peft(peft_model, use_gradient_checkpointing)
+        return add_lora(model, settings, max_seq_length, **extra, **kwargs)
 
     @staticmethod
     def for_inference(model: PreTrainedModel) -> PreTrainedModel:
@@ -206,12 +162,17 @@ class FastModel(FastLanguageModel):
 
     @staticmethod
     def from_pretrained(model_name: str = "unsloth/gemma-3-4b-it", *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        """Load a text model (returns ``(model, tokenizer)``) or a vision-language model (``(model, processor)``)."""
-        source = resolve_source(model_name, token=kwargs.get("token"), revision=kwargs.get("revision"),
-                                trust_remote_code=kwargs.get("trust_remote_code", False))
+        """Load a text model (returns ``(model, tokenizer)``) or a vision-language model (``(model, processor)``).
+
+        The source is resolved once, here; the facade that loads it takes it as it is."""
+        gguf_file = kwargs.pop("gguf_file", None)
+        if gguf_file is not None:  # transformers' spelling: a folder and the GGUF file in it
+            model_name = str(Path(model_name) / gguf_file)
+        source = source_of(model_name, kwargs.get("token"), kwargs.get("revision"),
+                           kwargs.get("trust_remote_code", False))
         if is_vision_config(source.config):
-            return FastVisionModel.from_pretrained(model_name, *args, **kwargs)
-        return FastLanguageModel.from_pretrained(model_name, *args, **kwargs)
+            return FastVisionModel.from_pretrained(source, *args, **kwargs)
+        return FastLanguageModel.from_pretrained(source, *args, **kwargs)
 
     @staticmethod
     def get_peft_model(model: PreTrainedModel, *args: Any, **kwargs: Any) -> PeftModel:

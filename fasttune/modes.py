@@ -18,6 +18,7 @@ from .lora.unwrap import base_model
 from .patch import is_patched, patch_model
 from .patch.checkpointing import pause_checkpointing, remembered_mode, set_gradient_checkpointing
 from .rl import RL_METHODS
+from .state import model_state
 
 logger = logging.getLogger("fasttune")
 
@@ -131,9 +132,9 @@ def for_training(model: nn.Module, use_gradient_checkpointing: Any = None) -> nn
 
 def _set_mode_state(model: nn.Module, training: bool, use_gradient_checkpointing: Any = None) -> None:
     base = base_model(model)
-    tokenizer = getattr(base, "fasttune_tokenizer", None)
-    if tokenizer is not None:
-        tokenizer.padding_side = "right" if training else "left"
+    state = model_state(base)
+    if state is not None and state.tokenizer is not None:
+        state.tokenizer.padding_side = "right" if training else "left"
     base.config.use_cache = not training
     if training:
         mode = use_gradient_checkpointing

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ..state import model_state
 from .lora import LoRARequest, adapter_for
 
 
@@ -24,10 +25,11 @@ def fast_generate(model: nn.Module, prompts: str | Sequence[str] | Sequence[Sequ
     ``max_tokens`` within the model's ``max_seq_length`` raise an error naming them."""
     from .engine import generate
 
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "fasttune_tokenizer", None)
+    state = model_state(model)
+    tokenizer = tokenizer if tokenizer is not None else state.tokenizer if state is not None else None
     if tokenizer is None:
         raise ValueError("tokenizer: this model was not loaded by fasttune, so it has no tokenizer attached; pass "
                          "fast_generate(..., tokenizer=tokenizer)")
     with adapter_for(model, lora_request):
         return generate(model, tokenizer, prompts, sampling_params,
-                        max_length=getattr(model, "max_seq_length", None))
+                        max_length=state.max_seq_length if state is not None else None)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..distributed import one_writer
+from ..state import model_state
 
 _IDS = itertools.count(1)
 _ADAPTER_CONFIG = "adapter_config.json"
@@ -103,7 +104,8 @@ def _live_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
 
 def _check_request(model: nn.Module, request: LoRARequest) -> None:
     adapter, live = _live_adapter(model)
-    max_rank = getattr(model, "max_lora_rank", None)
+    state = model_state(model)
+    max_rank = state.rl.max_lora_rank if state is not None else None
     rank = request.config.get("r")
     if max_rank is not None and rank is not None and rank > max_rank:
         raise ValueError(f"lora_request: the adapter in {request.lora_path!r} has rank {rank}, above the model's "

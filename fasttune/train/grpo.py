@@ -34,6 +34,7 @@ from fasttune.notes import note_once
 from fasttune.rl.losses import LOSS_TYPES
 from fasttune.rl.rewards import RewardFunctionError, checked_reward_funcs
 from fasttune.rl.sampling import filter_problems
+from fasttune.state import model_state
 
 from .compat import explicitly_set
 
@@ -89,7 +90,8 @@ class FastGRPOConfigMixin:
 def vllm_rollouts_wanted(model: Any, args: Any) -> bool:
     """Whether to sample through TRL's vLLM integration: the model was loaded with ``fast_inference=True``, a CUDA
     device and vLLM are there, and the config did not choose ``use_vllm`` itself."""
-    options = getattr(model, "fasttune_rl_options", None)
+    state = model_state(model)
+    options = state.rl if state is not None else None
     if options is None or not options.fast_inference or args is None or explicitly_set(args, "use_vllm"):
         return False
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
@@ -98,7 +100,7 @@ def vllm_rollouts_wanted(model: Any, args: Any) -> bool:
 def use_vllm_colocate(model: Any, args: Any) -> None:
     """Set ``args`` (the trainer's own copy) to TRL's vLLM colocate mode with the model's memory share."""
     args.use_vllm, args.vllm_mode = True, "colocate"
-    share = model.fasttune_rl_options.gpu_memory_utilization
+    share = model_state(model).rl.gpu_memory_utilization
     if share is not None:
         args.vllm_gpu_memory_utilization = share
     note_once("grpo.vllm", "GRPOTrainer: fast_inference=True with vLLM installed on CUDA: rollouts use TRL's vLLM "
@@ -167,7 +169,8 @@ class FastGRPOMixin:
             top_k=self.top_k if self.top_k else -1, min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty, max_tokens=self.max_completion_length)
         model = self._fasttune_model()
-        max_length = getattr(model, "max_seq_length", None)
+        state = model_state(model)
+        max_length = state.max_seq_length if state is not None else None
         self._check_prompt_lengths(prompts, max_length)
         completions = generate_ids(model, prompts, params, eos_token_ids=self.eos_token_ids,
                                    pad_token_id=self._tokenizer.pad_token_id, max_length=max_length)

@@ -39,6 +39,7 @@ from ..data.pretokenize import tokenize_conversations
 from ..data.text_rows import CONVERSATION_COLUMNS, check_forged_turns, tokenize_text_rows
 from ..lora.precision import restore_snapshot, snapshot_trainable
 from ..patch import is_patched
+from ..state import model_state
 from .compat import CompatConfigMixin, CompatTrainerMixin, explicitly_set
 from .fused_loss import FastLossMixin
 from .padding_free import PaddingFreeCollator
@@ -121,7 +122,8 @@ class SFTTrainer(CompatTrainerMixin, FastLossMixin, trl.SFTTrainer):
             kwargs["args"] = SFTConfig(output_dir=f"{name}-SFT")
         kwargs = super()._fasttune_prepare(kwargs)
         config = kwargs["args"]
-        length = getattr(model, "max_seq_length", None) if isinstance(model, nn.Module) else None
+        state = model_state(model)
+        length = state.max_seq_length if state is not None else None
         if config is not None and length is not None and not explicitly_set(config, "max_length"):
             logger.info("fasttune: SFTConfig.max_length not set; using the model's max_seq_length=%d", length)
             config.max_length = length

@@ -39,6 +39,7 @@ from fasttune.data.masking import IGNORE_INDEX, TokenTexts, response_mask
 from fasttune.data.spec import ROLES
 from fasttune.lora.unwrap import base_model
 from fasttune.models import get_vision_family, vision_families
+from fasttune.state import model_state
 
 logger = logging.getLogger("fasttune")
 
@@ -189,7 +190,8 @@ class VisionDataCollator:
         config = getattr(model, "config", None)
         self.packing = _packing_kind(config, padding_free)
         self._rope_index = base_model(model).model.get_rope_index if self.packing == "mrope" else None
-        self.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
+        state = model_state(model)
+        self.max_seq_length = max_seq_length or (state.max_seq_length if state is not None else None)
         self.image_size = image_size
         self.max_image_pixels = max_image_pixels
         self.formatting_func = formatting_func

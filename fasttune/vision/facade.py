@@ -1,10 +1,11 @@
 """``FastVisionModel``: load, adapt and switch modes of vision-language models (Unsloth-compatible API).
 
-It orchestrates like ``FastLanguageModel``: the model is transformers' own (``AutoModelForImageTextToText``), the
-processor comes from :func:`fasttune.vision.processor.load_processor` (works without torchvision), 4-bit/8-bit keep
-the vision tower and projector in 16-bit (:data:`fasttune.vision.towers.QUANT_SKIP`), the language tower gets the
-text fast path of its family (fused norms, LoRA Q/K/V/O and MLP, fused linear cross-entropy), and LoRA targets come
-from Unsloth's four ``finetune_*`` switches (:func:`fasttune.vision.towers.lora_targets`).
+It orchestrates like ``FastLanguageModel``, through the same steps (:mod:`fasttune.loading`): the model is
+transformers' own (``AutoModelForImageTextToText``), the processor comes from
+:func:`fasttune.vision.processor.load_processor` (works without torchvision), 4-bit/8-bit keep the vision tower and
+projector in 16-bit (:data:`fasttune.vision.towers.QUANT_SKIP`), the language tower gets the text fast path of its
+family (fused norms, LoRA Q/K/V/O and MLP, fused linear cross-entropy), and LoRA targets come from Unsloth's four
+``finetune_*`` switches (:func:`fasttune.vision.towers.lora_targets`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,9 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 from fasttune import modes
-from fasttune.config import DEFAULT_TARGET_MODULES, LoadConfig, LoraSettings
-from fasttune.device import default_device_map
-from fasttune.lora import inject_lora
-from fasttune.models import get_family
-from fasttune.modes import finish_loading, finish_peft, prepare_tokenizer
-from fasttune.patch import FAST_PATHS, patch_model
-from fasttune.quant import patch_quantized_layers
-from fasttune.quant.config import int8_config, nf4_config
-from fasttune.source import resolve_source
+from fasttune.config import DEFAULT_TARGET_MODULES, LoraSettings
+from fasttune.loading import add_lora, load_config, load_pretrained, source_of
+from fasttune.source import ModelSource
 
 from .processor import load_processor
 from .towers import QUANT_SKIP, has_vision_tower, lora_targets
@@ -44,7 +39,7 @@ class FastVisionModel:
 
     @staticmethod
     def from_pretrained(
-        model_name: str = "unsloth/Qwen2.5-VL-7B-Instruct",
+        model_name: str | ModelSource = "unsloth/Qwen2.5-VL-7B-Instruct",
         max_seq_length: int = 2048,
         dtype: torch.dtype | str | None = None,
         load_in_4bit: bool = True,
@@ -65,42 +60,21 @@ class FastVisionModel:
         4-bit is NF4 with double quantization on the language tower; the vision tower and projector stay in
         ``dtype`` (16-bit on GPU). A folder holding a saved LoRA adapter loads its base and attaches the adapter.
         """
-        if full_finetuning and (load_in_4bit or load_in_8bit):
-            logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
-                           "not %s", "4-bit" if load_in_4bit else "8-bit")
-        cfg = LoadConfig(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
-                         full_finetuning, trust_remote_code)
-        source = resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+        cfg = load_config(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
+                          full_finetuning, trust_remote_code)
+        source = source_of(model_name, token, revision, trust_remote_code)
         if not is_vision_config(source.config):
-            raise ValueError(f"model_name: {model_name!r} is a text model ({type(source.config).__name__}, no "
+            raise ValueError(f"model_name: {cfg.model_name!r} is a text model ({type(source.config).__name__}, no "
                              "vision tower); load it with FastLanguageModel (or FastModel)")
-        quantization = None
-        if cfg.quantization == "4bit":
-            quantization = nf4_config(cfg.dtype, skip_modules=QUANT_SKIP)
-        elif cfg.quantization == "8bit":
-            quantization = int8_config(skip_modules=QUANT_SKIP)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        if fast_path and source.config.get_text_config().model_type in FAST_PATHS:
-            kwargs.setdefault("use_kernels", False)  # no Hub kernels fetched at load (fasttune.patch.model)
-        model = AutoModelForImageTextToText.from_pretrained(
-            source.base, dtype=cfg.dtype, quantization_config=quantization,
-            device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
-            token=token, revision=revision, trust_remote_code=trust_remote_code, **kwargs,
-        )
-        patch_quantized_layers(model)
-        text_type = model.config.get_text_config().model_type
-        if fast_path and text_type in FAST_PATHS:
-            patch_model(model)
-        elif fast_path:
-            logger.warning("fasttune: %s's language tower (model_type %r) has no fast path; it trains through "
-                           "transformers' forward", type(model).__name__, text_type)
-        processor = load_processor(source.tokenizer_source, token=token, revision=revision,
-                                   trust_remote_code=trust_remote_code)
-        model.max_seq_length = max_seq_length
-        model.fasttune_tokenizer = prepare_tokenizer(processor.tokenizer, max_seq_length)  # padding side follows modes
-        model = finish_loading(model, source.adapter, full_finetuning, use_gradient_checkpointing)
-        return model, processor
+
+        def processor(folder: str) -> Any:
+            return load_processor(folder, token=token, revision=revision, trust_remote_code=trust_remote_code)
+
+        return load_pretrained(source, cfg, AutoModelForImageTextToText, processor, quant_skip=QUANT_SKIP,
+                               fast_path=fast_path, device_map=device_map, token=token, revision=revision,
+                               use_gradient_checkpointing=use_gradient_checkpointing, **kwargs)
 
     @staticmethod
     def get_peft_model(
@@ -147,8 +121,7 @@ class FastVisionModel:
                                 random_state, use_rslora, use_dora, modules_to_save, layers_to_transform,
                                 init_lora_weights)
         extra = {"loftq_config": loftq_config} if loftq_config else {}
-        peft_model = inject_lora(model, settings, get_family(model.config.model_type), **extra, **kwargs)
-        return finish_peft(peft_model, use_gradient_checkpointing)
+        return add_lora(model, settings, **extra, **kwargs)
 
     @staticmethod
     def for_inference(model: PreTrainedModel) -> PreTrainedModel:

@@ -11,8 +11,9 @@ import torch
 from rl_helpers import fast_model
 
 from fasttune import FastLanguageModel, PatchFastRL, SamplingParams
-from fasttune.config import ConfigError
+from fasttune.config import ConfigError, RLOptions
 from fasttune.port import port_source
+from fasttune.state import model_state
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -48,7 +49,8 @@ def test_from_pretrained_rl_options(tiny_model_dir):
                                                  gpu_memory_utilization=0.6)
     with pytest.raises(ValueError, match="r: 16 is above max_lora_rank=8"):
         FastLanguageModel.get_peft_model(model, r=16)
-    assert FastLanguageModel.get_peft_model(model, r=8).max_lora_rank == 8
+    state = model_state(FastLanguageModel.get_peft_model(model, r=8))  # the options stay with the model
+    assert state.rl == RLOptions(fast_inference=True, max_lora_rank=8, gpu_memory_utilization=0.6)
 
 
 def test_fast_generate_follows_vllm_lora_semantics(tiny_model_dir, tmp_path):

@@ -1,0 +1,118 @@
+"""What both facades do to load a model and to add LoRA to it, written once.
+
+``FastLanguageModel`` (loader.py) and ``FastVisionModel`` (vision/facade.py) differ in their options and in what they
+load (a causal LM and its tokenizer, or a vision-language model and its processor, its vision tower kept out of
+4-bit); the steps are the same and live here: options checked (:class:`fasttune.config.LoadConfig`), the source
+resolved once (a folder, a Hub id, a GGUF file, an adapter folder: :mod:`fasttune.source`), one bitsandbytes config,
+transformers' load, the fast path, the model's :class:`~fasttune.state.FastState`, and
+:func:`fasttune.modes.finish_loading`. ``add_lora`` is both facades' ``get_peft_model`` after the target choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from peft import PeftModel
+from transformers import BitsAndBytesConfig, PreTrainedModel
+
+from .config import LoadConfig, LoraSettings, RLOptions
+from .device import default_device_map
+from .lora import inject_lora
+from .models import get_family
+from .modes import finish_loading, finish_peft, prepare_tokenizer
+from .patch import FAST_PATHS, patch_model
+from .quant import patch_quantized_layers
+from .quant.config import int8_config, nf4_config
+from .source import ModelSource, resolve_source
+from .state import FastState, attach_state, model_state
+
+logger = logging.getLogger("fasttune")
+
+
+def load_config(model_name: str | ModelSource, max_seq_length: int, dtype: Any, load_in_4bit: bool,
+                load_in_8bit: bool, load_in_16bit: bool, full_finetuning: bool,
+                trust_remote_code: bool) -> LoadConfig:
+    """The checked loading options (every problem at once); full fine-tuning loads 16-bit, which is said."""
+    if full_finetuning and (load_in_4bit or load_in_8bit):
+        logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
+                       "not %s", "4-bit" if load_in_4bit else "8-bit")
+    name = model_name.base if isinstance(model_name, ModelSource) else model_name
+    return LoadConfig(name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning,
+                      trust_remote_code)
+
+
+def source_of(model_name: str | ModelSource, token: str | None, revision: str | None,
+              trust_remote_code: bool) -> ModelSource:
+    """Where the model comes from; a source already resolved (``FastModel`` resolves once, then picks the facade)
+    is used as it is."""
+    if isinstance(model_name, ModelSource):
+        return model_name
+    return resolve_source(model_name, token=token, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def quantization_config(cfg: LoadConfig, skip_modules: Sequence[str] | None = None) -> BitsAndBytesConfig | None:
+    """bitsandbytes' config for ``cfg``'s quantization; ``skip_modules`` stay in 16-bit (default: the output head)."""
+    skip = {} if skip_modules is None else {"skip_modules": skip_modules}
+    if cfg.quantization == "4bit":
+        return nf4_config(cfg.dtype, **skip)
+    if cfg.quantization == "8bit":
+        return int8_config(**skip)
+    return None
+
+
+def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_tokenizer: Callable[[str], Any], *,
+                    quant_skip: Sequence[str] | None = None, fast_path: bool = True, device_map: Any = "sequential",
+                    token: str | None = None, revision: str | None = None, use_gradient_checkpointing: Any = "unsloth",
+                    fix_tokenizer: bool = True, rl: RLOptions | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """Load ``source`` with ``auto_class`` and its tokenizer (``load_tokenizer(folder)``: a tokenizer, or a processor
+    holding one); returns ``(model, tokenizer or processor)``, the model patched, its state attached and ready to
+    train (:func:`fasttune.modes.finish_loading`). ``kwargs`` go to transformers' ``from_pretrained``."""
+    text_type = source.config.get_text_config().model_type
+    has_fast_path = text_type in FAST_PATHS
+    if not has_fast_path:
+        logger.warning("fasttune: %s (model_type %r) has no fast path; it loads and trains through transformers' "
+                       "forward", type(source.config).__name__, text_type)
+    if fast_path and has_fast_path:  # no Hub kernels fetched at load: fasttune's forwards replace them
+        kwargs.setdefault("use_kernels", False)  # (fasttune.patch.model's docstring)
+    model = auto_class.from_pretrained(
+        source.base,
+        dtype=cfg.dtype,
+        quantization_config=quantization_config(cfg, quant_skip),
+        device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
+        token=token,
+        revision=revision,
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )
+    patch_quantized_layers(model)
+    if fast_path and has_fast_path:
+        patch_model(model)
+    loaded = load_tokenizer(source.tokenizer_source)
+    tokenizer = getattr(loaded, "tokenizer", loaded)  # a processor holds its tokenizer
+    if fix_tokenizer:
+        prepare_tokenizer(tokenizer, cfg.max_seq_length)  # right padding now; the padding side follows the mode
+    attach_state(model, FastState(cfg.max_seq_length, tokenizer, rl if rl is not None else RLOptions()))
+    model = finish_loading(model, source.adapter, cfg.full_finetuning, use_gradient_checkpointing)
+    return model, loaded
+
+
+def add_lora(model: PreTrainedModel, settings: LoraSettings, max_seq_length: int | None = None,
+             **kwargs: Any) -> PeftModel:
+    """LoRA through peft on ``settings.target_modules`` (the facades chose them), then the fused blocks over it,
+    checkpointing and the bound methods (:func:`fasttune.modes.finish_peft`). ``max_seq_length`` replaces the one
+    given to ``from_pretrained``; ``kwargs`` go to peft's ``LoraConfig``."""
+    state = model_state(model)
+    max_rank = state.rl.max_lora_rank if state is not None else None
+    if max_rank is not None and isinstance(settings.r, int) and settings.r > max_rank:
+        raise ValueError(f"r: {settings.r} is above max_lora_rank={max_rank} given to from_pretrained; use "
+                         f"r <= {max_rank} or load with a larger max_lora_rank")
+    peft_model = inject_lora(model, settings, get_family(model.config.model_type), **kwargs)
+    if max_seq_length is not None:
+        attach_state(peft_model, dataclasses.replace(state or FastState(None), max_seq_length=max_seq_length))
+    return finish_peft(peft_model, settings.use_gradient_checkpointing)
+
+
+__all__ = ["add_lora", "load_config", "load_pretrained", "quantization_config", "source_of"]
