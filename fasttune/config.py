@@ -10,7 +10,9 @@ from typing import Any
 from .device import resolve_dtype
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GRADIENT_CHECKPOINTING_MODES: tuple[Any, ...] = (True, False, "unsloth")
+# use_gradient_checkpointing's values (fasttune.patch.checkpointing: what each does), in the order they are listed
+# to users (the recipe's train.gradient_checkpointing too)
+GRADIENT_CHECKPOINTING_MODES: tuple[Any, ...] = ("unsloth", True, False)
 LORA_BIAS: tuple[str, ...] = ("none", "all", "lora_only")
 
 
@@ -123,7 +125,7 @@ class LoraSettings:
         if self.use_gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
             problems.append(
                 f"use_gradient_checkpointing: {self.use_gradient_checkpointing!r} is not allowed; "
-                "choose True, False or 'unsloth'"
+                f"choose one of {list(GRADIENT_CHECKPOINTING_MODES)}"
             )
         if not isinstance(self.target_modules, (str, list, tuple)) or (
             not isinstance(self.target_modules, str) and not all(isinstance(t, str) for t in self.target_modules)

@@ -12,11 +12,12 @@ logger = logging.getLogger("fasttune")
 _noted: set[str] = set()
 
 
-def note_once(key: str, message: str) -> None:
-    """Log ``message`` as a warning the first time ``key`` is seen in this process."""
+def note_once(key: str, message: str, log: logging.Logger = logger) -> None:
+    """Log ``message`` as a warning (on ``log``, the "fasttune" logger unless a module's own) the first time ``key`` is
+    seen in this process."""
     if key not in _noted:
         _noted.add(key)
-        logger.warning("fasttune: %s", message)
+        log.warning("fasttune: %s", message)
 
 
 # bitsandbytes >= 0.50, imported on a CPU with AVX512-BF16, asks the kernels hub for a CPU 4-bit matmul and logs

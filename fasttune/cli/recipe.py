@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fasttune.config import DEFAULT_TARGET_MODULES, ConfigError
+from fasttune.config import DEFAULT_TARGET_MODULES, GRADIENT_CHECKPOINTING_MODES, ConfigError
 from fasttune.data.templates import template_names
 from fasttune.export.gguf.quants import ALIASES, METHODS
 from fasttune.gguf_source import gguf_in
@@ -37,7 +37,6 @@ SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_wa
                                "polynomial")
 OPTIMIZERS: tuple[str, ...] = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd",
                                "adafactor")
-CHECKPOINTING: tuple[Any, ...] = ("unsloth", True, False)
 GGUF_TYPES: tuple[str, ...] = tuple(sorted(METHODS)) + tuple(sorted(ALIASES))
 
 
@@ -119,7 +118,8 @@ class TrainSection:
     weight_decay: float = opt(0.01, "AdamW weight decay", "float", low=0, high=1)
     optim: str = opt("adamw_torch", "optimizer", "choice", OPTIMIZERS)
     gradient_checkpointing: Any = opt("unsloth", "recompute activations in backward: unsloth (layer inputs kept, "
-                                      "offloaded on CUDA), true or false", "choice", CHECKPOINTING)
+                                      "offloaded on CUDA), true or false", "choice",
+                                      GRADIENT_CHECKPOINTING_MODES)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)", "float", low=0)
     logging_steps: int = opt(1, "log loss, learning rate and tokens/s every N steps", "int", low=1)
     save_steps: int = opt(50, "checkpoint every N steps (0 = only when interrupted)", "int", low=0)

@@ -18,9 +18,9 @@ from fasttune.kernels import rms_norm
 from ..kernels.lora_linear import lora_linear, lora_projections
 from ..kernels.lora_mlp import ACTIVATIONS, lora_mlp
 from ..kernels.lora_parts import LoraParts, lora_parts
+from ..notes import note_once
 
 logger = logging.getLogger("fasttune.patch")
-_LOGGED: set[str] = set()
 
 # transformers activation names -> fasttune's gated activations
 HF_ACTIVATIONS: dict[str, str] = {
@@ -35,10 +35,8 @@ HF_ACTIVATIONS: dict[str, str] = {
 
 def log_fallback_once(what: str, reason: str) -> None:
     """Log (at WARNING, once per distinct message) that ``what`` runs peft's/transformers' forward and why."""
-    message = f"fasttune: {what} uses the original forward: {reason}"
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logger.warning(message)
+    message = f"{what} uses the original forward: {reason}"
+    note_once(f"patch.fallback: {message}", message, logger)
 
 
 def make_norm_forward(norm: nn.Module, offset: bool) -> Callable[[torch.Tensor], torch.Tensor]:

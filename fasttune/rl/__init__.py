@@ -7,7 +7,7 @@ from __future__ import annotations
 from .engine import generate
 from .fast_generate import fast_generate
 from .lora import LoRARequest, load_lora, save_lora
-from .patch import RL_ALGORITHMS, PatchFastRL
+from .compat import RL_ALGORITHMS, PatchFastRL
 from .sampling import SamplingParams
 
 # methods the loader binds on the models it returns (Unsloth's names)

@@ -1,4 +1,5 @@
-"""Unsloth's ``PatchFastRL``, kept as a checked no-op (fasttune patches instances, never libraries)."""
+"""Unsloth's ``PatchFastRL``, kept as a checked no-op so RL notebooks port unchanged (fasttune patches instances, never
+libraries: nothing here patches anything)."""
 
 from __future__ import annotations
 
