@@ -4,10 +4,10 @@ handles (``save_lora`` / ``load_lora``), reward checks and the GRPO losses. Impo
 
 from __future__ import annotations
 
+from .compat import RL_ALGORITHMS, PatchFastRL
 from .engine import generate
 from .fast_generate import fast_generate
 from .lora import LoRARequest, load_lora, save_lora
-from .compat import RL_ALGORITHMS, PatchFastRL
 from .sampling import SamplingParams
 
 # methods the loader binds on the models it returns (Unsloth's names)

@@ -140,7 +140,7 @@ def _resized(image: Image.Image, size: int | None) -> Image.Image:
 def _packing_kind(config: Any, padding_free: bool | None) -> str | None:
     """How this model's rows are packed (its family's ``VisionSpec.packing``), or None for padded rows."""
     model_type = getattr(config, "model_type", None)
-    vision = get_vision_family(model_type) if isinstance(model_type, str) else None
+    vision = get_vision_family(model_type)
     kind = vision.packing if vision is not None else None
     if padding_free and kind is None:
         packable = sorted(v.model_type for v in vision_families() if v.packing is not None)

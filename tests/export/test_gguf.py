@@ -35,7 +35,7 @@ def test_method_names_and_aliases():
         resolve_methods("q4_k_xl")
     with pytest.raises(ValueError, match="empty"):
         resolve_methods([])
-    with pytest.raises(TypeError, match=r"quantization_method: got 8 \(int\); pass a method name"):
+    with pytest.raises(TypeError, match=r"quantization_method: item 1 of the list is 8 \(int\); pass a method name"):
         resolve_methods(["q8_0", 8])
     with pytest.raises(TypeError, match=r"quantization_method: got \{'q8_0'\} \(set\); pass a method name"):
         resolve_methods({"q8_0"})

@@ -26,12 +26,17 @@ _GGUF_NUMPY = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 def resolve_methods(methods: Any) -> list[FileType]:
     """``quantization_method`` (``"q8_0"`` or ``["q4_k_m", "quantized", "q8_0"]``) -> the distinct file types, in the
     order given. The one place it is resolved and checked (each name by :func:`fasttune.export.gguf.mixes.file_type`);
-    what is written downstream takes the result."""
+    what is written downstream takes the result. A value of another type is a TypeError naming it (as Unsloth's)."""
     items = [methods] if isinstance(methods, str) else methods
     if not isinstance(items, (list, tuple)):
-        raise TypeError(f"quantization_method: got {methods!r} ({type(methods).__name__}); pass a method name (str) "
-                        "such as 'q8_0' or a list of names such as ['q4_k_m', 'q8_0'] (for an unquantized file: "
-                        f"'not_quantized' = f16, 'bf16', 'f32'); names: {sorted(set(METHODS) | set(ALIASES))}")
+        got = f"got {methods!r} ({type(methods).__name__})"
+    else:
+        bad = next((i for i, m in enumerate(items) if not isinstance(m, str)), None)
+        got = None if bad is None else f"item {bad} of the list is {items[bad]!r} ({type(items[bad]).__name__})"
+    if got is not None:
+        raise TypeError(f"quantization_method: {got}; pass a method name (str) such as 'q8_0' or a list of names such "
+                        "as ['q4_k_m', 'q8_0'] (for an unquantized file: 'not_quantized' = f16, 'bf16', 'f32'); "
+                        f"names: {sorted(set(METHODS) | set(ALIASES))}")
     if not items:
         raise ValueError("quantization_method: the list is empty; give at least one method such as 'q8_0'")
     return list(dict.fromkeys(file_type(m) for m in items))
