@@ -1,4 +1,5 @@
-"""Trainer callbacks of ``fasttune train``: the metrics log, the progress bar, and Ctrl-C = checkpoint and stop."""
+"""Trainer callbacks of ``fasttune train``: the metrics log, the progress bar, Ctrl-C = checkpoint and stop, and the
+heap's free pages given back after each step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .memory import release_freed
 from .report import MetricsLog
 
 
@@ -106,3 +108,13 @@ class InterruptCallback(TrainerCallback):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+class ReleaseFreedCallback(TrainerCallback):
+    """``malloc_trim(0)`` after every optimizer step: glibc's heap keeps the freed activation buffers of a step (below
+    its self-raising mmap threshold) and, fragmented, grows over steps; trimming returns the free pages between steps,
+    so the peak is one step's. Measured on SmolLM2-135M, 4-bit, 2 x 512 tokens: the same tokens/s (116-126 either
+    way), peak RSS 1.29-1.46 GiB instead of 1.40-1.56 GiB (README "Command line")."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        release_freed()

@@ -49,3 +49,29 @@ def reset_peak() -> bool:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _libc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _libc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_freed() -> bool:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``: interior free pages included); False
+    where the C library cannot."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True

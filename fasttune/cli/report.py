@@ -102,11 +102,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], exports: Iterable[dict[
     if evals:
         lines.append(f"| evaluation loss, last | {_num(evals[-1])} |")
     lines += [f"| training time | {summary.get('train_seconds', 0):.1f} s |",
-              f"| tokens/s (mean of logs) | {sum(speeds) / len(speeds):.1f} |" if speeds else "| tokens/s | - |",
-              f"| peak memory above the pre-load baseline | {gib(summary.get('peak_increase_bytes', 0))} "
-              f"(peak RSS {gib(summary.get('peak_rss_bytes', 0))}) |"]
-    if summary.get("estimate_bytes"):
-        lines.append(f"| predicted by fasttune estimate (live memory) | {gib(summary['estimate_bytes'])} |")
+              f"| tokens/s (mean of logs) | {sum(speeds) / len(speeds):.1f} |" if speeds else "| tokens/s | - |"]
+    lines += ["", "## Memory", "", *memory_table(summary)]
     lines += ["", "## Exports", ""]
     exported = list(exports)
     if exported:
@@ -120,6 +117,22 @@ def write_report(run_dir: Path, summary: dict[str, Any], exports: Iterable[dict[
     with atomic_file(target) as scratch:
         scratch.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
+
+
+def memory_table(summary: dict[str, Any]) -> list[str]:
+    """Peak memory measured while loading and training beside ``fasttune estimate``'s prediction (markdown rows)."""
+    predicted = summary.get("predicted_peak_bytes")
+    on_device = "device_peak_bytes" in summary
+    measured = summary["device_peak_bytes"] if on_device else summary.get("peak_rss_bytes")
+    if measured is None:
+        return ["not measured"]
+    what = "device peak (torch max_memory_reserved)" if on_device else "process peak RSS, loading + training"
+    error = f"{(predicted - measured) / measured:+.1%}" if predicted else "-"
+    rows = ["| memory | predicted (fasttune estimate) | measured | error |", "|---|---|---|---|",
+            f"| {what} | {gib(predicted) if predicted else '-'} | {gib(measured)} | {error} |"]
+    if not on_device and summary.get("baseline_rss_bytes"):
+        rows.append(f"| of which the runtime before loading | (measured) | {gib(summary['baseline_rss_bytes'])} | |")
+    return rows
 
 
 def _num(x: float | None) -> str:

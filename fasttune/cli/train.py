@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets.utils.logging import disable_progress_bar
 from safetensors import SafetensorError, safe_open
 from transformers.trainer_callback import PrinterCallback
@@ -34,10 +35,10 @@ from fasttune.real_models import REAL_MODELS, real_model
 from fasttune.trl import SFTConfig, SFTTrainer
 
 from . import data as data_step
-from .callbacks import InterruptCallback, MetricsCallback, ProgressCallback
+from .callbacks import InterruptCallback, MetricsCallback, ProgressCallback, ReleaseFreedCallback
 from .estimate import estimate
 from .export import run_exports
-from .memory import current_rss, gib, peak_rss, reset_peak
+from .memory import current_rss, gib, peak_rss, release_freed, reset_peak
 from .recipe import TINY_MODELS, Recipe, RecipeError, dump_recipe, load_recipe
 from .report import PLOT, MetricsLog, plot_metrics, read_metrics, size_text, write_report
 
@@ -219,12 +220,15 @@ def _train_in(run_dir: Path, recipe: Recipe, checkpoint: Path | None, quiet: boo
         disable_progress_bar()
     say(f"run folder: {run_dir}" + (f" (resuming from {checkpoint.name})" if checkpoint else ""))
 
-    predicted = estimate(recipe)["total"]
     source = model_path(recipe, run_dir)
     baseline = current_rss()
+    predicted = estimate(recipe, baseline=baseline)
     reset_peak()
+    if not predicted["on_cpu"]:
+        torch.cuda.reset_peak_memory_stats()
     say(f"[1/5] loading {recipe.model.name} ({recipe.model.quantization})")
     model, tokenizer = load_model(recipe, source)
+    release_freed()  # the loading's freed conversion buffers (glibc keeps them in the heap otherwise)
     say(f"[2/5] data: {recipe.data.path}")
     train_rows, eval_rows, fmt = data_step.prepare(recipe.data)
     tokenizer = chat_tokenizer(tokenizer, recipe.data.chat_template, fmt)
@@ -238,7 +242,7 @@ def _train_in(run_dir: Path, recipe: Recipe, checkpoint: Path | None, quiet: boo
     metrics = MetricsLog(run_dir, keep_until_step=step_at_start)
     interrupt = InterruptCallback()
     trainer.remove_callback(PrinterCallback)
-    for callback in (MetricsCallback(metrics, quiet), ProgressCallback(disable=quiet), interrupt):
+    for callback in (MetricsCallback(metrics, quiet), ProgressCallback(disable=quiet), interrupt, ReleaseFreedCallback()):
         trainer.add_callback(callback)
 
     say(f"[3/5] training ({trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs'} steps)")
@@ -248,12 +252,15 @@ def _train_in(run_dir: Path, recipe: Recipe, checkpoint: Path | None, quiet: boo
     finally:
         interrupt.restore()
     seconds = time.perf_counter() - start
-    peak = peak_rss()
+    peak = max(peak_rss(), baseline)
     summary = {"model": recipe.model.name, "quantization": recipe.model.quantization,
                "step": trainer.state.global_step, "max_steps": trainer.state.max_steps, "train_seconds": seconds,
-               "peak_rss_bytes": peak, "peak_increase_bytes": peak - baseline, "baseline_rss_bytes": baseline,
-               "estimate_bytes": predicted}
-    say(f"      peak memory above the pre-load baseline: {gib(peak - baseline)}")
+               "peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "predicted_peak_bytes": predicted["total"]}
+    if not predicted["on_cpu"]:
+        summary["device_peak_bytes"] = torch.cuda.max_memory_reserved()
+    measured = summary.get("device_peak_bytes", peak)
+    say(f"      peak memory: {gib(measured)} {'on the device' if 'device_peak_bytes' in summary else '(process RSS)'}"
+        f", predicted {gib(predicted['total'])} ({(predicted['total'] - measured) / measured:+.0%})")
     if interrupt.interrupted:
         summary["status"] = f"interrupted at step {trainer.state.global_step} (checkpoint saved)"
         _finish(run_dir, summary, [])
