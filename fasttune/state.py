@@ -33,8 +33,11 @@ class FastState:
 
 
 def attach_state(model: nn.Module, state: FastState) -> None:
-    """Make ``state`` the model's (replacing any earlier one)."""
-    base_model(model).__dict__[_ATTRIBUTE] = state
+    """Make ``state`` the model's (replacing any earlier one). ``model.max_seq_length`` mirrors it: Unsloth's
+    public attribute, which notebooks and Unsloth-era code read; fasttune itself reads :func:`model_state`."""
+    base = base_model(model)
+    base.__dict__[_ATTRIBUTE] = state
+    base.__dict__["max_seq_length"] = state.max_seq_length
 
 
 def model_state(model: Any) -> FastState | None:

@@ -4,7 +4,7 @@
     fasttune train --recipe quickstart          (a bundled recipe: fasttune/recipes/quickstart.yaml)
     fasttune validate recipe.yaml               every problem at once, before anything loads
     fasttune recipe --example                   a commented recipe with every field (--fields: the docs table)
-    fasttune estimate recipe.yaml               peak memory and tokens/s, from the model config alone
+    fasttune estimate recipe.yaml               the run's peak memory, from the model config alone
     fasttune export RUN|ADAPTER --gguf q4_k_m,q8_0 --ollama [--merged]
     fasttune chat RUN|MODEL                     streaming chat on stdin; /exit quits
     fasttune quickstart | fasttune port NOTEBOOK
@@ -153,7 +153,7 @@ COMMAND_TABLE: tuple[Command, ...] = (
     Command("train", "run a recipe: train, export, report", _train, _train_arguments, overrides=True),
     Command("validate", "check a recipe and report every problem", _validate, _recipe_arguments, overrides=True),
     Command("recipe", "print a commented example recipe or the field table", _recipe, _recipe_table_arguments),
-    Command("estimate", "predict peak memory and tokens/s from the model config", _estimate, _recipe_arguments,
+    Command("estimate", "predict the run's peak memory from the model config", _estimate, _recipe_arguments,
             overrides=True),
     Command("export", "export a run or adapter folder: adapter, merged, GGUF, Ollama", _export, _export_arguments),
     Command("chat", "chat with a run or model folder (stdin, streaming; /exit quits)", _chat, _chat_arguments),

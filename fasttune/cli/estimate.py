@@ -117,10 +117,10 @@ def model_shape(recipe: Recipe) -> Shape:
 
 def _config(recipe: Recipe) -> Any:
     if recipe.model.name in TINY_MODELS:
-        from fasttune.quickstart import quickstart_tokenizer
+        from fasttune.quickstart import FAMILY, quickstart_tokenizer
         from fasttune.tiny import tiny_config
 
-        return tiny_config("llama", quickstart_tokenizer())
+        return tiny_config(FAMILY, quickstart_tokenizer())
     if recipe.model.name in REAL_MODELS:
         return AutoConfig.from_pretrained(real_model(recipe.model.name, install=True))
     path = Path(recipe.model.name).expanduser()

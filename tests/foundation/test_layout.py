@@ -95,7 +95,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("quickstart/__init__.py", "llama"): "the quickstart's choice of tiny architecture (quickstart.FAMILY)",
     ("quickstart/vision.py", "qwen2_vl"): "the vision quickstart's choice of tiny architecture",
     ("tiny/tokenizer.py", "llama"): "build_tokenizer's default family (a choice, not a fact of the family)",
-    ("cli/estimate.py", "llama"): "the quickstart's tiny architecture, to be read from quickstart.FAMILY",
 }
 
 

@@ -22,6 +22,7 @@ def test_every_family_loads_in_4bit_and_generates(tiny_model_dir, family):
     assert len(quant) == 4 * (4 if family == "phi3" else 7)
     assert tokenizer.pad_token is not None and tokenizer.model_max_length == 256
     model = FastLanguageModel.get_peft_model(model, r=4)
+    assert model.max_seq_length == 256  # Unsloth's public attribute, read by notebooks (through the peft wrapper)
     FastLanguageModel.for_inference(model)
     assert tokenizer.padding_side == "left" and model.config.use_cache and not model.training
     batch = tokenizer(["The capital of", "A"], return_tensors="pt", padding=True)
