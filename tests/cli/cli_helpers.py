@@ -35,6 +35,12 @@ def fasttune(*args: str, cwd: Path, input: str | None = None, timeout: float = 2
                           input=input, capture_output=True, text=True, timeout=timeout)
 
 
+def fasttune_process(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``fasttune`` started in the background (the same environment as :func:`fasttune`); text pipes."""
+    return subprocess.Popen([sys.executable, "-m", "fasttune.cli", *args], cwd=cwd, env={**ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
