@@ -1,13 +1,14 @@
 """fasttune estimate against real ``fasttune train`` runs: the process's peak resident memory while it loads and
 trains (runtime included, glibc's default allocator: the figure a user compares with the machine's memory), within
-15%, on three recipes (fresh processes, the compute dtype this machine picks):
+15%, on four recipes (fresh processes, the compute dtype this machine picks):
 
 - the quickstart recipe (``fasttune train --recipe quickstart``, the tiny Llama, 4-bit, batch 8 x 128; 10 steps);
 - a real model: SmolLM2-135M-Instruct, 4-bit LoRA, batch 2 x 512 tokens of long text rows (2 steps);
 - a long sequence: a small Llama-architecture model (hidden 512, 4 layers), 4-bit LoRA, one row of 8192 tokens
-  (2 steps).
+  (2 steps);
+- and full fine-tuning (no LoRA: gradients and AdamW moments of every weight) of that model in fp32, 2 x 128 tokens.
 
-The three run at once, one thread each: a process's peak memory does not depend on sharing the machine.
+The four run at once, one thread each: a process's peak memory does not depend on sharing the machine.
 
 The run's report shows the prediction beside the measurement; the standalone ``fasttune estimate`` (which measures the
 runtime in its own process) is checked against the quickstart run. README "Command line" has the measured table.
@@ -59,6 +60,9 @@ def _recipes(work):
                     "--train.batch_size", "2", "--train.max_steps", "2", *common],
         "long-sequence": ["--model.name", str(work / "model"), *long_rows, "--model.max_seq_length", "8192",
                           "--train.batch_size", "1", "--train.max_steps", "2", *common],
+        "full-finetuning": ["--model.name", str(work / "model"), "--data.path", str(work / "long.jsonl"),
+                            "--model.quantization", "full", "--model.dtype", "float32", "--model.max_seq_length", "128",
+                            "--train.batch_size", "2", "--train.max_steps", "3", *common],
     }
 
 
@@ -83,7 +87,7 @@ def runs(work):
     return out
 
 
-@pytest.mark.parametrize("name", ["quickstart", "smollm2", "long-sequence"])
+@pytest.mark.parametrize("name", ["quickstart", "smollm2", "long-sequence", "full-finetuning"])
 def test_predicted_peak_within_15_percent_of_the_run(runs, name):
     predicted, measured = runs[name]
     error = (predicted - measured) / measured
