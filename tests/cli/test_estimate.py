@@ -2,11 +2,12 @@
 trains (runtime included, glibc's default allocator: the figure a user compares with the machine's memory), within
 15%, on four recipes (fresh processes, the compute dtype this machine picks):
 
-- the quickstart recipe (``fasttune train --recipe quickstart``, the tiny Llama, 4-bit, batch 8 x 128; 10 steps);
+- the quickstart recipe (``fasttune train --recipe quickstart``, the tiny Llama, 4-bit, batch 8 x 128; 5 steps);
 - a real model: SmolLM2-135M-Instruct, 4-bit LoRA, batch 2 x 512 tokens of long text rows (2 steps);
 - a long sequence: a small Llama-architecture model (hidden 512, 4 layers), 4-bit LoRA, one row of 8192 tokens
   (2 steps);
-- and full fine-tuning (no LoRA: gradients and AdamW moments of every weight) of that model in fp32, 2 x 128 tokens.
+- and full fine-tuning (no LoRA: gradients and AdamW moments of every weight) of that model in fp32, 2 x 128
+  tokens (2 steps).
 
 The four run at once, one thread each: a process's peak memory does not depend on sharing the machine.
 
@@ -55,14 +56,14 @@ def _recipes(work):
               "--run.runs_root", str(work / "runs")]
     long_rows = ["--data.path", str(work / "long.jsonl"), "--model.quantization", "4bit"]
     return {
-        "quickstart": ["--recipe", "quickstart", "--train.max_steps", "10", *common],
+        "quickstart": ["--recipe", "quickstart", "--train.max_steps", "5", *common],
         "smollm2": ["--model.name", "smollm2-135m-instruct", *long_rows, "--model.max_seq_length", "512",
                     "--train.batch_size", "2", "--train.max_steps", "2", *common],
         "long-sequence": ["--model.name", str(work / "model"), *long_rows, "--model.max_seq_length", "8192",
                           "--train.batch_size", "1", "--train.max_steps", "2", *common],
         "full-finetuning": ["--model.name", str(work / "model"), "--data.path", str(work / "long.jsonl"),
                             "--model.quantization", "full", "--model.dtype", "float32", "--model.max_seq_length", "128",
-                            "--train.batch_size", "2", "--train.max_steps", "3", *common],
+                            "--train.batch_size", "2", "--train.max_steps", "2", *common],
     }
 
 
