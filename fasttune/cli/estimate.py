@@ -29,14 +29,14 @@ peak = runtime before loading + max(loading, training):
   2 intermediate per token: norms, residual, q/k/v and their rotated copies, attention output, gate and up), plus the
   fused MLP's backward (5 intermediate + 3 hidden: act(g)*u, its gradient, dg, du, the activation's own buffer; dy
   and the two dx parts; in a 16-bit dtype also the fp32 copies the fp32 adapters take of a projection's input and
-  gradient: 1 intermediate + 2 hidden, 4 bytes each); without checkpointing every layer's tensors. The loss phase: the kept inputs, the fused
-  cross-entropy's fp32 grad(h) (N x hidden), the final norm output and one chunk of logits, their gradient and an fp32
-  copy (3 x chunk x vocab x 4 bytes).
+  gradient: 1 intermediate + 2 hidden, 4 bytes each); without checkpointing every layer's tensors. The loss phase:
+  the kept inputs, the fused cross-entropy's fp32 grad(h) (N x hidden), the final norm output and one chunk of logits,
+  their gradient and an fp32 copy (3 x chunk x vocab x 4 bytes).
 - freed buffers the allocator keeps: glibc's heap keeps freed blocks below its self-raising mmap threshold (up to
   32 MiB: every activation tensor of these runs), and it can only give memory back from its top. In a checkpointed
   forward each layer's temporaries (the "layer's tensors" above) are freed below the next kept layer input, so the
-  holes stay resident until the step ends: layers x one layer's tensors. Found by comparing seven runs (the three
-  ``tests/cli/test_estimate.py`` checks among them; eager kernels, one thread, 2026-12-07): this term was 0.8-1.1 x
+  holes stay resident until the step ends: layers x one layer's tensors. Found by comparing seven runs (three of
+  the recipes ``tests/cli/test_estimate.py`` checks among them; eager kernels, one thread, 2026-12-07): this term was 0.8-1.1 x
   what the live-memory formula left unexplained; no constant was fitted. Compiled kernels (``FASTTUNE_COMPILE``,
   on by default where a C compiler is) free fewer temporaries: measured 0.4-1.0 x the eager term, counted as
   ``COMPILED_HOLES`` = 0.7 (a midpoint, not checked by the tests). 0 when the environment makes glibc return freed
@@ -92,6 +92,11 @@ class Shape:
         h, i = self.hidden, self.intermediate
         return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
                 "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def largest_linear(self) -> int:
+        """Values of the largest decoder-layer linear."""
+        return max(a * b for a, b in self.linears.values())
 
     @property
     def linear_params(self) -> int:
@@ -166,31 +171,40 @@ def memory_parts(recipe: Recipe, shape: Shape, on_cpu: bool = True) -> dict[str,
         params = n_lin + n_other
         training["optimizer moments"] = params * moments * w // 4
         # gradients fill up as backward goes while activations are freed: the peak is the larger of the two moments
-        largest = max(shape.vocab * shape.hidden, max(a * b for a, b in shape.linears.values()))
+        largest = max(shape.vocab * shape.hidden, shape.largest_linear)
         training["gradients, or activations if larger"] = max(params * w + 2 * largest * w, activations)
     else:
         training["LoRA + gradients + optimizer"] = _lora_params(shape, recipe.lora.r, recipe.lora.target_modules) * (
             4 + 4 + moments)
         training["activations"] = activations
     if q in ("4bit", "8bit"):
-        training["dequantized layer"] = max(a * b for a, b in shape.linears.values()) * w
+        training["dequantized layer"] = shape.largest_linear * w
     training["freed buffers the allocator keeps"] = 0 if not on_cpu or live_malloc() else heap_holes(recipe, shape, w)
     training["runtime working memory"] = RUNTIME_BYTES
     return {"loading": loading, "training": training}
 
 
+def micro_batch_tokens(recipe: Recipe) -> int:
+    """The worst-case micro-batch: every row ``max_seq_length`` tokens."""
+    return recipe.train.batch_size * recipe.model.max_seq_length
+
+
+def layer_bytes(n: int, shape: Shape, w: int) -> int:
+    """A decoder layer's forward tensors for ``n`` tokens: 3 hidden + 3 q + 3 kv + 2 intermediate per token."""
+    return n * (3 * shape.hidden + 3 * shape.q_dim + 3 * shape.kv_dim + 2 * shape.intermediate) * w
+
+
 def heap_holes(recipe: Recipe, shape: Shape, w: int) -> int:
     """Freed bytes glibc's heap keeps resident at the peak: one layer's forward tensors per layer (the docstring)."""
-    n = recipe.train.batch_size * recipe.model.max_seq_length
-    layer = n * (3 * shape.hidden + 3 * shape.q_dim + 3 * shape.kv_dim + 2 * shape.intermediate) * w
-    return int(shape.layers * layer * (COMPILED_HOLES if compile_enabled() else 1.0))
+    holes = shape.layers * layer_bytes(micro_batch_tokens(recipe), shape, w)
+    return int(holes * (COMPILED_HOLES if compile_enabled() else 1.0))
 
 
 def activation_peak(recipe: Recipe, shape: Shape, w: int) -> int:
     """Bytes of activations at the peak of a micro-batch: the larger of the loss phase and a layer's backward."""
-    n = recipe.train.batch_size * recipe.model.max_seq_length
-    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    layer = n * (3 * h + 3 * q + 3 * kv + 2 * i) * w  # a layer's tensors, kept until its backward ends
+    n = micro_batch_tokens(recipe)
+    h, i = shape.hidden, shape.intermediate
+    layer = layer_bytes(n, shape, w)  # a layer's tensors, kept until its backward ends
     mlp_backward = n * (5 * i + 3 * h) * w  # act(g)*u, its gradient, dg, du, the activation's own; dy, dx_g, dx_u
     if w < 4:  # the fp32 adapters take a projection's input and gradient in fp32: one intermediate, two hidden copies
         mlp_backward += n * (i + 2 * h) * 4

@@ -119,14 +119,20 @@ def write_report(run_dir: Path, summary: dict[str, Any], exports: Iterable[dict[
     return target
 
 
+def measured_peak(summary: dict[str, Any]) -> tuple[int | None, str]:
+    """The peak the prediction is compared with and what it is: the device's on CUDA, else the process's RSS."""
+    if "device_peak_bytes" in summary:
+        return summary["device_peak_bytes"], "device peak (torch max_memory_reserved)"
+    return summary.get("peak_rss_bytes"), "process peak RSS, loading + training"
+
+
 def memory_table(summary: dict[str, Any]) -> list[str]:
     """Peak memory measured while loading and training beside ``fasttune estimate``'s prediction (markdown rows)."""
     predicted = summary.get("predicted_peak_bytes")
     on_device = "device_peak_bytes" in summary
-    measured = summary["device_peak_bytes"] if on_device else summary.get("peak_rss_bytes")
+    measured, what = measured_peak(summary)
     if measured is None:
         return ["not measured"]
-    what = "device peak (torch max_memory_reserved)" if on_device else "process peak RSS, loading + training"
     error = f"{(predicted - measured) / measured:+.1%}" if predicted else "-"
     rows = ["| memory | predicted (fasttune estimate) | measured | error |", "|---|---|---|---|",
             f"| {what} | {gib(predicted) if predicted else '-'} | {gib(measured)} | {error} |"]

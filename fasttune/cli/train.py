@@ -40,7 +40,7 @@ from .estimate import estimate
 from .export import run_exports
 from .memory import current_rss, gib, peak_rss, release_freed, reset_peak
 from .recipe import TINY_MODELS, Recipe, RecipeError, dump_recipe, load_recipe
-from .report import PLOT, MetricsLog, plot_metrics, read_metrics, size_text, write_report
+from .report import PLOT, MetricsLog, measured_peak, plot_metrics, read_metrics, size_text, write_report
 
 RECIPE_FILE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
@@ -258,9 +258,9 @@ def _train_in(run_dir: Path, recipe: Recipe, checkpoint: Path | None, quiet: boo
                "peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "predicted_peak_bytes": predicted["total"]}
     if not predicted["on_cpu"]:
         summary["device_peak_bytes"] = torch.cuda.max_memory_reserved()
-    measured = summary.get("device_peak_bytes", peak)
-    say(f"      peak memory: {gib(measured)} {'on the device' if 'device_peak_bytes' in summary else '(process RSS)'}"
-        f", predicted {gib(predicted['total'])} ({(predicted['total'] - measured) / measured:+.0%})")
+    measured, what = measured_peak(summary)
+    say(f"      {what}: {gib(measured)}, predicted {gib(predicted['total'])} "
+        f"({(predicted['total'] - measured) / measured:+.0%})")
     if interrupt.interrupted:
         summary["status"] = f"interrupted at step {trainer.state.global_step} (checkpoint saved)"
         _finish(run_dir, summary, [])
