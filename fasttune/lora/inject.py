@@ -158,6 +158,61 @@ def resolve_layers(model: nn.Module, layers: Sequence[int] | int | None, spec: F
     return indices
 
 
+# Unsloth's default target names -> which 3-D expert parameter of a mixture of experts they mean (its experts fuse
+# gate and up into one parameter, as phi3 fuses q/k/v).
+EXPERT_TARGETS: dict[str, str] = {"gate_proj": "gate_up", "up_proj": "gate_up", "gate_up_proj": "gate_up",
+                                  "down_proj": "down"}
+
+
+def _sparse_blocks(model: nn.Module, spec: FamilySpec | None) -> list[str]:
+    """Module paths of the mixture-of-experts blocks (empty for a dense family)."""
+    if spec is None or spec.moe is None:
+        return []
+    moe = spec.moe
+    return [name for name, module in model.named_modules()
+            if hasattr(module, moe.experts) and hasattr(module, moe.router) and not _is_wrapped(name)]
+
+
+def _is_wrapped(name: str) -> bool:
+    return ".base_layer" in name or name.endswith("base_layer")
+
+
+def split_expert_targets(model: nn.Module, target_modules: str | Sequence[str], spec: FamilySpec | None,
+                         layers: list[int] | None, lora_dropout: float) -> tuple[str | list[str], list[str]]:
+    """``(target_modules without the expert names, peft target_parameters)`` for a mixture of experts.
+
+    A MoE family's experts are 3-D parameters, not linear layers, so LoRA reaches them through peft's
+    ``target_parameters`` (one adapter per expert). ``gate_proj`` / ``up_proj`` / ``gate_up_proj`` mean the experts'
+    fused gate-up parameter, ``down_proj`` their down parameter; names that are also linear layers of the model
+    (dense MLP layers beside the sparse ones) stay module targets as well. ``'all-linear'`` adapts the experts too; a
+    regex does not (pass peft's ``target_parameters`` to choose). ``layers``: only the blocks of those decoder layers.
+    """
+    blocks = _sparse_blocks(model, spec)
+    if not blocks:
+        return target_modules, []
+    moe = spec.moe
+    if isinstance(target_modules, str):
+        wanted = {"gate_up", "down"} if target_modules == "all-linear" else set()
+        rest: str | list[str] = target_modules
+    else:
+        wanted = {EXPERT_TARGETS[n] for n in target_modules if n in EXPERT_TARGETS}
+        linear = set(linear_layer_names(model))
+        rest = [n for n in target_modules if n not in EXPERT_TARGETS or n in linear]
+    if not wanted:
+        return rest, []
+    if lora_dropout:
+        raise ValueError(f"lora_dropout: {lora_dropout} cannot be used with LoRA on the experts of this {spec.name} "
+                         "model (peft's target_parameters adapts a 3-D parameter, where dropout cannot be applied to "
+                         "each expert's input); set lora_dropout=0, or leave gate_proj / up_proj / down_proj out of "
+                         "target_modules")
+    params = [getattr(moe, kind) for kind in ("gate_up", "down") if kind in wanted]
+    if layers is None:
+        block = blocks[0].rsplit(".", 1)[-1]
+        return rest, [f"{block}.{moe.experts}.{p}" for p in params]
+    chosen = [b for b in blocks if any(f".{i}." in f".{b}." for i in layers)]
+    return rest, [f"{b}.{moe.experts}.{p}" for b in chosen for p in params]
+
+
 def inject_lora(model: nn.Module, settings: LoraSettings, spec: FamilySpec | None, **peft_kwargs) -> PeftModel:
     """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters on the resolved targets.
 
@@ -166,6 +221,9 @@ def inject_lora(model: nn.Module, settings: LoraSettings, spec: FamilySpec | Non
     check_no_lora_layers(model)
     layers = resolve_layers(model, settings.layers_to_transform, spec)
     requested, modules_to_save = split_fully_trained(model, settings.target_modules, settings.modules_to_save)
+    requested, expert_params = split_expert_targets(model, requested, spec, layers, settings.lora_dropout)
+    if expert_params and "target_parameters" not in peft_kwargs:
+        peft_kwargs["target_parameters"] = expert_params
     targets = resolve_target_modules(model, requested, spec, has_layers=layers is not None)
     config = LoraConfig(
         r=settings.r,

@@ -8,10 +8,27 @@ here, and so is a VLM family.
 
 from __future__ import annotations
 
-from . import gemma, gemma2, gemma3, llama, llava, mistral, mllama, phi3, qwen2, qwen2_5_vl, qwen2_vl, qwen3
+from . import (
+    gemma,
+    gemma2,
+    gemma3,
+    gpt_oss,
+    llama,
+    llava,
+    mistral,
+    mixtral,
+    mllama,
+    phi3,
+    qwen2,
+    qwen2_5_vl,
+    qwen2_vl,
+    qwen3,
+    qwen3_moe,
+)
 from .spec import FamilySpec, VisionSpec
 
-_MODULES = (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, qwen2_vl, qwen2_5_vl, mllama, llava)
+_MODULES = (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, qwen3_moe, mixtral, gpt_oss, qwen2_vl, qwen2_5_vl,
+            mllama, llava)
 
 _SPECS: tuple[FamilySpec, ...] = tuple(m.SPEC for m in _MODULES if hasattr(m, "SPEC"))
 _VISION: tuple[VisionSpec, ...] = tuple(m.VISION for m in _MODULES if hasattr(m, "VISION"))

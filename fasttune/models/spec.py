@@ -49,6 +49,41 @@ class TinySpec:
     drop: tuple[str, ...] = ()
 
 
+ExpertActivation = Literal["silu", "gpt_oss"]  # silu(gate) * up, or gpt-oss's clamped (up + 1) * gate * sigmoid(a * gate)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """How a mixture-of-experts family lays out its sparse blocks (transformers >= 5 stores experts as 3-D tensors).
+
+    A decoder layer's ``mlp`` is the sparse block; its ``router`` child returns ``(logits, top-k weights, top-k
+    indices)`` for the flattened tokens, its ``experts`` child holds ``gate_up`` (every expert's gate and up
+    projections, ``(E, 2I, H)``) and ``down`` (``(E, H, I)``) as parameters. ``transposed``: stored ``(E, in, out)``
+    instead (gpt-oss); ``interleaved``: gate and up alternate along the ``2I`` outputs instead of being its two halves
+    (gpt-oss); ``bias``: the experts have ``<name>_bias`` parameters; ``returns_scores``: the block returns
+    ``(hidden, router scores)`` instead of the hidden states alone (gpt-oss). ``alpha`` / ``limit`` name the
+    experts' attributes holding gpt-oss's activation constants. LoRA on the experts goes through peft's
+    ``target_parameters`` (one adapter per expert: ``A`` ``(E * r, in)``, ``B`` ``(out, r * E)``).
+    """
+
+    router: str = "gate"
+    experts: str = "experts"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    transposed: bool = False
+    interleaved: bool = False
+    bias: bool = False
+    activation: ExpertActivation = "silu"
+    returns_scores: bool = False
+    alpha: str = "alpha"
+    limit: str = "limit"
+
+    @property
+    def parameters(self) -> tuple[str, str]:
+        """The experts' 3-D parameters LoRA adapts, as paths inside the sparse block."""
+        return (f"{self.experts}.{self.gate_up}", f"{self.experts}.{self.down}")
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """Architecture facts of one model family, and what the rest of fasttune needs to handle it.
@@ -61,6 +96,8 @@ class FamilySpec:
     ``fused_aliases`` maps Unsloth's default LoRA target names onto fused projections (phi3 has one ``qkv_proj`` where
     others have q/k/v), so the default ``target_modules`` works on every family.
     ``fast_path``: :mod:`fasttune.patch` patches this family's models (its fused forwards handle the layout).
+    ``moe``: the family's decoder MLPs are (some or all) mixtures of experts laid out as :class:`MoESpec` says; the
+    ``mlp`` names then apply to its dense layers, where it has any.
     """
 
     family: str
@@ -75,6 +112,7 @@ class FamilySpec:
     gguf: TensorMap | None = None
     text_equivalent: str | None = None  # model_type of a text model computing the same on text (GGUF validation)
     tiny: TinySpec | None = None
+    moe: MoESpec | None = None
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ it and reduce-scatter the weight's gradient after backward, as they would around
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,8 @@ class FastCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` (``logits`` None) plus ``token_stats`` when asked for with ``fasttune_token_stats``."""
 
     token_stats: TokenStats | None = None
+    aux_loss: torch.Tensor | None = None  # a mixture of experts' load-balancing loss (output_router_logits)
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 def shift_for_next_token(labels: torch.Tensor) -> torch.Tensor:
@@ -100,6 +103,8 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
             return original(*args, **kwargs)
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("return_dict", None)
+        if hasattr(model, "router_aux_loss_coef") and "output_router_logits" not in kwargs:  # a mixture of experts
+            kwargs["output_router_logits"] = bool(getattr(model.config, "output_router_logits", False))
         backbone = getattr(model, backbone_name)
         outputs = backbone(**kwargs)
         hidden = outputs.last_hidden_state
@@ -115,9 +120,14 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
 
         result = _run_as_forward(lm_head, head_loss, hidden) if sharded_head else head_loss(hidden)
         loss, stats = result if fasttune_token_stats else (result, None)
+        aux_loss = _router_aux_loss(model, outputs, kwargs)
+        if aux_loss is not None:
+            loss = loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
         return FastCausalLMOutput(
             loss=loss,
             token_stats=stats,
+            aux_loss=aux_loss,
+            router_logits=getattr(outputs, "router_logits", None),
             logits=None,
             past_key_values=getattr(outputs, "past_key_values", None),
             hidden_states=getattr(outputs, "hidden_states", None),
@@ -125,3 +135,12 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
         )
 
     return forward
+
+
+def _router_aux_loss(model: nn.Module, outputs, kwargs: dict) -> torch.Tensor | None:
+    """A mixture of experts' load-balancing loss, as its transformers forward computes it (the modeling module's own
+    ``load_balancing_loss_func``), when router logits were asked for; None otherwise."""
+    if not kwargs.get("output_router_logits") or getattr(outputs, "router_logits", None) is None:
+        return None
+    balance = sys.modules[type(model).__module__].load_balancing_loss_func
+    return balance(outputs.router_logits, model.num_experts, model.num_experts_per_tok, kwargs.get("attention_mask"))

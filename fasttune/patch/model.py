@@ -1,7 +1,8 @@
 """Apply fasttune's fast path to one model instance, per family, and undo it.
 
 ``patch_model(model)`` replaces the ``forward`` of specific submodules *of that instance* (never a class, never
-library source): every RMSNorm, every decoder MLP (fused LoRA MLP), the attention projections (fused Q/K/V and O) and
+library source): every RMSNorm, every decoder MLP (fused LoRA MLP; a mixture of experts: grouped experts with split
+LoRA, :mod:`fasttune.patch.moe`), the attention projections (fused Q/K/V and O) and
 the causal-LM head (fused linear cross-entropy when labels are given); and an SDPA model's attention becomes
 per-segment SDPA for packed rows (:mod:`fasttune.patch.attention`, the one change made through the config). It works on a plain transformers model or a
 peft-wrapped one; call it again after ``get_peft_model`` and it installs the fused LoRA blocks over the new layers.
@@ -38,6 +39,7 @@ from .forwards import (
     make_projection_forward,
 )
 from .loss import make_causal_lm_forward
+from .moe import make_moe_forward
 
 _RECORD = "_fasttune_fast_patches"
 
@@ -85,9 +87,14 @@ def _patch_family(hf_model: nn.Module, spec: FamilySpec, record: PatchRecord) ->
     qkv = tuple(n for n in spec.attention if n != "o_proj")
     for layer in _decoder_layers(hf_model):
         mlp, attn = layer.mlp, layer.self_attn
-        if not (all(hasattr(mlp, n) for n in spec.mlp) and all(hasattr(attn, n) for n in spec.attention)):
+        dense = all(hasattr(mlp, n) for n in spec.mlp)
+        sparse = spec.moe is not None and hasattr(mlp, spec.moe.experts) and hasattr(mlp, spec.moe.router)
+        if not ((dense or sparse) and all(hasattr(attn, n) for n in spec.attention)):
             continue  # not a decoder layer of this family (e.g. a vision tower's encoder layer)
-        record.install(mlp, make_mlp_forward(mlp, spec.mlp, activation, mlp.forward))
+        if dense:
+            record.install(mlp, make_mlp_forward(mlp, spec.mlp, activation, mlp.forward))
+        else:  # a mixture of experts: grouped experts with split LoRA (patch/moe.py)
+            record.install(mlp, make_moe_forward(mlp, spec.moe, mlp.forward))
         for name in spec.attention:
             proj = getattr(attn, name)
             record.install(proj, make_projection_forward(proj, proj.forward))

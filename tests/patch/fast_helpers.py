@@ -6,6 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from fasttune.models import get_family
 from fasttune.quant import patch_quantized_layers
 
 
@@ -48,5 +49,8 @@ def load_peft(path, dtype=torch.float32, four_bit: bool = False, seed: int = 0, 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     if four_bit:
         patch_quantized_layers(model)
+    moe = get_family(model.config.model_type).moe
+    if moe is not None and "target_parameters" not in lora_overrides:  # a mixture of experts: LoRA on every expert
+        lora_overrides["target_parameters"] = [f"mlp.{p}" for p in moe.parameters]
     torch.manual_seed(seed)
     return get_peft_model(model, lora_config(**lora_overrides))
