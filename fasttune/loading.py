@@ -26,6 +26,7 @@ from .modes import finish_loading, finish_peft, prepare_tokenizer
 from .patch import FAST_PATHS, patch_model
 from .quant import patch_quantized_layers
 from .quant.config import int8_config, nf4_config
+from .quant.experts import quantize_experts
 from .source import ModelSource, resolve_source
 from .state import FastState, attach_state, model_state
 
@@ -88,6 +89,9 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
         **kwargs,
     )
     patch_quantized_layers(model)
+    spec = get_family(text_type)
+    if cfg.quantization == "4bit" and spec is not None and spec.moe is not None:  # bitsandbytes skips 3-D experts
+        quantize_experts(model, (spec.moe.gate_up, spec.moe.down))
     if fast_path and has_fast_path:
         patch_model(model)
     loaded = load_tokenizer(source.tokenizer_source)

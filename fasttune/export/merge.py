@@ -6,7 +6,8 @@ plain (unquantized, adapter-free) instance of that model would have:
     W_merged = dequantize(W_base) + sum_a  scaling_a * (B_a @ A_a)          (out, in)
     b_merged = b_base + sum_a scaling_a * b_B_a                             (only with ``lora_bias=True``)
 
-for every active, not-yet-merged adapter ``a``. 4-bit / 8-bit bitsandbytes bases are dequantized exactly with
+for every active, not-yet-merged adapter ``a``; a mixture of experts' 3-D expert parameters adapted through peft's
+``target_parameters`` get ``scaling_a * B_e A_e`` per expert ``e`` (4-bit experts dequantized first). 4-bit / 8-bit bitsandbytes bases are dequantized exactly with
 ``fasttune.quant.dequantize_weight``; the sum is formed in float32 and cast once at the end. The model itself is
 never modified (unlike peft's ``merge_and_unload``), so a user can keep training after an export.
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from fasttune.lora.unwrap import base_model
 from fasttune.quant import dequantize_weight, is_quantized_linear
+from fasttune.quant.experts import PackedExperts
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,54 @@ class NonFiniteWeightError(ValueError):
 
 def _is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "scaling")
+
+
+def _is_param_wrapper(module: nn.Module) -> bool:
+    """peft's LoRA on a parameter (``target_parameters``: a mixture of experts' 3-D expert weights)."""
+    return _is_lora_layer(module) and hasattr(module, "parameter_name")
+
+
+def _expert_delta(module: nn.Module, adapter: str, shape: torch.Size) -> torch.Tensor:
+    """``scaling * B_e A_e`` for every expert ``e`` in float32, shaped like the stored 3-D parameter ``shape``.
+
+    peft's layout: ``A`` ``(E * r, in)`` expert-major, ``B`` ``(out, r * E)`` rank-major; the parameter is stored
+    ``(E, out, in)`` or, for transposed experts (gpt-oss), ``(E, in, out)``.
+    """
+    experts = shape[0]
+    a = module.lora_A[adapter].weight.detach().float()
+    b = module.lora_B[adapter].weight.detach().float()
+    rank = a.shape[0] // experts
+    a = a.reshape(experts, rank, a.shape[-1])  # (E, r, in)
+    b = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)  # (E, out, r)
+    delta = torch.bmm(b, a) * float(module.scaling[adapter])  # (E, out, in)
+    if delta.shape != shape:
+        delta = delta.transpose(1, 2)
+    if delta.shape != shape:
+        raise ValueError(f"merge: the LoRA of {module.parameter_name} gives {tuple(delta.shape)}, the parameter is "
+                         f"{tuple(shape)}")
+    return delta
+
+
+def _merge_param_wrappers(name: str, module: nn.Module, within: tuple[str, ...] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a module under nested ``ParamWrapper``s, each adapted parameter with its LoRA added."""
+    deltas: dict[str, list[tuple[nn.Module, str]]] = {}
+    while _is_param_wrapper(module):
+        for adapter in _active_unmerged(module):
+            if adapter in getattr(module, "lora_variant", {}) or module.lora_B[adapter].bias is not None:
+                raise NotImplementedError(f"merge: adapter {adapter!r} on {name}.{module.parameter_name} is not plain "
+                                          "LoRA; fasttune merges plain LoRA only. Save it with save_method='lora'.")
+            deltas.setdefault(module.parameter_name, []).append((module, adapter))
+        module = module.base_layer
+    for pname, tensor in _own_tensors(name, module):
+        short = pname.rsplit(".", 1)[-1]
+        if short in deltas:
+            tensor = tensor.float()
+            for wrapper, adapter in deltas[short]:
+                tensor = tensor + _expert_delta(wrapper, adapter, tensor.shape)
+        yield pname, tensor
+    for child_name, child in module.named_children():
+        if child_name not in _ADAPTER_CHILDREN:
+            yield from _walk(f"{name}.{child_name}" if name else child_name, child, within)
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:
@@ -104,6 +154,9 @@ def _own_tensors(name: str, module: nn.Module) -> Iterator[tuple[str, torch.Tens
             yield f"{prefix}bias", module.bias.detach()
         return
     for pname, param in module.named_parameters(recurse=False):
+        if isinstance(param, PackedExperts):  # 4-bit experts: dequantized exactly
+            yield prefix + pname, param.dequantize(dtype=torch.float32)
+            continue
         yield prefix + pname, param.detach()
     skip = getattr(module, "_non_persistent_buffers_set", set())
     for bname, buf in module.named_buffers(recurse=False):
@@ -126,6 +179,9 @@ def _walk(name: str, module: nn.Module, within: tuple[str, ...] | None = None) -
         for child_name, child in module.named_children():
             if child_name not in _ADAPTER_CHILDREN:
                 yield from _walk(f"{name}.{child_name}" if name else child_name, child, within)
+        return
+    if _is_param_wrapper(module):
+        yield from _merge_param_wrappers(name, module, within)
         return
     if _is_lora_layer(module):
         yield from _merge_lora_layer(name, module)

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fasttune.quant.experts import is_packed
+
 __all__ = ["ExpertLayout", "ExpertLora", "grouped_mm_available", "moe_experts", "moe_experts_reference"]
 
 ACTIVATIONS = ("silu", "gpt_oss")
@@ -87,10 +89,11 @@ def grouped_mm_available() -> bool:
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Grouped product: ``a`` (T, K) rows grouped by ``offs`` times ``b[e]`` (K, N) -> (T, N); or, with ``a``
     (M, T) and ``b`` (T, N), the per-group ``a[:, rows_e] @ b[rows_e]`` -> (E, M, N) (weight gradients)."""
-    if hasattr(F, "grouped_mm"):
-        return F.grouped_mm(a, b, offs=offs)
-    if hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(a, b, offs=offs)
+    if _aligned(a) and _aligned(b):
+        if hasattr(F, "grouped_mm"):
+            return F.grouped_mm(a, b, offs=offs)
+        if hasattr(torch, "_grouped_mm"):
+            return torch._grouped_mm(a, b, offs=offs)
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
@@ -107,17 +110,42 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]
     return out
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm's layout rule (CPU too): 16-byte aligned data and strides, one of the last two dims contiguous."""
+    size = t.element_size()
+    return (t.data_ptr() % 16 == 0 and 1 in t.stride()[-2:]
+            and all((stride * size) % 16 == 0 for stride in t.stride() if stride != 1))
+
+
 def _in_out(weight: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     """The stored 3-D weight as ``(E, in, out)`` (a view, no copy)."""
     return weight if layout.transposed else weight.transpose(1, 2)
 
 
-def _factors(lora: ExpertLora, experts: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A^T, B^T)`` per expert: ``(E, in, r)`` and ``(E, r, out)``, views of peft's factors, in ``dtype``."""
+def _factors(lora: ExpertLora, experts: int, dtype: torch.dtype,
+             groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A^T, B^T)`` per expert: ``(E, in, r')`` and ``(E, r', out)`` from peft's factors, in ``dtype``; only the
+    experts ``groups`` when given. The rank is padded with zeros to ``r'`` so rows are 16-byte multiples (grouped_mm's
+    rule); the padding contributes exactly nothing."""
     rank = lora.A.shape[0] // experts
     a_t = lora.A.reshape(experts, rank, -1).transpose(1, 2)
     b_t = lora.B.reshape(lora.B.shape[0], rank, experts).permute(2, 1, 0)
-    return a_t.to(dtype).contiguous(), b_t.to(dtype).contiguous()  # grouped_mm wants a unit stride
+    if groups is not None:
+        a_t, b_t = a_t[groups], b_t[groups]
+    pad = -rank % (16 // torch.empty((), dtype=dtype).element_size())  # zero rank columns: 16-byte rows
+    a_t = F.pad(a_t.to(dtype), (0, pad))
+    b_t = F.pad(b_t.to(dtype), (0, 0, 0, pad))
+    return a_t.contiguous(), b_t.contiguous()
+
+
+def _weights(weight: torch.Tensor, layout: ExpertLayout, groups: torch.Tensor | None,
+             dtype: torch.dtype) -> torch.Tensor:
+    """``(G, in, out)`` weights of the groups: every expert of a dense weight (a view), or the dequantized experts
+    ``groups`` of a 4-bit one (:class:`fasttune.quant.experts.PackedExperts`)."""
+    if is_packed(weight):
+        return _in_out(weight.dequantize(groups, dtype), layout)
+    dense = weight if groups is None else weight[groups]
+    return _in_out(dense, layout).to(dtype)
 
 
 def _project(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, lora: tuple | None, expert_of: torch.Tensor,
@@ -134,23 +162,39 @@ def _project(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, lora
 
 
 class _Routing:
-    """The (token, expert) pairs sorted by expert: which token each sorted row is, its expert, the group offsets."""
+    """The (token, expert) pairs sorted by expert: which token each sorted row is, its expert, the groups of rows.
 
-    def __init__(self, top_idx: torch.Tensor, experts: int):
+    The groups are every expert (``groups`` None: a dense weight is used as stored, experts without tokens are
+    empty groups), or with ``hit_only`` just the experts that received tokens (``groups``: their indices; 4-bit
+    weights are dequantized for those only).
+    """
+
+    def __init__(self, top_idx: torch.Tensor, experts: int, hit_only: bool):
         flat = top_idx.reshape(-1)
         self.k = top_idx.shape[-1]
+        self.experts = experts
         self.order = torch.argsort(flat, stable=True)
         self.token = self.order // self.k
         self.expert = flat[self.order]
         counts = torch.bincount(flat, minlength=experts)
+        self.groups = torch.nonzero(counts).flatten() if hit_only else None
+        if self.groups is not None:
+            counts = counts[self.groups]
         self.counts = counts.tolist()
         self.offs = counts.cumsum(0).to(torch.int32)
+
+    def scatter(self, grouped: torch.Tensor) -> torch.Tensor:
+        """A per-group ``(G, ...)`` gradient as the per-expert ``(E, ...)`` one (zeros for experts without tokens)."""
+        if self.groups is None:
+            return grouped
+        full = grouped.new_zeros(self.experts, *grouped.shape[1:])
+        return full.index_copy_(0, self.groups, grouped)
 
 
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_w, top_idx, gate_up, down, gate_up_bias, down_bias, layout, lora_gu, lora_d, *adapters):
-        routing = _Routing(top_idx, gate_up.shape[0])
+        routing = _Routing(top_idx, gate_up.shape[0], hit_only=is_packed(gate_up) or is_packed(down))
         out, _ = _MoEExperts._compute(x, top_w, routing, gate_up, down, gate_up_bias, down_bias, layout, lora_gu,
                                       lora_d, keep=False)
         ctx.save_for_backward(x, top_w, top_idx, *adapters)
@@ -159,18 +203,18 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def _compute(x, top_w, routing, gate_up, down, gate_up_bias, down_bias, layout, lora_gu, lora_d, keep):
-        dtype, experts = x.dtype, gate_up.shape[0]
+        dtype, experts, groups = x.dtype, gate_up.shape[0], routing.groups
         xs = x[routing.token]
-        gu_lora = None if lora_gu is None else (*_factors(lora_gu, experts, dtype), lora_gu.scaling)
-        d_lora = None if lora_d is None else (*_factors(lora_d, experts, dtype), lora_d.scaling)
-        gu, xa = _project(xs, _in_out(gate_up, layout).to(dtype), gate_up_bias, gu_lora, routing.expert,
-                          routing.offs, routing.counts)
+        gu_lora = None if lora_gu is None else (*_factors(lora_gu, experts, dtype, groups), lora_gu.scaling)
+        d_lora = None if lora_d is None else (*_factors(lora_d, experts, dtype, groups), lora_d.scaling)
+        w_gu = _weights(gate_up, layout, groups, dtype)
+        gu, xa = _project(xs, w_gu, gate_up_bias, gu_lora, routing.expert, routing.offs, routing.counts)
         h = _activate(gu, layout)
-        y, ha = _project(h, _in_out(down, layout).to(dtype), down_bias, d_lora, routing.expert, routing.offs,
-                         routing.counts)
+        w_d = _weights(down, layout, groups, dtype)
+        y, ha = _project(h, w_d, down_bias, d_lora, routing.expert, routing.offs, routing.counts)
         weights = top_w.reshape(-1)[routing.order].to(dtype)
         out = torch.zeros_like(x).index_add_(0, routing.token, y * weights[:, None])
-        saved = (xs, gu, h, y, xa, ha, weights, gu_lora, d_lora) if keep else None
+        saved = (xs, gu, h, y, xa, ha, weights, gu_lora, d_lora, w_gu, w_d) if keep else None
         return out, saved
 
     @staticmethod
@@ -178,12 +222,12 @@ class _MoEExperts(torch.autograd.Function):
         x, top_w, top_idx, *_ = ctx.saved_tensors
         gate_up, down, gate_up_bias, down_bias, layout, lora_gu, lora_d, n_adapters = ctx.parts
         experts = gate_up.shape[0]
-        routing = _Routing(top_idx, experts)
+        routing = _Routing(top_idx, experts, hit_only=is_packed(gate_up) or is_packed(down))
         offs, counts = routing.offs, routing.counts
         with torch.no_grad():
             _, saved = _MoEExperts._compute(x, top_w, routing, gate_up, down, gate_up_bias, down_bias, layout,
                                             lora_gu, lora_d, keep=True)
-        xs, gu, h, y, xa, ha, weights, gu_lora, d_lora = saved
+        xs, gu, h, y, xa, ha, weights, gu_lora, d_lora, w_gu, w_d = saved
         grad_out = grad_out.to(x.dtype)
         gy = grad_out[routing.token]  # (T, H)
         grad_top_w = None
@@ -196,27 +240,27 @@ class _MoEExperts(torch.autograd.Function):
 
         adapter_grads: list[torch.Tensor | None] = []
         # down: h -> y
-        grad_h = _gmm(gy, _in_out(down, layout).to(x.dtype).transpose(1, 2), offs, counts)
+        grad_h = _gmm(gy, w_d.transpose(1, 2), offs, counts)
         if d_lora is not None:
             a_t, b_t, scale = d_lora
             gb = _gmm(gy, b_t.transpose(1, 2), offs, counts)  # (T, r)
             grad_h.add_(_gmm(gb, a_t.transpose(1, 2), offs, counts), alpha=scale)
-            adapter_grads.append(_grad_A(_gmm(h.t(), gb, offs, counts), scale, lora_d))
-            adapter_grads.append(_grad_B(_gmm(ha.t(), gy, offs, counts), scale, lora_d))
-        del h, ha
+            adapter_grads.append(_grad_A(routing.scatter(_gmm(h.t(), gb, offs, counts)), scale, lora_d))
+            adapter_grads.append(_grad_B(routing.scatter(_gmm(ha.t(), gy, offs, counts)), scale, lora_d))
+        del h, ha, w_d
         # activation
         with torch.enable_grad():
             gu_leaf = gu.detach().requires_grad_(True)
             (grad_gu,) = torch.autograd.grad(_activate(gu_leaf, layout), gu_leaf, grad_h)
         del gu, gu_leaf, grad_h
         # gate_up: x -> gu
-        grad_xs = _gmm(grad_gu, _in_out(gate_up, layout).to(x.dtype).transpose(1, 2), offs, counts)
+        grad_xs = _gmm(grad_gu, w_gu.transpose(1, 2), offs, counts)
         if gu_lora is not None:
             a_t, b_t, scale = gu_lora
             gb = _gmm(grad_gu, b_t.transpose(1, 2), offs, counts)
             grad_xs.add_(_gmm(gb, a_t.transpose(1, 2), offs, counts), alpha=scale)
-            adapter_grads = [_grad_A(_gmm(xs.t(), gb, offs, counts), scale, lora_gu),
-                             _grad_B(_gmm(xa.t(), grad_gu, offs, counts), scale, lora_gu)] + adapter_grads
+            adapter_grads = [_grad_A(routing.scatter(_gmm(xs.t(), gb, offs, counts)), scale, lora_gu),
+                             _grad_B(routing.scatter(_gmm(xa.t(), grad_gu, offs, counts)), scale, lora_gu)] + adapter_grads
         grad_x = torch.zeros_like(x).index_add_(0, routing.token, grad_xs) if ctx.needs_input_grad[0] else None
         grads = [g if ctx.needs_input_grad[10 + i] else None for i, g in enumerate(adapter_grads)]
         return (grad_x, grad_top_w, None, None, None, None, None, None, None, None, *_pad(grads, n_adapters))
@@ -227,13 +271,15 @@ def _pad(grads: list, n: int) -> list:
 
 
 def _grad_A(grouped: torch.Tensor, scale: float, lora: ExpertLora) -> torch.Tensor:
-    """``(E, in, r)`` per-expert ``dA^T`` -> the gradient of peft's ``A`` ``(E * r, in)``."""
-    return (grouped.transpose(1, 2).reshape(lora.A.shape) * scale).to(lora.A.dtype)
+    """``(E, in, r')`` per-expert ``dA^T`` (``r' >= r``: padded) -> the gradient of peft's ``A`` ``(E * r, in)``."""
+    rank = lora.A.shape[0] // grouped.shape[0]
+    return (grouped[..., :rank].transpose(1, 2).reshape(lora.A.shape) * scale).to(lora.A.dtype)
 
 
 def _grad_B(grouped: torch.Tensor, scale: float, lora: ExpertLora) -> torch.Tensor:
-    """``(E, r, out)`` per-expert ``dB^T`` -> the gradient of peft's ``B`` ``(out, r * E)``."""
-    return (grouped.permute(2, 1, 0).reshape(lora.B.shape) * scale).to(lora.B.dtype)
+    """``(E, r', out)`` per-expert ``dB^T`` (``r' >= r``: padded) -> the gradient of peft's ``B`` ``(out, r * E)``."""
+    rank = lora.A.shape[0] // grouped.shape[0]
+    return (grouped[:, :rank].permute(2, 1, 0).reshape(lora.B.shape) * scale).to(lora.B.dtype)
 
 
 def moe_experts(x: torch.Tensor, top_w: torch.Tensor, top_idx: torch.Tensor, gate_up: torch.Tensor,

@@ -10,8 +10,10 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fasttune import FastLanguageModel, is_bfloat16_supported
+from fasttune.models import family as family_spec
 from fasttune.patch import is_checkpointing
 from fasttune.quant import FastLinear4bit, FastLinear8bitLt
+from fasttune.quant.experts import PackedExperts
 from fasttune.tiny import FAMILIES
 
 
@@ -19,7 +21,11 @@ from fasttune.tiny import FAMILIES
 def test_every_family_loads_in_4bit_and_generates(tiny_model_dir, family):
     model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), max_seq_length=256)
     quant = [m for m in model.modules() if isinstance(m, FastLinear4bit)]
-    assert len(quant) == 4 * (4 if family == "phi3" else 7)
+    if family_spec(family).moe is not None:  # attention in bitsandbytes 4-bit; every expert NF4-packed
+        assert len(quant) == 4 * 4
+        assert sum(isinstance(p, PackedExperts) for p in model.parameters()) == 4 * 2
+    else:
+        assert len(quant) == 4 * (4 if family == "phi3" else 7)
     assert tokenizer.pad_token is not None and tokenizer.model_max_length == 256
     model = FastLanguageModel.get_peft_model(model, r=4)
     assert model.max_seq_length == 256  # Unsloth's public attribute, read by notebooks (through the peft wrapper)
