@@ -89,7 +89,7 @@ def grouped_mm_available() -> bool:
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Grouped product: ``a`` (T, K) rows grouped by ``offs`` times ``b[e]`` (K, N) -> (T, N); or, with ``a``
     (M, T) and ``b`` (T, N), the per-group ``a[:, rows_e] @ b[rows_e]`` -> (E, M, N) (weight gradients)."""
-    if _aligned(a) and _aligned(b):
+    if a.dtype in _GROUPED_DTYPES and _aligned(a) and _aligned(b):
         if hasattr(F, "grouped_mm"):
             return F.grouped_mm(a, b, offs=offs)
         if hasattr(torch, "_grouped_mm"):
@@ -108,6 +108,9 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]
         if c:
             torch.mm(a[:, starts[e]:starts[e + 1]], b[starts[e]:starts[e + 1]], out=out[e])
     return out
+
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm takes; others loop (float64)
 
 
 def _aligned(t: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ SPEC = FamilySpec(
     name="gpt-oss",
     moe=MoESpec(router="router", transposed=True, interleaved=True, bias=True, activation="gpt_oss",
                 returns_scores=True),
+    packed_masks=True,
     tiny=TinySpec(
         tokens=SpecialTokens("<|startoftext|>", "<|return|>", "<|endoftext|>", add_bos=False),
         # the real routing (32 experts, top-4) scaled down; sinks, alternating windows and YaRN as released

@@ -98,6 +98,9 @@ class FamilySpec:
     ``fast_path``: :mod:`fasttune.patch` patches this family's models (its fused forwards handle the layout).
     ``moe``: the family's decoder MLPs are (some or all) mixtures of experts laid out as :class:`MoESpec` says; the
     ``mlp`` names then apply to its dense layers, where it has any.
+    ``packed_masks``: transformers' backbone of this family builds its attention masks without the position ids
+    (gpt-oss in transformers 5.25), so a padding-free row would attend across examples; the fast path builds the
+    block-diagonal masks from the restarting position ids and hands them to the backbone.
     """
 
     family: str
@@ -113,6 +116,7 @@ class FamilySpec:
     text_equivalent: str | None = None  # model_type of a text model computing the same on text (GGUF validation)
     tiny: TinySpec | None = None
     moe: MoESpec | None = None
+    packed_masks: bool = False
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+    sdpa_mask,
+)
 from transformers.modeling_utils import AttentionInterface
 
 NAME = "fasttune_packed_sdpa"
@@ -79,3 +85,30 @@ def release(owner: object) -> None:
 
 def is_registered() -> bool:
     return NAME in AttentionInterface._global_mapping or NAME in AttentionMaskInterface._global_mapping
+
+
+def make_packed_mask_forward(backbone: nn.Module, original):
+    """A backbone forward that builds the per-layer-type masks from the position ids when a row is packed.
+
+    For a family whose backbone creates its masks without ``position_ids`` (``FamilySpec.packed_masks``): with no
+    ``attention_mask``, no cache and position ids that restart inside a row (a padding-free batch), the causal and
+    sliding-window masks are made here with the position ids, as transformers does for the other families, so each
+    example attends only to itself; any other call runs the backbone unchanged.
+    """
+    config = backbone.config
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is None and position_ids is not None and cache is None and not kwargs.get("use_cache"):
+            if find_packed_sequence_indices(position_ids.reshape(1, -1) if position_ids.dim() == 1
+                                            else position_ids) is not None:
+                if inputs_embeds is None:
+                    inputs_embeds, input_ids = backbone.embed_tokens(input_ids), None
+                mask_kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=None, cache=None,
+                                   position_ids=position_ids)
+                attention_mask = {"full_attention": create_causal_mask(**mask_kwargs),
+                                  "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        inputs_embeds=inputs_embeds, **kwargs)
+
+    return forward

@@ -102,6 +102,9 @@ def _patch_family(hf_model: nn.Module, spec: FamilySpec, record: PatchRecord) ->
             record.install(attn, make_attention_forward(attn, qkv, attn.forward))
     if hasattr(hf_model, "get_output_embeddings") and hf_model.get_output_embeddings() is not None:
         record.install(hf_model, make_causal_lm_forward(hf_model, hf_model.forward))
+    if spec.packed_masks:  # the backbone ignores position ids for its masks: packed rows get ours (patch/attention.py)
+        backbone = getattr(hf_model, hf_model.base_model_prefix, hf_model)
+        record.install(backbone, attention.make_packed_mask_forward(backbone, backbone.forward))
     if config._attn_implementation == "sdpa":  # packed rows: SDPA per segment (exact; see patch/attention.py)
         attention.acquire(config)
         record.attn_implementation = (config, config._attn_implementation)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from fasttune.models import get_family
 from fasttune.quant import patch_quantized_layers
@@ -46,6 +46,8 @@ def load_peft(path, dtype=torch.float32, four_bit: bool = False, seed: int = 0, 
                 bnb_4bit_compute_dtype=torch.bfloat16),
             device_map="cpu",
         )
+    if get_family(AutoConfig.from_pretrained(path).model_type).moe is not None:
+        kwargs["experts_implementation"] = "eager"  # the reference: transformers' loop over the experts
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     if four_bit:
         patch_quantized_layers(model)

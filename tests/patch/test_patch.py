@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM
 
 import fasttune.patch.forwards as forwards
 import fasttune.patch.loss as loss_mod
+import fasttune.patch.moe as moe_mod
 from fasttune import notes
+from fasttune.models import family as family_spec
 from fasttune.patch import FAST_PATHS, is_patched, patch_model, unpatch_model
 from fasttune.tiny import FAMILIES
 
@@ -24,7 +26,8 @@ class Spy:
     def __init__(self, monkeypatch):
         self.calls: dict[str, int] = {}
         for module, name in ((forwards, "lora_mlp"), (forwards, "lora_projections"), (forwards, "lora_linear"),
-                             (forwards, "rms_norm"), (loss_mod, "fused_linear_cross_entropy")):
+                             (forwards, "rms_norm"), (loss_mod, "fused_linear_cross_entropy"),
+                             (moe_mod, "moe_experts")):
             monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
 
     def _wrap(self, name, fn):
@@ -69,7 +72,9 @@ def test_patched_peft_model_matches_and_unpatch_is_exact(family, tiny_model_dir,
     out, grads = _loss_and_grads(model, ids, labels)
     assert out.logits is None  # fused CE never builds them
     n_layers = model.config.num_hidden_layers
-    assert spy.calls.get("lora_mlp") == n_layers
+    sparse = family_spec(family).moe is not None  # every decoder MLP a mixture of experts: the grouped experts
+    assert spy.calls.get("lora_mlp", 0) == (0 if sparse else n_layers)
+    assert spy.calls.get("moe_experts", 0) == (n_layers if sparse else 0)
     assert spy.calls.get("fused_linear_cross_entropy") == 1
     assert spy.calls.get("rms_norm", 0) >= 2 * n_layers + 1
     if family == "phi3":  # fused qkv_proj and o_proj: single projections
