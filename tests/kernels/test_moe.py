@@ -14,7 +14,7 @@ import fasttune.kernels.moe as moe
 from fasttune.kernels.moe import ExpertLayout, ExpertLora, moe_experts, moe_experts_reference
 from fasttune.quant.experts import PackedExperts
 
-N, H, I, E, K, R = 40, 64, 48, 8, 2, 4  # tokens, hidden, expert width, experts, top-k, LoRA rank
+N, H, I, E, K, R = 40, 64, 48, 8, 2, 4  # tokens, hidden, expert width, experts, top-k, LoRA rank  # noqa: E741
 LAYOUTS = {
     "qwen3_moe": ExpertLayout(),  # (E, out, in), gate half | up half, silu
     "gpt_oss": ExpertLayout(transposed=True, interleaved=True, activation="gpt_oss", limit=1.5),
@@ -78,7 +78,8 @@ def test_grouped_experts_match_the_reference_fp32(family, lora, packed):
     names = ["output", "grad x", "grad router logits", "grad A gate_up", "grad B gate_up", "grad A down", "grad B down"]
     for name, g, w in zip(names, got, want):
         scale = float(w.abs().max())
-        torch.testing.assert_close(g, w, atol=2e-6 * scale, rtol=1e-5, msg=lambda m: f"{family} {lora} {name}: {m}")
+        torch.testing.assert_close(g, w, atol=2e-6 * scale, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{family} {lora} {name}: {m}")
     if lora != "none":  # the expert without tokens gets exactly zero LoRA gradient
         grad_a = got[3].reshape(E, R, H)
         assert torch.count_nonzero(grad_a[5]) == 0 and torch.count_nonzero(grad_a[4]) > 0
