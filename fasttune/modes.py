@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from peft import PeftModel
@@ -69,8 +69,31 @@ def taking_encodings(generate: Any) -> Any:
     return wrapper
 
 
+class ConversationColumns:
+    """A tokenizer's ``apply_chat_template`` that also takes a column of conversations from ``datasets`` >= 4.
+
+    ``dataset["conversations"]`` is a lazy ``datasets.Column`` there, not a list, and transformers (5.25) only treats
+    a list or tuple of conversations as a batch: it reads the column as one conversation and fails on its first item
+    ("Chat messages should be dicts"). Unsloth's notebooks pass such columns (Qwen3: ``apply_chat_template(
+    dataset.map(...)["conversations"], tokenize=False)``), so a sequence that is not a list, whose items are
+    conversations, is made a list first; everything else goes to the tokenizer class's own method unchanged. An
+    instance attribute of a plain class, so the tokenizer still pickles (datasets' workers, spawn) and saves as before.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(conversation, (list, tuple, dict, str)) and isinstance(conversation, Sequence):
+            conversation = list(conversation)
+        return type(self.tokenizer).apply_chat_template(self.tokenizer, conversation, *args, **kwargs)
+
+
 def prepare_tokenizer(tokenizer: Any, max_seq_length: int) -> Any:
-    """Right padding for training, a pad token that is not a real word, and the length limit."""
+    """Right padding for training, a pad token that is not a real word, the length limit, and chat templates that
+    accept a ``datasets`` column of conversations (:class:`ConversationColumns`)."""
+    if not isinstance(tokenizer.__dict__.get("apply_chat_template"), ConversationColumns):
+        tokenizer.apply_chat_template = ConversationColumns(tokenizer)
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = max_seq_length
     if tokenizer.pad_token is None:

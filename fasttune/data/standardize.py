@@ -34,7 +34,7 @@ def _role_table(system: Sequence[str], user: Sequence[str], assistant: Sequence[
     return table
 
 
-def _standardize_messages(messages: Any, roles: dict[str, str], row: int) -> list[dict[str, str]]:
+def _standardize_messages(messages: Any, roles: dict[str, str], row: int) -> list[dict[str, Any]]:
     if not isinstance(messages, (list, tuple)):
         raise ValueError(f"row {row}: the conversation must be a list of messages, got {type(messages).__name__}")
     out = []
@@ -52,7 +52,9 @@ def _standardize_messages(messages: Any, roles: dict[str, str], row: int) -> lis
         content = message.get(content_key)
         if isinstance(content, (list, tuple)):  # a list of parts ({"type": "text", "text": ...}), kept as it is
             _check_parts(content, row, i)
-        out.append({"role": roles[role], "content": content})
+        # other keys of the message (gpt-oss datasets' "thinking", tool calls) go on with it: templates read them
+        extra = {k: v for k, v in message.items() if k not in ("from", "value", "role", "content")}
+        out.append({"role": roles[role], "content": content, **extra})
     return out
 
 
