@@ -23,10 +23,7 @@ comments). The name blocks below are shared by the family files, which compose t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from .spec import MoESpec
+from typing import Any, Literal
 
 # How llama.cpp's architecture treats ``config.sliding_window``:
 # "per_layer": window size and a per-layer on/off pattern from ``config.layer_types`` (gemma2, gemma3);
@@ -120,8 +117,9 @@ SANDWICH_NORMS = {
 }
 
 
-def experts(moe: MoESpec, bias: bool = False) -> dict[str, str | Split]:
-    """The router and expert tensors of a sparse block laid out as ``moe`` says, in llama.cpp's names: the router
+def experts(moe: Any, bias: bool = False) -> dict[str, str | Split]:
+    """The router and expert tensors of a sparse block laid out as ``moe`` (the family's
+    :class:`~fasttune.models.spec.MoESpec`, which imports this module) says, in llama.cpp's names: the router
     ``ffn_gate_inp``, the fused gate/up split into ``ffn_gate_exps`` / ``ffn_up_exps``, ``ffn_down_exps``; with
     ``bias`` the router's and experts' biases too (gpt-oss)."""
     block = f"model.layers.{{}}.mlp.{moe.experts}."

@@ -104,7 +104,8 @@ def save_pretrained_gguf(
 
     quantization_method: one name or a list, Unsloth's names and aliases: ``not_quantized`` (f16), ``fast_quantized``
     (q8_0), ``quantized`` (q4_k_m), f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, q4_k_s/m,
-    q5_k_s/m, q6_k. validate: check each file in llama.cpp (needs llama-cpp-python). Keywords: ``file_stem``
+    q5_k_s/m, q6_k, mxfp4_moe (alias mxfp4: a mixture of experts' expert tensors in MXFP4, every other matrix Q8_0,
+    as llama.cpp's gpt-oss files). validate: check each file in llama.cpp (needs llama-cpp-python). Keywords: ``file_stem``
     (default "model"), ``pre_tokenizer`` (llama.cpp pre-tokenizer name, when it cannot be derived),
     ``validate_prompt``, ``max_kl`` (default 1e-4 for f32/f16/bf16, 0.25 for quantized types: see MAX_KL_QUANTIZED),
     ``write_modelfile`` (default True: an Ollama Modelfile beside the first file when the tokenizer's chat template

@@ -3,6 +3,7 @@
     write_gguf(path, state, config, tokenizer, "q4_k_m")
 
 Tensors are renamed with the family's ``TensorMap``, transformed (llama's q/k row permutation, Gemma's norm offset),
+cut where the map has a ``Split`` (a MoE block's fused gate/up experts become ``ffn_gate_exps`` and ``ffn_up_exps``),
 given the type llama.cpp's mix would choose (``mixes.choose_tensor_qtype``: shapes a type cannot hold fall back and
 the log says so) and quantized in numpy. Hyper-parameters go to the ``<arch>.*`` keys llama.cpp reads.
 """
