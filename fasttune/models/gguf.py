@@ -14,7 +14,7 @@
 - a :class:`Split` instead of a name: one transformers tensor that is not one GGUF tensor as it is. Mixture-of-experts
   families store every expert's gate and up projections fused (``gate_up_proj``, ``(E, 2I, H)``), llama.cpp wants
   ``ffn_gate_exps`` and ``ffn_up_exps`` ``(E, I, H)``; gpt-oss stores its experts transposed ``(E, in, out)`` with
-  gate and up interleaved along the outputs. The layout says which parts, in which order, and how they are cut.
+  gate and up interleaved along the outputs. The Split says which parts, in which order, and how they are cut.
 
 and which ``<arch>.*`` hyper-parameters beyond the common ones llama.cpp's architecture reads (see the field
 comments). The name blocks below are shared by the family files, which compose their maps from them.
@@ -117,11 +117,11 @@ SANDWICH_NORMS = {
 }
 
 
-def experts(moe: Any, bias: bool = False) -> dict[str, str | Split]:
+def experts(moe: Any) -> dict[str, str | Split]:
     """The router and expert tensors of a sparse block laid out as ``moe`` (the family's
     :class:`~fasttune.models.spec.MoESpec`, which imports this module) says, in llama.cpp's names: the router
-    ``ffn_gate_inp``, the fused gate/up split into ``ffn_gate_exps`` / ``ffn_up_exps``, ``ffn_down_exps``; with
-    ``bias`` the router's and experts' biases too (gpt-oss)."""
+    ``ffn_gate_inp``, the fused gate/up split into ``ffn_gate_exps`` / ``ffn_up_exps``, ``ffn_down_exps``; where the
+    experts have biases (``moe.bias``, gpt-oss) the router's and experts' biases too."""
     block = f"model.layers.{{}}.mlp.{moe.experts}."
     names: dict[str, str | Split] = {
         f"model.layers.{{}}.mlp.{moe.router}.weight": "blk.{}.ffn_gate_inp.weight",
@@ -129,7 +129,7 @@ def experts(moe: Any, bias: bool = False) -> dict[str, str | Split]:
                                    interleaved=moe.interleaved, transposed=moe.transposed),
         block + moe.down: Split(-2, ("blk.{}.ffn_down_exps.weight",), transposed=moe.transposed),
     }
-    if bias:
+    if moe.bias:
         names.update({
             f"model.layers.{{}}.mlp.{moe.router}.bias": "blk.{}.ffn_gate_inp.bias",
             block + moe.gate_up + "_bias": Split(-1, ("blk.{}.ffn_gate_exps.bias", "blk.{}.ffn_up_exps.bias"),

@@ -27,7 +27,7 @@ SPEC = FamilySpec(
             "model.layers.{}.self_attn.sinks": "blk.{}.attn_sinks.weight",
             "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
             "model.layers.{}.post_attention_layernorm.weight": "blk.{}.post_attention_norm.weight",
-            **experts(MOE, bias=MOE.bias),
+            **experts(MOE),
         },
         sliding_window="per_layer", moe=True, expert_width="intermediate_size", fixed={"swiglu_limit": 7.0},
     ),
