@@ -34,8 +34,8 @@ Adding a family
    family-specific it writes or patches.
 """
 
-from .gguf import TensorMap
-from .mmproj import MMProjMap, Split
+from .gguf import Split, TensorMap
+from .mmproj import MMProjMap
 from .registry import (
     FAMILIES,
     VISION_FAMILIES,

@@ -11,6 +11,10 @@
   norm weight (including Gemma 3's q/k norms) when writing.
 - ``output_optional``: the architecture falls back to ``token_embd`` when the file has no ``output.weight`` (tied
   embeddings). Gemma 1/2 always use ``token_embd``, so a Gemma model with an untied head cannot be written.
+- a :class:`Split` instead of a name: one transformers tensor that is not one GGUF tensor as it is. Mixture-of-experts
+  families store every expert's gate and up projections fused (``gate_up_proj``, ``(E, 2I, H)``), llama.cpp wants
+  ``ffn_gate_exps`` and ``ffn_up_exps`` ``(E, I, H)``; gpt-oss stores its experts transposed ``(E, in, out)`` with
+  gate and up interleaved along the outputs. The Split says which parts, in which order, and how they are cut.
 
 and which ``<arch>.*`` hyper-parameters beyond the common ones llama.cpp's architecture reads (see the field
 comments). The name blocks below are shared by the family files, which compose their maps from them.
@@ -18,8 +22,8 @@ comments). The name blocks below are shared by the family files, which compose t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 # How llama.cpp's architecture treats ``config.sliding_window``:
 # "per_layer": window size and a per-layer on/off pattern from ``config.layer_types`` (gemma2, gemma3);
@@ -32,11 +36,29 @@ SoftcappingKind = Literal["attn_and_final", "final"] | None
 
 
 @dataclass(frozen=True)
+class Split:
+    """One transformers tensor written as several GGUF tensors (or as one, reordered), named in order.
+
+    The tensor is cut into ``len(names)`` equal chunks along ``dim`` (or, with ``squeeze``, index ``i`` of ``dim`` is
+    tensor ``i``). ``interleaved``: the parts alternate along ``dim`` instead (part ``k`` takes slices ``k, k + n, ...``
+    for ``n`` parts: gpt-oss's gate/up). ``transposed``: transformers stores the matrix as ``(..., in, out)``; its last
+    two axes are swapped into GGUF's ``(..., out, in)`` before cutting (gpt-oss's experts). Read by
+    ``fasttune.export.gguf.tensor_maps.split_tensor`` / ``join_tensor``.
+    """
+
+    dim: int
+    names: tuple[str, ...]
+    squeeze: bool = False
+    interleaved: bool = False
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
 class TensorMap:
     """How one family's tensors are named and transformed in GGUF, and which extra hyper-parameters it writes."""
 
     arch: str  # gguf architecture name (gguf.MODEL_ARCH_NAMES value)
-    names: dict[str, str]  # transformers name (with {} for the layer) -> GGUF name
+    names: dict[str, str | Split]  # transformers name (with {} for the layer) -> GGUF name (or several: Split)
     permute_qk: bool = False
     norm_offset: float = 0.0
     output_optional: bool = True
@@ -47,6 +69,14 @@ class TensorMap:
     rope_base_swa: bool = False  # sliding layers have their own RoPE base (gemma3: rope_parameters per layer type)
     rope_orig_ctx: bool = False  # the arch reads rope.scaling.original_context_length even unscaled (phi3)
     rope_sections: bool = False  # multimodal RoPE: the arch reads rope.dimension_sections (qwen2vl's mrope_section)
+    # Mixture of experts: <arch>.expert_count / expert_used_count are written; ``expert_width`` names the config
+    # attribute written as <arch>.expert_feed_forward_length (None: the arch takes the experts' width from
+    # feed_forward_length, as llama's does for Mixtral).
+    moe: bool = False
+    expert_width: str | None = None
+    # config values llama.cpp's architecture hard-codes (qwen3moe always renormalises the top-k weights; gpt-oss's
+    # clamp is 7): a model with another value cannot be written faithfully, and writing it is an error naming it.
+    fixed: dict[str, Any] = field(default_factory=dict)
 
 
 GLOBAL = {
@@ -85,3 +115,25 @@ SANDWICH_NORMS = {
     "model.layers.{}.pre_feedforward_layernorm.weight": "blk.{}.ffn_norm.weight",
     "model.layers.{}.post_feedforward_layernorm.weight": "blk.{}.post_ffw_norm.weight",
 }
+
+
+def experts(moe: Any) -> dict[str, str | Split]:
+    """The router and expert tensors of a sparse block laid out as ``moe`` (the family's
+    :class:`~fasttune.models.spec.MoESpec`, which imports this module) says, in llama.cpp's names: the router
+    ``ffn_gate_inp``, the fused gate/up split into ``ffn_gate_exps`` / ``ffn_up_exps``, ``ffn_down_exps``; where the
+    experts have biases (``moe.bias``, gpt-oss) the router's and experts' biases too."""
+    block = f"model.layers.{{}}.mlp.{moe.experts}."
+    names: dict[str, str | Split] = {
+        f"model.layers.{{}}.mlp.{moe.router}.weight": "blk.{}.ffn_gate_inp.weight",
+        block + moe.gate_up: Split(-2, ("blk.{}.ffn_gate_exps.weight", "blk.{}.ffn_up_exps.weight"),
+                                   interleaved=moe.interleaved, transposed=moe.transposed),
+        block + moe.down: Split(-2, ("blk.{}.ffn_down_exps.weight",), transposed=moe.transposed),
+    }
+    if moe.bias:
+        names.update({
+            f"model.layers.{{}}.mlp.{moe.router}.bias": "blk.{}.ffn_gate_inp.bias",
+            block + moe.gate_up + "_bias": Split(-1, ("blk.{}.ffn_gate_exps.bias", "blk.{}.ffn_up_exps.bias"),
+                                                 interleaved=moe.interleaved),
+            block + moe.down + "_bias": "blk.{}.ffn_down_exps.bias",
+        })
+    return names

@@ -6,15 +6,32 @@ gated activation: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)``, ``g = cla
 l 7). Released checkpoints store the experts in MXFP4; transformers dequantizes them to bf16 where no MXFP4 kernel
 runs (``Mxfp4Config(dequantize=True)``, what fasttune asks for on CPU)."""
 
+from .gguf import ATTN, ATTN_BIAS, GLOBAL, TensorMap, experts
 from .spec import FamilySpec, MoESpec, SpecialTokens, TinySpec
+
+MOE = MoESpec(router="router", transposed=True, interleaved=True, bias=True, activation="gpt_oss",
+              returns_scores=True)
 
 SPEC = FamilySpec(
     family="gpt_oss",
     model_type="gpt_oss",
     name="gpt-oss",
-    moe=MoESpec(router="router", transposed=True, interleaved=True, bias=True, activation="gpt_oss",
-                returns_scores=True),
+    moe=MOE,
     packed_masks=True,
+    # llama.cpp's gpt-oss arch: sinks, the post-attention norm under its own name, biased router and experts; its
+    # activation's clamp is fixed at 7 (and alpha at 1.702, as transformers'); sliding layers alternate
+    gguf=TensorMap(
+        "gpt-oss",
+        {
+            **GLOBAL, **ATTN, **ATTN_BIAS,
+            "model.layers.{}.self_attn.o_proj.bias": "blk.{}.attn_output.bias",
+            "model.layers.{}.self_attn.sinks": "blk.{}.attn_sinks.weight",
+            "model.layers.{}.input_layernorm.weight": "blk.{}.attn_norm.weight",
+            "model.layers.{}.post_attention_layernorm.weight": "blk.{}.post_attention_norm.weight",
+            **experts(MOE),
+        },
+        sliding_window="per_layer", moe=True, expert_width="intermediate_size", fixed={"swiglu_limit": 7.0},
+    ),
     tiny=TinySpec(
         tokens=SpecialTokens("<|startoftext|>", "<|return|>", "<|endoftext|>", add_bos=False),
         # the real routing (32 experts, top-4) scaled down; sinks, alternating windows and YaRN as released

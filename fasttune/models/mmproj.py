@@ -13,15 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-@dataclass(frozen=True)
-class Split:
-    """One transformers tensor written as several GGUF tensors: equal chunks along ``dim`` (or index ``dim`` when
-    ``squeeze``), named in order."""
-
-    dim: int
-    names: tuple[str, ...]
-    squeeze: bool = False
+from .gguf import Split  # one tensor written as several (shared with the text maps)
 
 
 @dataclass(frozen=True)

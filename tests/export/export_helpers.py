@@ -8,9 +8,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from fasttune.models import families
 from fasttune.quant import patch_quantized_layers
 
-LINEARS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+LINEARS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+           # MoE families: attention only; LoRA on the 3-D experts (peft's target_parameters) is merged by
+           # fasttune.export.merge, tested there, and the export tests take plain expert tensors
+           **{spec.family: list(spec.attention) for spec in families() if spec.moe is not None}}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -52,7 +53,7 @@ def test_f16_round_trip_and_metadata(family, merged, tiny_tokenizer, tmp_path):
         assert err <= 1e-3 * max(1.0, tensor.abs().max().item()), f"{family} {name}: f16 round trip off by {err}"
     reader = GGUFReader(path)
     arch = _field(reader, "general.architecture")
-    assert arch == {"mistral": "llama"}.get(family, family)
+    assert arch == {"mistral": "llama", "mixtral": "llama", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}.get(family, family)
     cfg = model.config
     assert _field(reader, f"{arch}.block_count") == cfg.num_hidden_layers
     assert _field(reader, f"{arch}.attention.head_count_kv") == cfg.num_key_value_heads
@@ -69,6 +70,62 @@ def test_f16_round_trip_and_metadata(family, merged, tiny_tokenizer, tmp_path):
     if family == "phi3":
         assert {t.name for t in reader.tensors} >= {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"}
         assert _field(reader, "phi3.rope.scaling.original_context_length") == 4096
+    if family in MOE_WIDTH:  # experts in llama.cpp's layout: (E, I, H) gate/up, (E, H, I) down; the router's (E, H)
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+        n_exp, width, hidden = cfg.num_local_experts, getattr(cfg, MOE_WIDTH[family]), cfg.hidden_size
+        assert shapes["blk.1.ffn_gate_exps.weight"] == shapes["blk.1.ffn_up_exps.weight"] == (n_exp, width, hidden)
+        assert shapes["blk.1.ffn_down_exps.weight"] == (n_exp, hidden, width)
+        assert shapes["blk.1.ffn_gate_inp.weight"] == (n_exp, hidden)
+        assert _field(reader, f"{arch}.expert_count") == n_exp
+        assert _field(reader, f"{arch}.expert_used_count") == cfg.num_experts_per_tok
+        assert (f"{arch}.expert_feed_forward_length" in reader.fields) == (arch != "llama")
+    if family == "gpt_oss":
+        assert _field(reader, "gpt-oss.attention.sliding_window") == 32
+        assert list(_field(reader, "gpt-oss.attention.sliding_window_pattern")) == [True, False, True, False]
+        assert _field(reader, "gpt-oss.rope.scaling.factor") == pytest.approx(32.0)
+        assert _field(reader, "gpt-oss.rope.scaling.original_context_length") == 4096
+        assert {"blk.0.attn_sinks.weight", "blk.0.ffn_gate_inp.bias", "blk.0.ffn_up_exps.bias",
+                "blk.0.post_attention_norm.weight"} <= {t.name for t in reader.tensors}
+
+
+# config attribute of each MoE family's expert width
+MOE_WIDTH = {"qwen3_moe": "moe_intermediate_size", "mixtral": "intermediate_size", "gpt_oss": "intermediate_size"}
+
+
+def test_expert_split_and_join_follow_transformers_layouts():
+    """gpt-oss's (E, H, 2I) gate_up with gate/up interleaved, Qwen3-MoE's (E, 2I, H) with gate then up: the GGUF parts
+    are the (E, I, H) matrices transformers' experts multiply by, and joining them gives the tensor back."""
+    from fasttune.export.gguf.tensor_maps import get_tensor_map, join_tensor, split_tensor
+
+    rng = np.random.default_rng(0)
+    n_exp, hidden, width = 3, 8, 6
+    fused = rng.standard_normal((n_exp, hidden, 2 * width)).astype(np.float32)  # gpt-oss: x @ W, (in, out)
+    split = get_tensor_map("gpt_oss").names["model.layers.{}.mlp.experts.gate_up_proj"]
+    (gate_name, gate), (up_name, up) = split_tensor(split, fused)
+    assert (gate_name, up_name) == ("blk.{}.ffn_gate_exps.weight", "blk.{}.ffn_up_exps.weight")
+    np.testing.assert_array_equal(gate, fused[..., ::2].swapaxes(1, 2))
+    np.testing.assert_array_equal(up, fused[..., 1::2].swapaxes(1, 2))
+    np.testing.assert_array_equal(join_tensor(split, [gate, up]), fused)
+    bias = rng.standard_normal((n_exp, 2 * width)).astype(np.float32)
+    bias_split = get_tensor_map("gpt_oss").names["model.layers.{}.mlp.experts.gate_up_proj_bias"]
+    parts = [p for _, p in split_tensor(bias_split, bias)]
+    np.testing.assert_array_equal(parts[1], bias[:, 1::2])
+    np.testing.assert_array_equal(join_tensor(bias_split, parts), bias)
+    halves = rng.standard_normal((n_exp, 2 * width, hidden)).astype(np.float32)  # Qwen3-MoE: (out, in), gate first
+    qsplit = get_tensor_map("qwen3_moe").names["model.layers.{}.mlp.experts.gate_up_proj"]
+    (_, gate), (_, up) = split_tensor(qsplit, halves)
+    np.testing.assert_array_equal(gate, halves[:, :width])
+    np.testing.assert_array_equal(up, halves[:, width:])
+    np.testing.assert_array_equal(join_tensor(qsplit, [gate, up]), halves)
+
+
+def test_config_values_llama_cpp_hard_codes_are_checked(merged, tiny_tokenizer, tmp_path):
+    model, state = merged("qwen3_moe")
+    config = copy.deepcopy(model.config)
+    config.norm_topk_prob = False  # llama.cpp's qwen3moe always renormalises the top-k weights
+    with pytest.raises(ValueError, match=r"config.norm_topk_prob: False; llama.cpp's qwen3moe architecture always"):
+        write_gguf(tmp_path / "x.gguf", state, config, tiny_tokenizer("qwen3_moe"), "f16")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma3"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from export_helpers import lora_model
@@ -21,7 +22,8 @@ pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama_cpp
 
 TEMPLATES = {"llama": "llama-3.1", "mistral": "mistral", "qwen2": "qwen-2.5", "qwen3": "qwen-3", "gemma": "gemma",
-             "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi-3"}
+             "gemma2": "gemma", "gemma3": "gemma", "phi3": "phi-3", "qwen3_moe": "qwen-3", "mixtral": "mistral",
+             "gpt_oss": "gpt-oss"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -47,6 +49,65 @@ def test_quantized_matches_its_dequantized_weights(family, ftype, merged, tiny_t
     write_gguf(path, state, model.config, tokenizer, ftype)
     report = validate_gguf(path, reference_model(path, model.config), tokenizer, max_kl=1e-4)
     assert report.tokens_match and report.kl < 1e-4 and report.top1 >= 0.9, report
+
+
+# Quantized MoE files against the model holding their own dequantized weights: what is left is llama.cpp's arithmetic
+# (activations in 8-bit blocks), which flips some top-k expert choices of a tiny random router. Measured 2026-12-07,
+# mean KL over three prompts, fasttune's file / llama.cpp's own quantizer run on the same f16 file:
+#   gpt-oss q8_0 6.7e-6..6.3e-5 / 7.4e-6..4.5e-5, q4_k_m 2.7e-5..1.6e-4 / 9.6e-6..1.3e-4, mxfp4_moe 7e-5..1.6e-4;
+#   qwen3_moe and mixtral q8_0 / q4_k_m 5e-6..2.3e-5 (both quantizers). A wrong expert layout gives 1e-4..2e-2 on f16
+#   files, whose bound stays 1e-5 (test_f16_matches_hf_fp32).
+MOE_MAX_KL = 5e-4
+
+
+@pytest.mark.parametrize("family,ftype", [("qwen3_moe", "q4_k_m"), ("mixtral", "q4_k_m"), ("gpt_oss", "q8_0"),
+                                          ("gpt_oss", "mxfp4_moe")])
+def test_moe_types_are_llama_cpps_and_the_file_runs(family, ftype, merged, tiny_tokenizer, tmp_path):
+    """Every tensor's type is the one llama.cpp's quantizer picks from the f16 file (expert rules, n_expert == 8 rules,
+    the fallback of the 176-wide ffn_down_exps rows), MXFP4 blocks are llama.cpp's bytes, and the file computes its
+    own weights' logits in llama.cpp."""
+    from gguf import GGUFReader
+    from test_mixes import _llama_cpp_quantize
+
+    model, state = merged(family)
+    tokenizer = tiny_tokenizer(family)
+    write_gguf(tmp_path / "f16.gguf", state, model.config, tokenizer, "f16")
+    path = tmp_path / f"{ftype}.gguf"
+    report = write_gguf(path, state, model.config, tokenizer, ftype)
+    theirs = _llama_cpp_quantize(tmp_path / "f16.gguf", tmp_path / "theirs.gguf", ftype)
+    assert report.tensor_types == {name: qtype.name for name, (qtype, _) in theirs.items()}
+    assert report.tensor_types["blk.0.ffn_down_exps.weight"] == "F16"  # 176 columns: no block type holds them
+    if ftype == "mxfp4_moe":
+        ours = {t.name: np.array(t.data) for t in GGUFReader(path).tensors}
+        for name in ("blk.0.ffn_gate_exps.weight", "blk.3.ffn_up_exps.weight"):
+            assert report.tensor_types[name] == "MXFP4"
+            assert np.mean(ours[name] == theirs[name][1]) >= 0.99, name  # measured 0.998 (ties rounded otherwise)
+    result = validate_gguf(path, reference_model(path, model.config), tokenizer, max_kl=MOE_MAX_KL)
+    assert result.tokens_match and result.top1 >= 0.8, result
+
+
+def test_a_wrong_expert_layout_fails_validation(merged, tiny_tokenizer, tmp_path, monkeypatch):
+    """gpt-oss's gate/up cut into halves instead of de-interleaved loads and runs, but computes something else."""
+    model, state = merged("gpt_oss")
+    tmap = tensor_maps.TENSOR_MAPS["gpt_oss"]
+    key = "model.layers.{}.mlp.experts.gate_up_proj"
+    broken = dataclasses.replace(tmap, names={**tmap.names, key: dataclasses.replace(tmap.names[key], interleaved=False)})
+    monkeypatch.setitem(tensor_maps.TENSOR_MAPS, "gpt_oss", broken)
+    write_gguf(tmp_path / "bad.gguf", state, model.config, tiny_tokenizer("gpt_oss"), "f16")
+    with pytest.raises(GGUFValidationError, match="KL"):
+        validate_gguf(tmp_path / "bad.gguf", model, tiny_tokenizer("gpt_oss"), max_kl=1e-5)
+
+
+def test_gpt_oss_save_validate_and_harmony_modelfile(tiny_model_dir, tiny_tokenizer, tmp_path):
+    model = lora_model(tiny_model_dir("gpt_oss"), "gpt_oss")
+    tokenizer = get_chat_template(tiny_tokenizer("gpt_oss"), "gpt-oss")
+    paths = save_pretrained_gguf(model, tmp_path, tokenizer, ["mxfp4", "f16"], validate=True)
+    assert [p.name for p in paths] == ["model.MXFP4_MOE.gguf", "model.F16.gguf"]
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.MXFP4_MOE.gguf")
+    assert "<|start|>assistant<|channel|>final<|message|>{{ $m.Content }}<|return|>" in modelfile
+    for stop in ("<|return|>", "<|call|>"):
+        assert f'PARAMETER stop "{stop}"' in modelfile
 
 
 def test_validate_flag_and_a_wrong_file_fails(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
@@ -95,13 +156,15 @@ def test_sentencepiece_style_tokenizer_matches(tmp_path):
     assert report.tokens_match
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_sliding_window_layout_beyond_the_window(family, merged, tiny_tokenizer, tmp_path):
+# gpt-oss (window 32, YaRN) in f32: over 300 tokens, f16 rounding flips a near-tied top-4 expert choice of the tiny
+# random router at one position (max |diff| 0.07 there, mean KL 7e-7); the f32 file's worst logit is 7e-4 off
+@pytest.mark.parametrize("family,ftype", [("gemma2", "f16"), ("gemma3", "f16"), ("gpt_oss", "f32")])
+def test_sliding_window_layout_beyond_the_window(family, ftype, merged, tiny_tokenizer, tmp_path):
     model, state = merged(family)
     tokenizer = tiny_tokenizer(family)
     path = tmp_path / "swa.gguf"
-    write_gguf(path, state, model.config, tokenizer, "f16")
-    prompt = " ".join(f"word{i} is {i * 7 % 13}" for i in range(40))  # far more tokens than the window of 64
+    write_gguf(path, state, model.config, tokenizer, ftype)
+    prompt = " ".join(f"word{i} is {i * 7 % 13}" for i in range(40))  # far more tokens than the windows (64, 32)
     report = validate_gguf(path, model, tokenizer, prompt=prompt, max_kl=1e-5, max_abs=5e-3)
     assert report.n_tokens > 2 * model.config.sliding_window, report
 

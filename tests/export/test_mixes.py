@@ -128,6 +128,28 @@ def test_moe_falcon_and_70b_rules():
     assert tensor_qtype("blk.40.attn_v.weight", (1024, 8192), "q4_k_m", 80, n_gqa=1) == T.Q4_K
 
 
+def test_mxfp4_moe_mix():
+    """llama.cpp's MXFP4_MOE: expert tensors (3-D, more than one expert) MXFP4, every other matrix Q8_0 (the output
+    head and token embeddings too), the router and 1-D tensors F32; a row the 32-block cannot hold falls back to F16."""
+    assert tensor_qtype("blk.3.ffn_gate_exps.weight", (32, 2880, 2880), "mxfp4", 24, 32) == T.MXFP4
+    assert tensor_qtype("blk.3.ffn_down_exps.weight", (32, 2880, 2880), "mxfp4_moe", 24, 32) == T.MXFP4
+    for name, shape in (("blk.3.attn_q.weight", (4096, 2880)), ("output.weight", (201088, 2880)),
+                        ("token_embd.weight", (201088, 2880))):
+        assert tensor_qtype(name, shape, "mxfp4_moe", 24, 32) == T.Q8_0, name
+    assert tensor_qtype("token_embd.weight", (201088, 2880), "mxfp4_moe", 24, 32, tied_embeddings=True) == T.Q8_0
+    assert tensor_qtype("blk.3.ffn_gate_inp.weight", (32, 2880), "mxfp4_moe", 24, 32) == T.F32
+    assert tensor_qtype("blk.3.ffn_gate_exps.bias", (32, 2880), "mxfp4_moe", 24, 32) == T.F32
+    choice = choose_tensor_qtype("blk.0.ffn_down_exps.weight", (8, 256, 176), "mxfp4_moe", 4, 8)
+    assert (choice.planned, choice.qtype) == (T.MXFP4, T.F16) and "176" in choice.reason
+
+
+def test_expert_tensors_follow_the_ffn_rules():
+    """A 3-D expert tensor is in its ffn category (ffn_down_exps gets q4_k_m's extra bits like ffn_down)."""
+    assert tensor_qtype("blk.0.ffn_down_exps.weight", (8, 4096, 14336), "q4_k_m", 32, 8) == T.Q6_K
+    assert tensor_qtype("blk.4.ffn_down_exps.weight", (8, 4096, 14336), "q4_k_m", 32, 8) == T.Q4_K
+    assert tensor_qtype("blk.4.ffn_gate_exps.weight", (8, 14336, 4096), "q4_k_m", 32, 8) == T.Q4_K
+
+
 def test_fused_qkv_follows_attn_v_rules():
     assert tensor_qtype("blk.0.attn_qkv.weight", (9216, 3072), "q4_k_m", 32) == T.Q6_K
     assert tensor_qtype("blk.4.attn_qkv.weight", (9216, 3072), "q4_k_m", 32) == T.Q4_K

@@ -42,3 +42,11 @@ def test_go_reference_shows_ollamas_system_handling(go_ollama):
     out = go_ollama.render([{"template": naive, "system": "S", "messages": [
         {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}])
     assert out == ["S|system:S;user:a\n\nb;"]
+
+
+def test_gpt_oss_modelfile_matches_training_in_go(go_ollama, tmp_path):
+    """gpt-oss's tokenizer (no BOS added, harmony markers) with its harmony template, as save_pretrained_gguf writes
+    it beside a gpt-oss GGUF: Ollama's prompt is the training prompt, token for token."""
+    tokenizer = get_chat_template(build_tokenizer("gpt_oss"), "gpt-oss")
+    path = write_ollama_modelfile(tmp_path, tmp_path / "model.MXFP4_MOE.gguf", tokenizer)
+    assert check_modelfile(go_ollama, tokenizer, path.read_text()) >= 2

@@ -53,6 +53,9 @@ _FILE_TYPES: dict[str, tuple[GGMLQuantizationType, int]] = {
     "q5_k_m": (Q.Q5_K, 17),
     "q6_k": (Q.Q6_K, 18),
     "bf16": (Q.BF16, 32),
+    # llama.cpp's MXFP4_MOE: every expert tensor (3-D) MXFP4, every other matrix Q8_0; what llama.cpp's converter
+    # and the published gpt-oss GGUFs use for gpt-oss's experts (its checkpoints are MXFP4)
+    "mxfp4_moe": (Q.MXFP4, 38),
 }
 FTYPES: dict[str, FileType] = {name: FileType(qtype, number, name) for name, (qtype, number) in _FILE_TYPES.items()}
 
@@ -64,6 +67,7 @@ ALIASES: dict[str, str] = {
     "q3_k": "q3_k_m",
     "q4_k": "q4_k_m",
     "q5_k": "q5_k_m",
+    "mxfp4": "mxfp4_moe",
 }
 
 
@@ -162,9 +166,11 @@ def _mix_rule(name: str, shape: tuple[int, ...], ftype: str, default: Q, n_layer
     falcon = arch == "falcon"
     new = default
     if cat == "output" or (tied_embeddings and cat == "token_embd"):
-        if falcon or shape[-1] % GGML_QUANT_SIZES[new][0] != 0:
+        if ftype == "mxfp4_moe" or falcon or shape[-1] % GGML_QUANT_SIZES[new][0] != 0:
             return Q.Q8_0
         return Q.Q6_K if new != Q.Q8_0 else new
+    if ftype == "mxfp4_moe":  # experts (ne[2] > 1) MXFP4, everything else Q8_0
+        return Q.MXFP4 if len(shape) == 3 and shape[0] > 1 else Q.Q8_0
     if cat == "token_embd":
         return new
     if cat == "attn_v":

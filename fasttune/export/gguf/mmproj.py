@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from fasttune.models import MMProjMap, Split, get_vision_family, vision_families
 
+from .tensor_maps import split_tensor
 from .writer import GGUFReport, gguf_file
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,6 @@ def mmproj_map(config: Any) -> MMProjMap:
         raise ValueError(f"model_type: {config.model_type!r} has no mmproj export in fasttune yet (llama.cpp's vision "
                          f"projector file); supported: {supported}. Export merged_16bit instead")
     return vision.mmproj
-
-
-def _split(split: Split, data: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """The GGUF tensors one tensor is written as (see :class:`fasttune.models.mmproj.Split`)."""
-    if split.squeeze:
-        return [(name, np.take(data, i, axis=split.dim)) for i, name in enumerate(split.names)]
-    return list(zip(split.names, np.split(data, len(split.names), axis=split.dim)))
 
 
 def language_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -76,7 +70,7 @@ def _entries(mmap: MMProjMap, name: str, data: np.ndarray) -> list[tuple[str, np
         if key not in table:
             raise KeyError(f"tensor {name!r} has no name in the {mmap.projector_type} mmproj map (looked up {key!r})")
         target = table[key]
-        parts = _split(target, data) if isinstance(target, Split) else [(target, data)]
+        parts = split_tensor(target, data) if isinstance(target, Split) else [(target, data)]
         return [(n.format(int(match[1])) if match else n, np.ascontiguousarray(d)) for n, d in parts]
     return []
 

@@ -1,7 +1,7 @@
 """``quantization_method`` resolved to file types (:func:`resolve_methods`), and the numpy quantizer for each GGUF
 tensor type.
 
-No compiler is involved: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 use the ``gguf`` package's own numpy quantizers and
+No compiler is involved: F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/MXFP4 use the ``gguf`` package's own numpy quantizers and
 Q2_K..Q6_K use fasttune's (``kquants.quantize_k``). Each returns the bytes GGUF stores for the tensor.
 """
 
@@ -20,7 +20,7 @@ Q = GGMLQuantizationType
 
 METHODS: tuple[str, ...] = tuple(FTYPES)
 
-_GGUF_NUMPY = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
+_GGUF_NUMPY = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.MXFP4)
 
 
 def resolve_methods(methods: Any) -> list[FileType]:

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
 
 from .quants import dequantize
-from .tensor_maps import get_tensor_map, is_norm
+from .tensor_maps import Split, get_tensor_map, gguf_names, is_norm, join_tensor
 from .writer import reference_text_config, text_config
 
 
@@ -114,18 +114,31 @@ def read_gguf_state(path: str | os.PathLike, config: Any) -> dict[str, torch.Ten
     """transformers-named float32 tensors holding the (dequantized) values stored in the GGUF file at ``path``."""
     c = text_config(config)
     tmap = get_tensor_map(c.model_type)
-    reverse: dict[str, str] = {}
-    for hf_key, gguf_key in tmap.names.items():
-        for layer in range(c.num_hidden_layers):
-            reverse[gguf_key.format(layer)] = hf_key.format(layer)
+    reverse: dict[str, tuple[str, int]] = {}  # GGUF name -> (transformers name, index among its Split's parts)
+    splits: dict[str, Split] = {}
+    for hf_key, target in tmap.names.items():
+        for layer in range(c.num_hidden_layers) if "{}" in hf_key else [None]:
+            hf_name = hf_key.format(layer) if layer is not None else hf_key
+            for i, gguf_key in enumerate(gguf_names(target)):
+                reverse[gguf_key.format(layer) if layer is not None else gguf_key] = (hf_name, i)
+            if isinstance(target, Split):
+                splits[hf_name] = target
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     state: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, np.ndarray]] = {}
     for tensor in gguf_tensors(path):
         if tensor.name not in reverse:
             continue  # e.g. rope_freqs.weight, computed from the config on the HF side
-        hf_name = reverse[tensor.name]
+        hf_name, index = reverse[tensor.name]
         shape = tuple(int(s) for s in reversed(tensor.shape))
         data = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
+        if hf_name in splits:
+            got = parts.setdefault(hf_name, {})
+            got[index] = data
+            if len(got) < len(splits[hf_name].names):
+                continue
+            data = join_tensor(splits[hf_name], [got[i] for i in range(len(got))])
+            del parts[hf_name]
         if tmap.permute_qk and hf_name == tmap.q_name.format(_layer(hf_name)):
             data = unpermute_rows(data, c.num_attention_heads)
         elif tmap.permute_qk and hf_name == tmap.k_name.format(_layer(hf_name)):
@@ -133,6 +146,8 @@ def read_gguf_state(path: str | os.PathLike, config: Any) -> dict[str, torch.Ten
         if tmap.norm_offset and is_norm(hf_name):
             data = data - np.float32(tmap.norm_offset)
         state[hf_name] = torch.from_numpy(np.array(data, dtype=np.float32))
+    if parts:
+        raise ValueError(f"{path}: the file lacks parts of {sorted(parts)} (each is written as several tensors)")
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state

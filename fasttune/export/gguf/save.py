@@ -55,22 +55,26 @@ def gguf_filename(file_stem: str, ftype: str) -> str:
 
 
 def _validate(path: Path, ftype: str, model: torch.nn.Module, tokenizer: Any, prompt: str | None,
-              max_kl: float) -> None:
+              max_kl: float, report: GGUFReport) -> None:
     from transformers import AutoModelForCausalLM
 
     from ..llama_cpp import DEFAULT_PROMPT, validate_gguf
     from .reader import reference_model
-    from .writer import reference_text_config
+    from .tensor_maps import get_tensor_map, gguf_name, gguf_names
+    from .writer import reference_text_config, text_config
 
     config = reference_text_config(base_model(model).config)
     if ftype in _UNQUANTIZED:
         reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         state = merged_state_dict(model, dtype=torch.float32)
-        stored = {"f16": torch.float16, "bf16": torch.bfloat16}.get(ftype)
-        if stored is not None:  # the file holds its matrices rounded to f16/bf16 (norms and biases stay f32)
-            state = {k: v.to(stored).float() if v.ndim >= 2 else v for k, v in state.items()}
         if getattr(base_model(model).config, "vision_config", None) is not None:
             state = dict(language_tensors(state.items()))
+        stored = {"f16": torch.float16, "bf16": torch.bfloat16}.get(ftype)
+        if stored is not None:  # the file holds its matrices rounded to f16/bf16; norms, biases (and routers) f32
+            tmap = get_tensor_map(text_config(base_model(model).config).model_type)  # the map the file was written by
+            kept = {name for name, qtype in report.tensor_types.items() if qtype == "F32"}
+            state = {k: v.to(stored).float() if v.ndim >= 2 and not set(gguf_names(gguf_name(tmap, k)[1])) <= kept
+                     else v for k, v in state.items()}
         reference.load_state_dict(state, strict=False)
         reference.tie_weights()
         reference.eval()
@@ -104,7 +108,8 @@ def save_pretrained_gguf(
 
     quantization_method: one name or a list, Unsloth's names and aliases: ``not_quantized`` (f16), ``fast_quantized``
     (q8_0), ``quantized`` (q4_k_m), f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s/m/l, q4_k_s/m,
-    q5_k_s/m, q6_k. validate: check each file in llama.cpp (needs llama-cpp-python). Keywords: ``file_stem``
+    q5_k_s/m, q6_k, mxfp4_moe (alias mxfp4: a mixture of experts' expert tensors in MXFP4, every other matrix Q8_0,
+    as llama.cpp's gpt-oss files). validate: check each file in llama.cpp (needs llama-cpp-python). Keywords: ``file_stem``
     (default "model"), ``pre_tokenizer`` (llama.cpp pre-tokenizer name, when it cannot be derived),
     ``validate_prompt``, ``max_kl`` (default 1e-4 for f32/f16/bf16, 0.25 for quantized types: see MAX_KL_QUANTIZED),
     ``write_modelfile`` (default True: an Ollama Modelfile beside the first file when the tokenizer's chat template
@@ -160,7 +165,7 @@ def _save_files(model: Any, folder: Path, tokenizer: Any, ftypes: list[FileType]
                                   name=stem, tied=tied))
         if validate:
             max_kl = kw.get("max_kl") or (MAX_KL_UNQUANTIZED if ftype.name in _UNQUANTIZED else MAX_KL_QUANTIZED)
-            _validate(path, ftype.name, model, tokenizer, kw.get("validate_prompt"), max_kl)
+            _validate(path, ftype.name, model, tokenizer, kw.get("validate_prompt"), max_kl, reports[-1])
         paths.append(path)
     if mmap is not None:  # llama.cpp runs a VLM from the language file plus this projector file
         path = folder / f"mmproj-{stem}.F16.gguf"

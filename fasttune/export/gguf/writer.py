@@ -3,6 +3,7 @@
     write_gguf(path, state, config, tokenizer, "q4_k_m")
 
 Tensors are renamed with the family's ``TensorMap``, transformed (llama's q/k row permutation, Gemma's norm offset),
+cut where the map has a ``Split`` (a MoE block's fused gate/up experts become ``ffn_gate_exps`` and ``ffn_up_exps``),
 given the type llama.cpp's mix would choose (``mixes.choose_tensor_qtype``: shapes a type cannot hold fall back and
 the log says so) and quantized in numpy. Hyper-parameters go to the ``<arch>.*`` keys llama.cpp reads.
 """
@@ -25,7 +26,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, RopeScali
 from ..atomic import atomic_file
 from .mixes import FileType, choose_tensor_qtype, file_type
 from .quants import quantize
-from .tensor_maps import TensorMap, get_tensor_map, gguf_name, is_norm, permute_rows
+from .tensor_maps import Split, TensorMap, get_tensor_map, gguf_name, is_norm, permute_rows, split_tensor
 from .tokenizer import build_vocab
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,12 @@ def _family_hparams(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
     """The ``<arch>.*`` keys only some architectures read, chosen by the family's ``TensorMap`` flags.
 
     Keys are added in one fixed order (softcapping, original context, sliding window, its pattern, the sliding layers'
-    RoPE base): the file's bytes follow the order keys are added in.
+    RoPE base, the experts): the file's bytes follow the order keys are added in.
     """
+    for attr, value in tmap.fixed.items():
+        if getattr(c, attr, value) != value:
+            raise ValueError(f"config.{attr}: {getattr(c, attr)!r}; llama.cpp's {tmap.arch} architecture always "
+                             f"computes with {value!r}, so this model cannot be written to GGUF faithfully")
     if tmap.softcapping == "attn_and_final":
         writer.add_attn_logit_softcapping(float(c.attn_logit_softcapping or 0.0))
         writer.add_final_logit_softcapping(float(c.final_logit_softcapping or 0.0))
@@ -165,6 +170,17 @@ def _family_hparams(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
         sections = [int(v) for v in _rope(c)["mrope_section"]]
         writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
     _sliding_window(writer, c, tmap)
+    if tmap.moe:
+        writer.add_expert_count(n_experts(c))
+        writer.add_expert_used_count(int(c.num_experts_per_tok))
+        if tmap.expert_width is not None:
+            writer.add_expert_feed_forward_length(int(getattr(c, tmap.expert_width)))
+
+
+def n_experts(config: Any) -> int:
+    """Experts per sparse block (0 for a dense model); transformers names it num_local_experts or num_experts."""
+    c = text_config(config)
+    return int(getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None) or 0)
 
 
 def _sliding_window(writer: GGUFWriter, c: Any, tmap: TensorMap) -> None:
@@ -271,17 +287,19 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | It
                          "this model has a separate lm_head (a LoRA on lm_head?); export it merged_16bit instead")
     report = GGUFReport(Path(path), ftype.name)
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    n_expert = n_experts(c) if tmap.moe else 0  # llama.cpp's quantizer reads hparams.n_expert (0 for dense models)
     with gguf_file(path, tmap.arch) as writer:
         _write_metadata(writer, config, tmap, tokenizer, ftype, template, pre_tokenizer, name, report)
         for hf_name, tensor in tensors:
-            key, gname, _layer = gguf_name(tmap, hf_name)
+            key, target, _layer = gguf_name(tmap, hf_name)
             data = convert_tensor(tmap, key, hf_name, tensor, config)
-            choice = choose_tensor_qtype(gname, data.shape, ftype, c.num_hidden_layers, arch=tmap.arch,
-                                         n_gqa=c.num_attention_heads // n_kv, tied_embeddings=tied)
-            if choice.reason:
-                report.fallbacks.append(choice.reason)
-            writer.add_tensor(gname, quantize(data, choice.qtype), raw_dtype=choice.qtype)
-            report.tensor_types[gname] = choice.qtype.name
+            for gname, part in split_tensor(target, data) if isinstance(target, Split) else [(target, data)]:
+                choice = choose_tensor_qtype(gname, part.shape, ftype, c.num_hidden_layers, n_expert, arch=tmap.arch,
+                                             n_gqa=c.num_attention_heads // n_kv, tied_embeddings=tied)
+                if choice.reason:
+                    report.fallbacks.append(choice.reason)
+                writer.add_tensor(gname, quantize(part, choice.qtype), raw_dtype=choice.qtype)
+                report.tensor_types[gname] = choice.qtype.name
     if report.fallbacks:  # one line, not one per tensor (SmolLM2's q4_k_m: 210 of them)
         logger.warning("gguf: %d of %d tensors of %s use another type, as llama.cpp's quantizer does, because their row "
                        "length does not fit the type's block (e.g. %s); GGUFReport.fallbacks lists them all",
