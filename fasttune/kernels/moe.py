@@ -24,7 +24,7 @@ materialises ``W + s B A`` for *every* expert on every forward):
 
 Layouts (:class:`ExpertLayout`): weights stored ``(E, out, in)`` (Qwen3-MoE, Mixtral) or ``(E, in, out)``
 (gpt-oss, ``transposed``); gate and up as the two halves of ``gu`` or interleaved columns (gpt-oss). Activations:
-``"silu"`` (``silu(gate) * up``) and ``"gpt_oss"`` (``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
+``"silu"`` (``silu(gate) * up``) and ``"clamped_swiglu"`` (gpt-oss: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
 ``g = clamp(gate, max=l)``). LoRA factors come in peft's ``ParamWrapper`` layout: ``A`` is ``(E * r, in)``
 expert-major, ``B`` is ``(out, r * E)`` rank-major (``B.reshape(out, r, E)[:, :, e]`` is expert ``e``'s).
 """
@@ -40,7 +40,7 @@ from fasttune.quant.experts import is_packed
 
 __all__ = ["ExpertLayout", "ExpertLora", "grouped_mm_available", "moe_experts", "moe_experts_reference"]
 
-ACTIVATIONS = ("silu", "gpt_oss")
+ACTIVATIONS = ("silu", "clamped_swiglu")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class ExpertLayout:
     transposed: bool = False  # (E, in, out) instead of (E, out, in)
     interleaved: bool = False  # gate/up alternate along gu's columns instead of gate half | up half
     activation: str = "silu"
-    alpha: float = 1.702  # gpt_oss: the sigmoid's slope
-    limit: float = 7.0  # gpt_oss: the clamp
+    alpha: float = 1.702  # clamped_swiglu: the sigmoid's slope
+    limit: float = 7.0  # clamped_swiglu: the clamp
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:

@@ -9,7 +9,7 @@ runs (``Mxfp4Config(dequantize=True)``, what fasttune asks for on CPU)."""
 from .gguf import ATTN, ATTN_BIAS, GLOBAL, TensorMap, experts
 from .spec import FamilySpec, MoESpec, SpecialTokens, TinySpec
 
-MOE = MoESpec(router="router", transposed=True, interleaved=True, bias=True, activation="gpt_oss",
+MOE = MoESpec(router="router", transposed=True, interleaved=True, bias=True, activation="clamped_swiglu",
               returns_scores=True)
 
 SPEC = FamilySpec(

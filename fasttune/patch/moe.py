@@ -69,8 +69,8 @@ def expert_parts(experts: nn.Module, moe: MoESpec) -> tuple[nn.Module, dict[str,
 
 
 def _layout(experts: nn.Module, moe: MoESpec) -> ExpertLayout | str:
-    if moe.activation == "gpt_oss":
-        return ExpertLayout(moe.transposed, moe.interleaved, "gpt_oss", float(getattr(experts, moe.alpha)),
+    if moe.activation == "clamped_swiglu":
+        return ExpertLayout(moe.transposed, moe.interleaved, moe.activation, float(getattr(experts, moe.alpha)),
                             float(getattr(experts, moe.limit)))
     act = getattr(experts, "act_fn", None)
     if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):  # torch's, or transformers' own

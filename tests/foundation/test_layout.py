@@ -88,7 +88,8 @@ MODELS = ROOT / "models"
 ALLOWED: dict[tuple[str, str], str] = {
     **{("data/formats/table.py", name): "an Unsloth chat template name (get_chat_template), not a model family"
        for name in ("mistral", "gemma", "gemma2", "gemma3", "phi3")},
-    ("data/formats/reasoning.py", "qwen3"): "an Unsloth chat template name (get_chat_template), not a model family",
+    **{("data/formats/reasoning.py", name): "an Unsloth chat template name (get_chat_template), not a model family"
+       for name in ("qwen3", "gpt_oss")},
     ("export/gguf/mixes.py", "llama"): "llama.cpp's architecture name in its quantizer's rules (TensorMap.arch)",
     ("export/gguf/tokenizer.py", "llama"): "GGUF's tokenizer model name (SentencePiece), not the Llama family",
     ("export/gguf/tokenizer.py", "qwen2"): "llama.cpp's pre-tokenizer name, not the Qwen2 family",

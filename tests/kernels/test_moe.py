@@ -17,7 +17,7 @@ from fasttune.quant.experts import PackedExperts
 N, H, I, E, K, R = 40, 64, 48, 8, 2, 4  # tokens, hidden, expert width, experts, top-k, LoRA rank  # noqa: E741
 LAYOUTS = {
     "qwen3_moe": ExpertLayout(),  # (E, out, in), gate half | up half, silu
-    "gpt_oss": ExpertLayout(transposed=True, interleaved=True, activation="gpt_oss", limit=1.5),
+    "gpt_oss": ExpertLayout(transposed=True, interleaved=True, activation="clamped_swiglu", limit=1.5),
 }
 
 
