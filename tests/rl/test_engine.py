@@ -131,9 +131,10 @@ def test_growing_layer_keeps_its_contents():
         layer.update(torch.randn(2, 2, 1, 5), torch.randn(2, 2, 1, 3))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "qwen3_moe", "gpt_oss"])
 def test_greedy_matches_generate_other_families(family, tiny_model_dir, tiny_tokenizer):
-    """qwen2 (biases) and gemma2 (sliding-window layers, logit softcapping) through the fasttune loader."""
+    """qwen2 (biases), gemma2 (sliding-window layers, logit softcapping) and two mixtures of experts (the grouped
+    experts in every decode step; gpt-oss: sinks, alternating windows) through the fasttune loader."""
     tok = tiny_tokenizer(family)
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), load_in_4bit=False, dtype="float32")
     prompts = _ids(tok)

@@ -64,6 +64,25 @@ def test_grpo_trains_with_fasttune_paths(tiny_model_dir, tmp_path, monkeypatch):
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_grpo_trains_a_4bit_mixture_of_experts(family, tiny_model_dir, tmp_path, monkeypatch):
+    """GRPO on a MoE loaded in 4-bit (NF4-packed experts, LoRA on every expert): the rollouts and the loss both run
+    the grouped experts, and the experts' adapters train."""
+    import fasttune.patch.moe as moe
+
+    calls = []
+    real = moe.moe_experts
+    monkeypatch.setattr(moe, "moe_experts", lambda *a, **k: (calls.append(torch.is_grad_enabled()), real(*a, **k))[1])
+    model, tokenizer = fast_model(tiny_model_dir(family), checkpointing="unsloth", load_in_4bit=True)
+    start = {n: p.clone() for n, p in model.named_parameters() if "experts" in n and "lora_B" in n}
+    trainer = _grpo(model, tokenizer, tmp_path, max_steps=1)
+    trainer.train()
+    assert any(not grad for grad in calls) and any(calls)  # rollouts (no grad) and the training forward
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 1 and torch.isfinite(torch.tensor(logs[0]["loss"])) and logs[0]["completions/mean_length"] > 0
+    assert start and any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+
+
 def test_logprobs_equal_trls(tiny_model_dir, tmp_path):
     """Our per-token log-probs (hidden states at completion tokens, chunked) equal TRL's fused head's, values and
     gradients, on right-padded rows (where both use the same positions)."""
