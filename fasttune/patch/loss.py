@@ -12,6 +12,8 @@ accumulation: the label count of the whole accumulated batch), else the count of
 **In that case the returned ``logits`` is None** (that is the point: they are never built). Without labels the
 original forward runs unchanged, so ``generate`` and evaluation with logits keep working. ``fasttune_token_stats=True``
 (what fasttune's ``SFTTrainer`` passes) also returns the labelled positions' argmax-correct count and entropy sum,
+and ``fasttune_add_aux=False`` leaves a mixture of experts' load-balancing loss out of ``loss`` (returned as
+``aux_loss`` only, for the trainer to weight),
 taken inside the loss's chunks (:class:`FastCausalLMOutput`); the fallbacks below return no statistics. A call with TRL's
 ``fused_lm_head=True`` is handed to the forward that was there before fasttune (TRL's own fused head when TRL added
 it first), and so is a model whose lm_head is not a plain ``nn.Linear`` (LoRA on the lm_head, ``modules_to_save``).
@@ -87,7 +89,8 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
 
     @functools.wraps(type(model).forward)
     def forward(*args, labels: torch.Tensor | None = None, shift_labels: torch.Tensor | None = None,
-                num_items_in_batch: int | torch.Tensor | None = None, fasttune_token_stats: bool = False, **kwargs):
+                num_items_in_batch: int | torch.Tensor | None = None, fasttune_token_stats: bool = False,
+                fasttune_add_aux: bool = True, **kwargs):
         if len(args) == 1 and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], ()
         lm_head = model.get_output_embeddings()
@@ -121,7 +124,7 @@ def make_causal_lm_forward(model: nn.Module, original: Callable) -> Callable:
         result = _run_as_forward(lm_head, head_loss, hidden) if sharded_head else head_loss(hidden)
         loss, stats = result if fasttune_token_stats else (result, None)
         aux_loss = _router_aux_loss(model, outputs, kwargs)
-        if aux_loss is not None:
+        if aux_loss is not None and fasttune_add_aux:  # False: the trainer weights it itself (FastLossMixin)
             loss = loss + model.router_aux_loss_coef * aux_loss.to(loss.device)
         return FastCausalLMOutput(
             loss=loss,

@@ -11,7 +11,9 @@ instead, which a model patched by :func:`fasttune.patch.patch_model` answers wit
 The metrics TRL's ``compute_loss`` logs are kept, with its names and meaning: ``entropy`` (mean entropy of the
 next-token distribution over labelled positions), ``mean_token_accuracy`` (share of labelled positions whose label is
 the argmax) -- both per micro-batch, averaged by TRL's ``log`` -- and ``num_tokens``. The fused loss computes the first
-two inside its chunks (``fasttune_token_stats=True``), so the full logits are still never built.
+two inside its chunks (``fasttune_token_stats=True``), so the full logits are still never built. A mixture of experts'
+load-balancing loss, when TRL turns it on (``router_aux_loss_coef``), is added as TRL adds it (and logged as
+``aux_loss``).
 Set ``fasttune_fast_loss = False`` on the trainer to get TRL's own ``compute_loss`` back.
 """
 
@@ -42,8 +44,13 @@ class FastLossMixin:
         if num_items_in_batch is not None:
             call["num_items_in_batch"] = num_items_in_batch
         logs_metrics = hasattr(self, "_metrics")
-        if logs_metrics and is_patched(getattr(self, "model", model)):
+        patched = is_patched(getattr(self, "model", model))
+        if logs_metrics and patched:
             call["fasttune_token_stats"] = True
+        aux_coef = getattr(self, "router_aux_loss_coef", None) if getattr(self, "aux_loss_enabled", False) else None
+        if aux_coef is not None and patched:  # TRL turned the MoE load-balancing loss on: weighted below, as TRL does
+            call["output_router_logits"] = True
+            call["fasttune_add_aux"] = False
         outputs = model(**call)
         loss = outputs.loss
         if loss is None:
@@ -52,6 +59,16 @@ class FastLossMixin:
         if args is not None and args.average_tokens_across_devices and num_items_in_batch is not None:
             tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             loss = loss * (self.accelerator.num_processes // tp_size)
+        aux = getattr(outputs, "aux_loss", None)
+        if aux_coef is not None and patched and aux is not None:
+            # TRL's rule: the aux loss is a per-micro-batch mean that DDP averages over the ranks, so it is added after
+            # the token loss is scaled by the process count (scaling it too would count it once per process), and
+            # divided over the accumulation steps when the token loss is normalised by num_items_in_batch
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
+            loss = loss + aux_coef * aux.to(loss.device) / steps
+            if logs_metrics:
+                mode = "train" if self.model.training else "eval"
+                self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
         if logs_metrics:
             self._log_token_metrics(outputs, inputs)
         if return_outputs:  # evaluation asks for logits, which the fused loss never built: one more forward

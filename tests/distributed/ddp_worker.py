@@ -4,7 +4,8 @@ argv: model_dir out_json kind. sft trains a fasttune LoRA model (default "unslot
 fasttune.trl.SFTTrainer for 4 SGD steps with momentum (Adam would magnify fp32 reduction-order noise in near-zero gradients)
 at a global batch of 4 (split over the processes), checkpointing at step 2; rank 0 writes the loss per step and the
 LoRA weights, and saves the merged model and GGUF files. resume reruns from that checkpoint. full: sft's run, fully
-fine-tuned, no checkpoint. grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses and KLs;
+fine-tuned, no checkpoint. moe / moe-fsdp: sft's run on a mixture of experts (LoRA on every expert), no saves,
+moe-fsdp under the Trainer's FSDP2 options (one unit per decoder layer). grpo runs 2 GRPO steps (fasttune.trl.GRPOTrainer) and writes the losses and KLs;
 grpo-fsdp does the same under `accelerate launch` with examples/accelerate/fsdp2.yaml. DPO / ORPO: 2 preference
 steps. vision: a tiny Qwen2-VL trained with the padding-free image-text collator.
 
@@ -106,7 +107,7 @@ def vision(model_dir: str, out: str) -> None:
             "lora": {n: p.detach().tolist() for n, p in model.named_parameters() if "lora_" in n}}))
 
 
-FSDP_KINDS = ("fsdp", "fsdp-resume", "qlora", "grpo-fsdp")
+FSDP_KINDS = ("fsdp", "fsdp-resume", "qlora", "grpo-fsdp", "moe-fsdp")
 
 
 def main(model_dir: str, out: str, kinds: str = "sft") -> None:
@@ -140,9 +141,10 @@ def run(model_dir: str, out: str, kind: str) -> None:
     here = Path(out).parent
     # fsdp / fsdp-resume run under `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (its environment
     # configures FSDP2); qlora under torchrun, configured by the Trainer's own fsdp options
+    layer = type(model.get_base_model().model.layers[0]).__name__
     fsdp_args = dict(fsdp="full_shard auto_wrap", fsdp_config={
-        "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
-    }) if fsdp and kind == "qlora" else {}
+        "fsdp_version": 2, "transformer_layer_cls_to_wrap": [layer], "reshard_after_forward": True,
+    }) if fsdp and kind in ("qlora", "moe-fsdp") else {}
     saves = kind in ("sft", "resume", "fsdp", "fsdp-resume")
     args = SFTConfig(**cpu_args(here / f"{kind}{world}", max_steps=4, per_device_train_batch_size=4 // world,
                                 learning_rate=1e-2 if kind == "full" else 1.0, optim="sgd",

@@ -158,6 +158,21 @@ def test_qlora_under_fsdp2_and_ddp_equals_one_process(kind, one_process, tiny_mo
            load_file(one_process / "qlora-merged1" / "model.safetensors"))
 
 
+def test_mixture_of_experts_under_ddp_and_fsdp2_equals_one_process(tiny_model_dir, tmp_path):
+    """A tiny Qwen3-MoE with LoRA on every expert (the grouped experts in forward and backward): two processes under
+    DDP, then under FSDP2 (experts' 3-D weights sharded with the layer), give one process's losses and adapters."""
+    model_dir = str(tiny_model_dir("qwen3_moe"))
+    _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one-{kind}.json"), "moe"], tmp_path)
+    _run([*TORCHRUN, model_dir, str(tmp_path / "two-{kind}.json"), "moe+moe-fsdp"], tmp_path)
+    one = _load(tmp_path / "one-moe.json")
+    assert any("experts" in name for name in one["lora"]) and one["losses"]["4"] < one["losses"]["1"]
+    for kind in ("moe", "moe-fsdp"):
+        two = _load(tmp_path / f"two-{kind}.json")
+        assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5), kind
+        _close(two["lora"], one["lora"])
+    assert any("experts" in name for name in _load(tmp_path / "two-moe-fsdp.json")["sharded"])
+
+
 def test_two_process_ddp_full_finetuning_equals_one_process(tiny_model_dir, tmp_path):
     model_dir = str(tiny_model_dir("llama"))
     _run([sys.executable, str(WORKER), model_dir, str(tmp_path / "one.json"), "full"], tmp_path)

@@ -143,3 +143,27 @@ def test_dropout_on_experts_is_refused_with_the_reason(tiny_model_dir):
     attention_only = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=0.05,
                                                       target_modules=["q_proj", "v_proj"])
     assert not attention_only.peft_config["default"].target_parameters
+
+
+def test_trainer_weights_the_aux_loss_as_trl_does(tiny_model_dir, tmp_path):
+    """fasttune.trl.SFTTrainer's fused loss on a MoE equals TRL's own compute_loss (cross-entropy plus
+    router_aux_loss_coef times the load-balancing loss, which TRL turns on for MoE models), and logs aux_loss."""
+    from datasets import Dataset
+
+    from fasttune.trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")), max_seq_length=64,
+                                                         load_in_4bit=False, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                     use_cpu=True, bf16=False, max_length=64, router_aux_loss_coef=0.5)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args,
+                         train_dataset=Dataset.from_dict({"text": ["one two three four", "five six seven"]}))
+    assert trainer.aux_loss_enabled and model.config.output_router_logits
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    model.train()
+    fast = trainer.compute_loss(model, dict(batch))
+    trainer.fasttune_fast_loss = False
+    trl = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(fast, trl, atol=1e-5, rtol=1e-5)
+    assert trainer._metrics["train"]["aux_loss"]
