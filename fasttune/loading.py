@@ -25,7 +25,7 @@ from .models import get_family
 from .modes import finish_loading, finish_peft, prepare_tokenizer
 from .patch import FAST_PATHS, patch_model
 from .quant import patch_quantized_layers
-from .quant.config import int8_config, nf4_config
+from .quant.config import int8_config, mxfp4_dequantized, nf4_config, stored_quantization
 from .quant.experts import quantize_experts
 from .source import ModelSource, resolve_source
 from .state import FastState, attach_state, model_state
@@ -78,10 +78,17 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
                        "forward", type(source.config).__name__, text_type)
     if fast_path and has_fast_path:  # no Hub kernels fetched at load: fasttune's forwards replace them
         kwargs.setdefault("use_kernels", False)  # (fasttune.patch.model's docstring)
+    quantization = quantization_config(cfg, quant_skip)
+    if stored_quantization(source.config) == "mxfp4":  # gpt-oss's releases: experts stored in MXFP4
+        quantization = mxfp4_dequantized()
+        if cfg.quantization is not None:
+            logger.warning("fasttune: %s is stored in MXFP4: its experts load dequantized%s; the other layers stay "
+                           "16-bit (one quantization per load)", type(source.config).__name__,
+                           " and are packed to NF4" if cfg.quantization == "4bit" else "")
     model = auto_class.from_pretrained(
         source.base,
         dtype=cfg.dtype,
-        quantization_config=quantization_config(cfg, quant_skip),
+        quantization_config=quantization,
         device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
         token=token,
         revision=revision,

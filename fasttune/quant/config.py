@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, Mxfp4Config
 
 
 def nf4_config(compute_dtype: torch.dtype, skip_modules: Sequence[str] = ("lm_head",),
@@ -34,3 +34,18 @@ def nf4_config(compute_dtype: torch.dtype, skip_modules: Sequence[str] = ("lm_he
 def int8_config(skip_modules: Sequence[str] = ("lm_head",)) -> BitsAndBytesConfig:
     """LLM.int8 8-bit storage; ``skip_modules`` stay in 16-bit (the output head by default)."""
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules) or None)
+
+
+def stored_quantization(config) -> str | None:
+    """The ``quant_method`` a checkpoint was saved with (``"mxfp4"`` for gpt-oss's releases), or None."""
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return None
+    method = stored.get("quant_method") if isinstance(stored, dict) else getattr(stored, "quant_method", None)
+    return getattr(method, "value", method)
+
+
+def mxfp4_dequantized() -> Mxfp4Config:
+    """Load an MXFP4 checkpoint (gpt-oss's experts) dequantized to the compute dtype: training needs dense (or
+    fasttune's NF4) experts, and transformers' MXFP4 kernels run on few GPUs and have no backward."""
+    return Mxfp4Config(dequantize=True)
