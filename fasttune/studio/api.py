@@ -30,6 +30,7 @@ from fasttune.cli.recipe import (
     recipe_from_dict,
 )
 from fasttune.data.templates import template_names
+from fasttune.export.gguf.quants import METHODS
 from fasttune.real_models import REAL_MODELS, missing_parts
 from fasttune.rl.rewards import BUILTIN_REWARDS
 
@@ -53,7 +54,7 @@ def schema() -> dict[str, Any]:
     return {"sections": sections, "tiny_models": list(TINY_MODELS),
             "real_models": [{"name": n, "installed": not missing_parts(n)} for n in REAL_MODELS],
             "bundled_data": list(BUNDLED_DATA), "templates": template_names(include_aliases=False),
-            "gguf_types": list(GGUF_TYPES), "method_formats": {k: list(v) for k, v in METHOD_FORMATS.items()},
+            "gguf_types": list(GGUF_TYPES), "gguf_methods": sorted(METHODS), "method_formats": {k: list(v) for k, v in METHOD_FORMATS.items()},
             "rewards": BUILTIN_REWARDS}
 
 

@@ -24,6 +24,7 @@ from fasttune.data import DatasetError, check_dataset, markers_for, tokenize_con
 from fasttune.data.masking import IGNORE_INDEX, TokenTexts
 from fasttune.data.responses import mask_dataset
 from fasttune.data.text_rows import tokenize_text_rows
+from fasttune.data.validate import conversation_problems
 from fasttune.train.padding_free import PaddingFreeCollator
 
 MAX_SHOWN = 50  # rows rendered at most per request
@@ -88,19 +89,31 @@ def preview(recipe: Recipe, tokenizer: Any, start: int = 0, count: int = 8) -> d
             check_dataset(data, tokenizer, max_seq_length=max_length)
         except DatasetError as error:
             out["problems"] = [{"row": row, "problem": reason} for row, reason in error.problems]
-        tokenized = tokenize_conversations(data.select(shown), tokenizer)
+        tokenized = []
+        for i in shown:  # one by one: a row the trainer would refuse is shown with its problem, not tokenized
+            problems = conversation_problems(data[i]["messages"])
+            if problems:
+                out["rows"].append({"index": i, "problem": "; ".join(problems), "parts": [
+                    {"column": m.get("role", "?") if isinstance(m, dict) else "?", "text": _text(
+                        m.get("content", "") if isinstance(m, dict) else m), "trained": False}
+                    for m in data[i]["messages"] or []]})
+            else:
+                tokenized.append((i, tokenize_conversations(data.select([i]), tokenizer)[0]))
     markers = markers_for(tokenizer) if answers_only else None
     trained_total = tokens_total = 0
     texts = TokenTexts(tokenizer)
-    for offset, example in enumerate(tokenized):
+    if fmt == "text":
+        tokenized = list(zip(shown, tokenized))
+    for index, example in tokenized:
         example, problem = _row_mask(example, tokenizer, markers, max_length, answers_only)
         labels = collated_labels(example, tokenizer)
         ids = example["input_ids"]
         trained = sum(1 for x in labels if x != IGNORE_INDEX)
         trained_total, tokens_total = trained_total + trained, tokens_total + len(ids)
-        out["rows"].append({"index": shown.start + offset, "tokens": _token_pieces(texts, ids, labels),
+        out["rows"].append({"index": index, "tokens": _token_pieces(texts, ids, labels),
                             "trained_tokens": trained, "total_tokens": len(ids), "problem": problem,
                             "labels": labels})
+    out["rows"].sort(key=lambda row: row["index"])
     out["trained"] = "the assistant answers (highlighted)" if answers_only else "every token (highlighted)"
     out["trained_tokens"], out["total_tokens"] = trained_total, tokens_total
     return out

@@ -173,6 +173,8 @@ function modelKindChanged() {
 
 const MiB = (b) => `${(b / 2 ** 20).toFixed(0)} MiB`;
 const GiB = (b) => b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(2)} GiB` : MiB(b);
+const bytes = (b) => b >= 2 ** 30 ? GiB(b) : b >= 2 ** 20 ? `${(b / 2 ** 20).toFixed(1)} MiB` :
+  b >= 1024 ? `${(b / 1024).toFixed(1)} KiB` : `${b} B`;
 const human = (n) => n >= 1e9 ? `${(n / 1e9).toFixed(2)} B` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} M` :
   n >= 1e3 ? `${(n / 1e3).toFixed(1)} K` : String(n);
 
@@ -289,7 +291,7 @@ async function previewData() {
 // ---- charts (canvas, drawn here) ------------------------------------------------------------------------------
 const PALETTE = ["#2f6fec", "#ef4444", "#10b981", "#f59e0b", "#8b5cf6", "#06b6d4", "#ec4899", "#64748b"];
 
-function drawChart(canvas, title, series, format) {
+function drawChart(canvas, title, series, format, legend) {
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || canvas.width, h = canvas.clientHeight || canvas.height;
   canvas.width = w * ratio; canvas.height = h * ratio;
@@ -319,7 +321,7 @@ function drawChart(canvas, title, series, format) {
     s.points.forEach(([x, y], j) => (j ? g.lineTo(sx(x), sy(y)) : g.moveTo(sx(x), sy(y))));
     g.stroke();
     for (const [x, y] of s.points.length < 40 ? s.points : []) { g.beginPath(); g.arc(sx(x), sy(y), 2.5, 0, 7); g.fill(); }
-    if (series.length > 1) g.fillText(s.label, w - R - 8 - g.measureText(s.label).width, T + 12 + 14 * i);
+    if (series.length > 1 || legend) g.fillText(s.label, w - R - 8 - g.measureText(s.label).width, T + 12 + 14 * i);
   });
 }
 const fmt = (v) => Math.abs(v) >= 1000 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : Math.abs(v) >= 0.01 ?
@@ -372,6 +374,7 @@ function attach(name) {
   state.run = name; state.rows = [];
   $("live").classList.remove("hidden");
   $("live-name").textContent = name;
+  $("live-status").textContent = "starting"; $("live-status").className = "pill starting";
   $("live-log").textContent = "";
   $("charts").replaceChildren();
   $("train-stop").disabled = false;
@@ -462,7 +465,8 @@ async function drawOverlay() {
   const metric = $("overlay-metric").value || "loss";
   const series = [...overlayRuns].map((name) => ({ label: name, points: (runMetrics[name] || [])
     .filter((r) => typeof r[metric] === "number").map((r) => [r.step, r[metric]]) }));
-  drawChart($("overlay"), `${metric} — ${overlayRuns.size ? "runs overlaid" : "tick runs above to overlay them"}`, series);
+  drawChart($("overlay"), `${metric} — ${overlayRuns.size ? "runs overlaid" : "tick runs above to overlay them"}`, series,
+    null, true);
 }
 
 async function showReport(name) {
@@ -546,7 +550,8 @@ async function refreshExport() {
   $("export-log").textContent = st.log;
   const body = $("export-files").querySelector("tbody");
   body.replaceChildren(...st.files.map((f) => el("tr", {}, el("td", { text: f.kind }), el("td", { text: f.path }),
-    el("td", { text: GiB(f.bytes) }))));
+    el("td", { text: bytes(f.bytes) }))));
+  $("export-log").parentElement.open = st.running || $("export-log").parentElement.open;
   if (st.running) { setMessage("export-message", "exporting…"); clearTimeout(exportTimer); exportTimer = setTimeout(refreshExport, 700); }
   else if (st.returncode != null) setMessage("export-message", st.returncode === 0 ? "done" : `failed (exit ${st.returncode}); see the log`, st.returncode !== 0);
 }
@@ -576,7 +581,7 @@ async function main() {
   Object.assign(state.recipe.run, { name: "studio" });
   for (const m of state.schema.real_models) $("model-real").append(el("option", { value: m.name,
     text: `${m.name}${m.installed ? "" : " (installs on first use)"}` }));
-  for (const t of state.schema.gguf_types.filter((t) => !["f32"].includes(t)).slice(0, 24)) {
+  for (const t of state.schema.gguf_methods) {
     $("export-gguf").append(el("label", { class: "check" }, el("input", { type: "checkbox", value: t }), t));
   }
   for (const m of ["loss", "learning_rate", "grad_norm", "tokens_per_s", "reward", "kl"])
@@ -603,6 +608,8 @@ async function main() {
   $("chat-source").addEventListener("change", renderChat);
   $("export-start").addEventListener("click", startExport);
   $("export-run").addEventListener("change", refreshExport);
+  window.addEventListener("resize", () => { if (state.rows.length) renderCharts(state.rows);
+    if (overlayRuns.size) drawOverlay(); });
   onRecipeChange("train.method");
   const { running } = await api("/api/runs");
   if (running) attach(running.name);  // a run that trains (started before this tab, or by the CLI)
