@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from fasttune.cli.recipe import RecipeError
+from fasttune.cli.recipe import METHOD_FORMATS, RecipeError
 from fasttune.cli.report import METRICS, REPORT
 from fasttune.config import ConfigError
 
@@ -352,8 +352,14 @@ class Handler(BaseHTTPRequestHandler):
             return self._json({"problems": problems})
         if route == ["model"]:
             return self._json(api.model_info(self._recipe(payload)))
-        if route == ["preview"]:
-            recipe = self._recipe(payload)
+        if route == ["preview"]:  # only what the preview reads must be valid (the rest may still be in progress)
+            raw = payload.get("recipe") if isinstance(payload.get("recipe"), dict) else {}
+            train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+            method = train.get("method", "sft")
+            if method not in METHOD_FORMATS:
+                raise ConfigError(f"train.method: {method!r} is not allowed; allowed: {', '.join(METHOD_FORMATS)}")
+            recipe = self._recipe({"recipe": {"model": raw.get("model"), "data": raw.get("data")}})
+            recipe.train.method = method
             return self._json(preview(recipe, api.tokenizer_for(recipe), int(payload.get("start", 0)),
                                       int(payload.get("count", 8))))
         if route == ["runs"]:
