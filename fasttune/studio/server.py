@@ -217,6 +217,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(409, str(error))
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except OSError as error:  # a model or dataset that cannot be read (a Hub id offline, a missing file)
+            self._error(400, f"{type(error).__name__}: {error}")
         except Exception as error:  # reported to the page and the terminal; the server keeps serving
             traceback.print_exc()
             self._error(500, f"{type(error).__name__}: {error}")

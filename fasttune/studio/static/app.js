@@ -321,7 +321,11 @@ function drawChart(canvas, title, series, format, legend) {
     s.points.forEach(([x, y], j) => (j ? g.lineTo(sx(x), sy(y)) : g.moveTo(sx(x), sy(y))));
     g.stroke();
     for (const [x, y] of s.points.length < 40 ? s.points : []) { g.beginPath(); g.arc(sx(x), sy(y), 2.5, 0, 7); g.fill(); }
-    if (series.length > 1 || legend) g.fillText(s.label, w - R - 8 - g.measureText(s.label).width, T + 12 + 14 * i);
+    if (series.length > 1 || legend) {
+      const width = g.measureText(s.label).width, x = w - R - 8 - width, y = T + 12 + 14 * i;
+      g.fillStyle = "rgba(255, 255, 255, 0.85)"; g.fillRect(x - 3, y - 11, width + 6, 14);
+      g.fillStyle = s.color || PALETTE[i % PALETTE.length]; g.fillText(s.label, x, y);
+    }
   });
 }
 const fmt = (v) => Math.abs(v) >= 1000 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : Math.abs(v) >= 0.01 ?
