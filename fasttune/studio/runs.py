@@ -180,7 +180,7 @@ class Runs:
     def start(self, recipe: Recipe) -> Path:
         """Start ``fasttune train`` on ``recipe`` in a new run folder under the runs root; returns the folder."""
         self._refuse_if_busy()
-        recipe.run.runs_root = str(self.root)
+        recipe.run.runs_root, recipe.run.output_dir = str(self.root), ""  # always a new folder under the runs root
         run = new_run_dir(recipe)
         recipe.run.output_dir = str(run)
         run.mkdir(parents=True)
@@ -202,6 +202,9 @@ class Runs:
         """SIGINT to the run's process (a checkpoint is saved after the current step); returns its pid."""
         run = self.folder(name)
         pid = lock_holder(run)
+        if pid is None and self.alive(name):  # still starting (imports, loading): nothing to save yet
+            with self._lock:
+                pid = self._children[name].pid
         if pid is None or pid <= 0:
             raise KeyError(f"run: {name!r} is not training")
         os.kill(pid, signal.SIGINT)

@@ -168,8 +168,7 @@ class Handler(BaseHTTPRequestHandler):
         return {k: v[-1] for k, v in parse_qs(self._url().query).items()}
 
     def _check_host(self) -> None:
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0] if not (self.headers.get("Host") or "").startswith(
-            "[") else (self.headers.get("Host") or "").split("]")[0] + "]"
+        host = urlparse("//" + (self.headers.get("Host") or "")).hostname or ""
         if is_loopback(self.studio.host) and not is_loopback(host):
             raise Forbidden(f"Host: {self.headers.get('Host')!r} is not allowed; this studio listens on loopback only "
                             "(a page on another site reached it by DNS rebinding?)")

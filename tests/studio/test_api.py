@@ -23,7 +23,7 @@ from fasttune.studio import Studio, make_server
 @contextlib.contextmanager
 def serving(studio: Studio):
     server = make_server(studio, 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

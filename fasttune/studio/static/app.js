@@ -15,6 +15,7 @@ const el = (tag, attrs = {}, ...children) => {
   return node;
 };
 
+const STUDIO_SETS = ["run.runs_root", "run.output_dir"];
 const state = { schema: null, recipe: {}, fields: {}, previewStart: 0, run: null, rows: [], source: null,
   chat: [], runs: [] };
 
@@ -100,7 +101,10 @@ function buildForm() {
   for (const section of state.schema.sections) {
     const set = el("fieldset", {}, el("legend", { text: `${section.name}: ${section.doc}` }));
     const row = el("div", { class: "row" });
-    for (const field of section.fields) row.append(fieldLabel(field.path));
+    for (const field of section.fields) {
+      if (STUDIO_SETS.includes(field.path)) continue;  // the studio puts every run under its runs folder
+      row.append(fieldLabel(field.path));
+    }
     set.append(row);
     form.append(set);
   }
