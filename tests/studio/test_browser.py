@@ -29,6 +29,7 @@ if not (CHROMIUM and DRIVER):
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -71,6 +72,14 @@ class Page:
         else:
             node.clear()
             node.send_keys(value)
+
+    def click_fresh(self, selector):
+        """Click the element ``selector`` finds now; False when the page redrew it meanwhile."""
+        try:
+            self.css(selector)[0].click()
+        except (StaleElementReferenceException, IndexError):
+            return False
+        return True
 
     def js(self, script):
         return self.d.execute_script(script)
@@ -226,12 +235,13 @@ def test_studio_end_to_end(browser, tmp_path):
         # 7. runs: both runs, curves overlaid
         page.tab("runs")
         page.wait(lambda: len(page.css("#runs-table tbody tr")) == 2, 10, "two runs")
-        for box in page.css("#runs-table tbody input"):
-            box.click()
+        for i in range(2):  # the table is redrawn when the runs list refreshes: find each box afresh
+            page.wait(lambda i=i: page.click_fresh(f"#runs-table tbody tr:nth-child({i + 1}) input"), 10, "a run's box")
+        page.wait(lambda: page.js("return overlayRuns.size") == 2, 10, "two runs overlaid")
         time.sleep(0.5)
-        statuses = [row.text for row in page.css("#runs-table tbody .pill")]
+        statuses = [r["status"] for r in page.js("return state.runs")]
         assert statuses == ["finished", "finished"], statuses
-        page.css("#runs-table tbody button")[0].click()
+        page.wait(lambda: page.click_fresh("#runs-table tbody tr:nth-child(1) button"), 10, "the report button")
         page.wait(lambda: "Status: finished" in page.id("run-report").text, 10, "the report")
         page.shot("7-runs")
         logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

@@ -309,7 +309,8 @@ function drawChart(canvas, title, series, format, legend) {
   let [y0, y1] = [Math.min(...pts.map((p) => p[1])), Math.max(...pts.map((p) => p[1]))];
   if (x0 === x1) { x0 -= 1; x1 += 1; }
   if (y0 === y1) { const pad = Math.abs(y0) * 0.1 || 1; y0 -= pad; y1 += pad; }
-  const L = 58, R = 10, T = 24, B = 22;
+  const keyed = series.length > 1 || legend;  // a legend row per series, above the plot
+  const L = 58, R = 10, T = 24 + (keyed ? 14 * series.length : 0), B = 22;
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (w - L - R), sy = (y) => h - B - ((y - y0) / (y1 - y0)) * (h - T - B);
   g.strokeStyle = "#e5e7eb"; g.fillStyle = "#6b7385"; g.lineWidth = 1;
   for (let i = 0; i <= 4; i++) {
@@ -325,11 +326,11 @@ function drawChart(canvas, title, series, format, legend) {
     s.points.forEach(([x, y], j) => (j ? g.lineTo(sx(x), sy(y)) : g.moveTo(sx(x), sy(y))));
     g.stroke();
     for (const [x, y] of s.points.length < 40 ? s.points : []) { g.beginPath(); g.arc(sx(x), sy(y), 2.5, 0, 7); g.fill(); }
-    if (series.length > 1 || legend) {
-      const width = g.measureText(s.label).width, x = w - R - 8 - width, y = T + 12 + 14 * i;
-      g.fillStyle = "rgba(255, 255, 255, 0.85)"; g.fillRect(x - 3, y - 11, width + 6, 14);
-      g.fillStyle = s.color || PALETTE[i % PALETTE.length]; g.fillText(s.label, x, y);
-    }
+  });
+  if (!keyed) return;
+  series.forEach((s, i) => {
+    const width = g.measureText(`— ${s.label}`).width;
+    g.fillStyle = s.color || PALETTE[i % PALETTE.length]; g.fillText(`— ${s.label}`, w - R - width, 28 + 14 * i);
   });
 }
 const fmt = (v) => Math.abs(v) >= 1000 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : Math.abs(v) >= 0.01 ?
