@@ -287,7 +287,7 @@ class Handler(BaseHTTPRequestHandler):
 
         self._sse_start()
         m_offset = l_offset = 0
-        last_status = None
+        last_status, last_write = None, time.monotonic()
         while True:
             size = (run / METRICS).stat().st_size if (run / METRICS).is_file() else 0
             if size < m_offset:
@@ -306,6 +306,12 @@ class Handler(BaseHTTPRequestHandler):
             if status not in ("running", "starting") and not rows and not text:
                 self._event("end", status)
                 return
+            if rows or text:
+                last_write = time.monotonic()
+            elif time.monotonic() - last_write > 15:  # a comment line: a closed tab ends this thread here
+                self.wfile.write(b": still here\n\n")
+                self.wfile.flush()
+                last_write = time.monotonic()
             time.sleep(0.4)
 
     # ---- POST ---------------------------------------------------------------------------------------------------
