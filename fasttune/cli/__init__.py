@@ -7,6 +7,7 @@
     fasttune estimate recipe.yaml               the run's peak memory, from the model config alone
     fasttune export RUN|ADAPTER --gguf q4_k_m,q8_0 --ollama [--merged]
     fasttune chat RUN|MODEL                     streaming chat on stdin; /exit quits
+    fasttune studio [--port N] [--host H] [--runs DIR]   the local web app (prints its URL)
     fasttune quickstart | fasttune port NOTEBOOK
 
 docs/cli.md describes each command and every recipe field.
@@ -137,6 +138,18 @@ def _chat(args: argparse.Namespace, overrides: list[str]) -> int:
     return chat_command(args)
 
 
+def _studio_arguments(p: argparse.ArgumentParser) -> None:
+    from .studio import add_arguments
+
+    add_arguments(p)
+
+
+def _studio(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .studio import studio_command
+
+    return studio_command(args)
+
+
 def _quickstart(argv: list[str]) -> int:
     from fasttune.quickstart.__main__ import main as quickstart
 
@@ -157,6 +170,8 @@ COMMAND_TABLE: tuple[Command, ...] = (
             overrides=True),
     Command("export", "export a run or adapter folder: adapter, merged, GGUF, Ollama", _export, _export_arguments),
     Command("chat", "chat with a run or model folder (stdin, streaming; /exit quits)", _chat, _chat_arguments),
+    Command("studio", "serve the local web app: data preview, training, live charts, chat, export",
+            _studio, _studio_arguments),
     Command("quickstart", "teach SmolLM2-135M-Instruct a fact table end to end, offline (python -m "
             "fasttune.quickstart; --tiny: a tiny random model)", own_argv=_quickstart),
     Command("port", "rewrite an Unsloth notebook's imports for fasttune", own_argv=_port),

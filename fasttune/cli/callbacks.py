@@ -7,16 +7,18 @@ import signal
 import time
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .memory import release_freed
+from .memory import current_rss, release_freed
 from .report import MetricsLog
 
 
 class MetricsCallback(TrainerCallback):
-    """One metrics.jsonl line per log: step, loss, learning_rate, grad_norm, tokens_per_s, num_tokens, elapsed_s
-    (and eval_loss on evaluation). tokens/s is TRL's ``num_tokens`` counter's rise over the wall time since the
+    """One metrics.jsonl line per log: step, loss, learning_rate, grad_norm, tokens_per_s, num_tokens, elapsed_s,
+    rss_bytes (the process's resident memory; device_bytes on CUDA), eval_loss on evaluation and every other number
+    the trainer logs (GRPO: reward, rewards/<function>/mean, kl). tokens/s is TRL's ``num_tokens`` counter's rise over the wall time since the
     previous log (the first log after a resume has none)."""
 
     def __init__(self, log: MetricsLog, quiet: bool):
@@ -45,6 +47,9 @@ class MetricsCallback(TrainerCallback):
                 row["tokens_per_s"] = (tokens - self.previous[1]) / (now - self.previous[0])
             self.previous = (now, tokens)
         row["elapsed_s"] = now - self.start
+        row["rss_bytes"] = current_rss()
+        if torch.cuda.is_available():
+            row["device_bytes"] = torch.cuda.memory_allocated()
         row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
         self.log.write(row)
         if self.quiet:

@@ -48,11 +48,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], args: argparse.Namespace,
-          out: TextIO) -> tuple[str, int]:
-    """Stream one answer to ``out``; returns (answer text, tokens generated)."""
+          out: TextIO, streamer: Any = None) -> tuple[str, int]:
+    """Stream one answer to ``out`` (or to ``streamer``, a transformers streamer); returns (answer text, tokens
+    generated)."""
     ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
-    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    batch = {"input_ids": torch.tensor([ids], device=model.device),
+             "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=model.device)}
+    streamer = streamer or TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         generated = model.generate(**batch, streamer=streamer, max_new_tokens=args.max_new_tokens,

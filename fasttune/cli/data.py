@@ -10,14 +10,17 @@ from datasets import Dataset, load_dataset
 from fasttune.chat_templates import standardize_data_formats
 from fasttune.quickstart import facts_path
 
-from .recipe import BUNDLED_DATA, DataSection, RecipeError
+from .recipe import BUNDLED_DATA, METHOD_FORMATS, DataSection, RecipeError
 
 SUFFIXES: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # the columns each named format needs
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "sharegpt": ("conversations",), "openai": ("messages",), "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"), "unpaired_preference": ("prompt", "completion", "label"),
+    "prompt_completion": ("prompt", "completion"), "prompt_only": ("prompt",),
 }
+# formats TRL's preference and GRPO trainers read as they are (no conversation standardising)
+TRL_FORMATS: tuple[str, ...] = ("preference", "unpaired_preference", "prompt_only")
 
 
 def _local_files(path: Path, split: str) -> tuple[str, list[str]]:
@@ -53,8 +56,19 @@ def load_rows(spec: DataSection) -> Dataset:
     return dataset
 
 
-def detect_format(columns: list[str], spec: DataSection) -> str:
-    """The named format after checking its columns are there, or the format the columns show (format auto)."""
+def detect_format(columns: list[str], spec: DataSection, method: str | None = None) -> str:
+    """The named format after checking its columns are there, or the format the columns show (format auto); with
+    ``method``, a format that method cannot train on is an error naming the ones it can."""
+    fmt = _detect_format(columns, spec, method)
+    if method is not None and fmt not in METHOD_FORMATS[method]:
+        need = "; ".join(f"{f} ({' + '.join(FORMAT_COLUMNS.get(f, (spec.text_field,)))})"
+                         for f in METHOD_FORMATS[method])
+        raise RecipeError([f"train.method: {method!r} cannot train on {fmt} rows ({spec.path!r} has columns "
+                           f"{columns}); allowed: rows of {need}"])
+    return fmt
+
+
+def _detect_format(columns: list[str], spec: DataSection, method: str | None) -> str:
     if spec.format == "text":
         if spec.text_field not in columns:
             raise RecipeError([f"data.text_field: {spec.text_field!r} is not a column of {spec.path!r}; allowed: "
@@ -66,22 +80,32 @@ def detect_format(columns: list[str], spec: DataSection) -> str:
             raise RecipeError([f"data.format: {spec.format!r} needs the column(s) {list(need)}, but {spec.path!r} has "
                                f"{columns}; allowed: auto or a format whose columns are there"])
         return spec.format
-    for name, need in FORMAT_COLUMNS.items():
+    usable = METHOD_FORMATS[method] if method is not None else tuple(FORMAT_COLUMNS) + ("text",)
+    for name, need in FORMAT_COLUMNS.items():  # the formats the method trains on first
+        if name in usable and set(need) <= set(columns):
+            return name
+    if "text" in usable and spec.text_field in columns:
+        return "text"
+    for name, need in FORMAT_COLUMNS.items():  # another format: detect_format says the method cannot train on it
         if set(need) <= set(columns):
             return name
     if spec.text_field in columns:
         return "text"
     raise RecipeError([f"data.format: 'auto' cannot tell the format of {spec.path!r} from its columns {columns}; "
                        "allowed: conversations (sharegpt), messages (openai), instruction+output (alpaca), "
-                       f"prompt+completion, or a text column named by data.text_field (now {spec.text_field!r})"])
+                       "prompt+chosen+rejected (preference), prompt+completion+label (unpaired_preference), "
+                       "prompt+completion, prompt (prompt_only), or a text column named by data.text_field (now "
+                       f"{spec.text_field!r})"])
 
 
-def prepare(spec: DataSection) -> tuple[Dataset, Dataset | None, str]:
+def prepare(spec: DataSection, method: str | None = None) -> tuple[Dataset, Dataset | None, str]:
     """(train rows, evaluation rows or None, format). Conversations end up in a ``messages`` column, text in
-    ``text``."""
+    ``text``; preference, unpaired-preference and prompt rows stay as TRL's trainers read them."""
     rows = load_rows(spec)
-    fmt = detect_format(rows.column_names, spec)
-    if fmt == "text":
+    fmt = detect_format(rows.column_names, spec, method)
+    if fmt in TRL_FORMATS or method == "grpo":
+        pass
+    elif fmt == "text":
         rows = rows.select_columns([spec.text_field])
         if spec.text_field != "text":
             rows = rows.rename_column(spec.text_field, "text")

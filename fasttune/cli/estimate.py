@@ -109,7 +109,7 @@ class Shape:
 
 
 def model_shape(recipe: Recipe) -> Shape:
-    config = _config(recipe).get_text_config()
+    config = model_config(recipe).get_text_config()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -120,7 +120,7 @@ def model_shape(recipe: Recipe) -> Shape:
                  _FILE_DTYPE_BYTES.get(file_dtype, 4))
 
 
-def _config(recipe: Recipe) -> Any:
+def model_config(recipe: Recipe) -> Any:
     if recipe.model.name in TINY_MODELS:
         from fasttune.quickstart import FAMILY, quickstart_tokenizer
         from fasttune.tiny import tiny_config

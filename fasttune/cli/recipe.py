@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,20 @@ from fasttune.data.templates import template_names
 from fasttune.export.gguf.quants import ALIASES, METHODS
 from fasttune.gguf_source import gguf_in
 from fasttune.real_models import REAL_MODELS
+from fasttune.rl.rewards import BUILTIN_REWARDS
 
 TINY_MODELS: tuple[str, ...] = ("tiny-llama",)  # built offline: the quickstart's model (quickstart.build_base)
 BUNDLED_DATA: dict[str, str] = {"quickstart-facts": "fasttune/quickstart/facts.jsonl"}
 QUANTIZATIONS: tuple[str, ...] = ("4bit", "8bit", "16bit", "full")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
-DATA_FORMATS: tuple[str, ...] = ("auto", "sharegpt", "openai", "alpaca", "prompt_completion", "text")
+DATA_FORMATS: tuple[str, ...] = ("auto", "sharegpt", "openai", "alpaca", "prompt_completion", "text", "preference",
+                                 "unpaired_preference", "prompt_only")
+# each training method and the row formats it trains on (fasttune.cli.data detects the format)
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("sharegpt", "openai", "alpaca", "prompt_completion", "text"), "pretrain": ("text",),
+    "dpo": ("preference",), "orpo": ("preference",), "kto": ("unpaired_preference",),
+    "grpo": ("prompt_only", "prompt_completion"),
+}
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                                "polynomial")
 OPTIMIZERS: tuple[str, ...] = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd",
@@ -108,6 +117,9 @@ class DataSection:
 class TrainSection:
     """Trainer settings (fasttune.trl.SFTConfig)."""
 
+    method: str = opt("sft", "sft (supervised), pretrain (continued pretraining: every token of text rows), dpo / "
+                      "orpo (prompt, chosen, rejected rows), kto (prompt, completion, label rows), grpo (prompt rows "
+                      "scored by the rl section's rewards)", "choice", tuple(METHOD_FORMATS))
     max_steps: int = opt(60, "optimizer steps; 0 = train epochs instead", "int", low=0)
     epochs: float = opt(1.0, "passes over the data when max_steps is 0", "float", low=0, low_open=True)
     batch_size: int = opt(2, "rows per device per step", "int", low=1)
@@ -141,6 +153,29 @@ class ExportSection:
 
 
 @dataclass
+class RlSection:
+    """Preference and reinforcement learning (train.method dpo, orpo, kto, grpo)."""
+
+    rewards: list = opt([], "GRPO: built-in reward functions: " + "; ".join(f"{k} = {v}" for k, v in
+                        BUILTIN_REWARDS.items()), "list", tuple(BUILTIN_REWARDS))
+    reward_file: str = opt("", "GRPO: a Python file of reward functions (TRL's signature); it is executed, so only a "
+                           "file you name here runs", "str")
+    reward_functions: list = opt([], "GRPO: the names of the functions of rl.reward_file to use", "list")
+    answer_field: str = opt("answer", "GRPO: the column holding each prompt's reference answer (exact, numeric)",
+                            "str")
+    format_regex: str = opt(r"<answer>.*</answer>", "GRPO: the pattern a well-formatted completion matches (format)",
+                            "str")
+    numeric_tolerance: float = opt(0.0, "GRPO: how far a numeric answer may be from the reference (numeric)",
+                                   "float", low=0)
+    target_length: int = opt(200, "GRPO: the completion length in characters that scores 1 (length)", "int", low=1)
+    num_generations: int = opt(4, "GRPO: completions sampled per prompt (the group)", "int", low=2)
+    max_completion_length: int = opt(64, "GRPO: longest completion in tokens", "int", low=1)
+    temperature: float = opt(1.0, "GRPO: sampling temperature of the completions", "float", low=0, low_open=True)
+    beta: float = opt(0.1, "KL strength: GRPO's KL penalty to the base model (0 = none), the beta of DPO, ORPO "
+                      "and KTO", "float", low=0)
+
+
+@dataclass
 class RunSection:
     """Where the run folder goes."""
 
@@ -158,6 +193,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     export: ExportSection = field(default_factory=ExportSection)
+    rl: RlSection = field(default_factory=RlSection)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -165,7 +201,7 @@ class Recipe:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
-PATH_FIELDS: tuple[str, ...] = ("model.name", "data.path")  # relative to the recipe file's folder
+PATH_FIELDS: tuple[str, ...] = ("model.name", "data.path", "rl.reward_file")  # relative to the recipe file's folder
 
 
 def fields_of(section: str) -> list[dataclasses.Field]:
@@ -200,7 +236,9 @@ def allowed_text(f: dataclasses.Field) -> str:
     if kind == "template":
         return "auto or a chat template name (" + ", ".join(template_names(include_aliases=False)) + ")"
     if kind == "list":
-        names = f" of {', '.join(meta['allowed'][:len(METHODS)])} (or aliases)" if meta["allowed"] else ""
+        gguf = meta["allowed"] == GGUF_TYPES
+        names = f" of {', '.join(meta['allowed'][:len(METHODS) if gguf else None])}" if meta["allowed"] else ""
+        names += " (or aliases)" if gguf else ""
         return f"a list{names} (or a comma-separated string)"
     base = {"str": "text", "bool": "true or false", "int": "an integer", "float": "a number"}[kind]
     bounds = _bounds(meta)
@@ -304,6 +342,7 @@ def _cross_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
     if r.train.eval_steps and not r.data.eval_fraction:
         found.append((("train.eval_steps", "data.eval_fraction"), f"train.eval_steps: {r.train.eval_steps!r} is not "
                       "allowed with data.eval_fraction 0; allowed: 0, or set data.eval_fraction > 0"))
+    found += _method_problems(r)
     run_name = r.run.name
     if not run_name.strip() or any(sep in run_name for sep in ("/", "\\", "\0")):
         found.append((("run.name",), _problem("run.name", run_name, "a plain folder name, without '/' or '\\' "
@@ -325,6 +364,45 @@ def _cross_problems(recipe: Recipe) -> list[tuple[tuple[str, ...], str]]:
                                                f"exist), a Hub dataset id or {', '.join(BUNDLED_DATA)}")))
     elif data not in BUNDLED_DATA and Path(data).expanduser().exists():
         found += [(("data.path",), problem) for problem in _jsonl_problems(Path(data).expanduser())]
+    return found
+
+
+def _method_problems(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
+    """train.method against the data format and the rl section."""
+    found = []
+    method, fmt = r.train.method, r.data.format
+    if fmt != "auto" and fmt not in METHOD_FORMATS[method]:
+        found.append((("train.method", "data.format"), f"data.format: {fmt!r} is not allowed with train.method "
+                      f"{method!r}; allowed: auto or {', '.join(METHOD_FORMATS[method])}"))
+    if method == "pretrain" and r.data.responses_only is True:
+        found.append((("train.method", "data.responses_only"), "data.responses_only: True is not allowed with "
+                      "train.method pretrain (every token is trained); allowed: auto or false"))
+    if r.rl.reward_functions and not r.rl.reward_file:
+        found.append((("rl.reward_functions", "rl.reward_file"), "rl.reward_functions: "
+                      f"{r.rl.reward_functions!r} is not allowed with rl.reward_file empty; allowed: name the .py "
+                      "file that defines them in rl.reward_file"))
+    if r.rl.reward_file and (not r.rl.reward_file.endswith(".py") or not Path(r.rl.reward_file).expanduser().is_file()):
+        found.append((("rl.reward_file",), _problem("rl.reward_file", r.rl.reward_file, "an existing .py file")))
+    elif r.rl.reward_file and not r.rl.reward_functions:
+        found.append((("rl.reward_functions", "rl.reward_file"), "rl.reward_functions: [] is not allowed with "
+                      "rl.reward_file set; allowed: the names of the functions of that file to use"))
+    try:
+        re.compile(r.rl.format_regex)
+    except re.error as error:
+        found.append((("rl.format_regex",), _problem("rl.format_regex", r.rl.format_regex, "a Python regular "
+                                                      f"expression ({error})")))
+    if method != "grpo":
+        return found
+    if not r.rl.rewards and not r.rl.reward_functions:
+        found.append((("train.method", "rl.rewards", "rl.reward_functions"), "rl.rewards: [] is not allowed with "
+                      f"train.method grpo and no rl.reward_functions; allowed: one or more of "
+                      f"{', '.join(BUILTIN_REWARDS)}, or a reward file's functions"))
+    group = r.train.batch_size * r.train.gradient_accumulation_steps
+    if group % r.rl.num_generations:
+        found.append((("train.batch_size", "train.gradient_accumulation_steps", "rl.num_generations"),
+                      f"rl.num_generations: {r.rl.num_generations} is not allowed with train.batch_size x "
+                      f"train.gradient_accumulation_steps = {group}; allowed: a divisor of {group} (each batch "
+                      "holds whole groups of completions)"))
     return found
 
 

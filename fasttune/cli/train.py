@@ -32,6 +32,7 @@ from fasttune.chat_templates import get_chat_template, train_on_responses_only
 from fasttune.export.atomic import atomic_file
 from fasttune.quickstart import build_base
 from fasttune.real_models import REAL_MODELS, real_model
+from fasttune.rl.rewards import builtin_reward, load_reward_file
 from fasttune.trl import SFTConfig, SFTTrainer
 
 from . import data as data_step
@@ -142,19 +143,21 @@ def load_model(recipe: Recipe, source: str) -> tuple[Any, Any]:
 def chat_tokenizer(tokenizer: Any, name: str, fmt: str) -> Any:
     if name != "auto":
         return get_chat_template(tokenizer, chat_template=name)
-    if fmt != "text" and not getattr(tokenizer, "chat_template", None):
+    if fmt not in ("text",) + data_step.TRL_FORMATS and not getattr(tokenizer, "chat_template", None):
         raise RecipeError(["data.chat_template: 'auto' keeps the tokenizer's own template, but this tokenizer has "
                            "none; allowed: a template name such as llama-3, chatml, qwen-2.5 (fasttune recipe "
                            "--example lists them)"])
     return tokenizer
 
 
-def trainer_args(recipe: Recipe, run_dir: Path, has_eval: bool) -> SFTConfig:
-    t, dtype = recipe.train, recipe.model.dtype
+def trainer_args(recipe: Recipe, run_dir: Path, has_eval: bool) -> Any:
+    """The trainer's config: TRL's config class of ``train.method`` (fasttune.trl's drop-in) with the recipe's
+    settings."""
+    t, dtype, rl = recipe.train, recipe.model.dtype, recipe.rl
     precision = device_args()  # bf16/fp16/use_cpu right for this machine
     if dtype != "auto":
         precision.update(bf16=dtype == "bfloat16", fp16=dtype == "float16")
-    return SFTConfig(
+    common = dict(
         output_dir=str(run_dir / CHECKPOINTS), max_steps=t.max_steps or -1, num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
@@ -162,8 +165,44 @@ def trainer_args(recipe: Recipe, run_dir: Path, has_eval: bool) -> SFTConfig:
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval and t.eval_steps else "no",
-        eval_steps=t.eval_steps or None, seed=t.seed, data_seed=t.seed, max_length=recipe.model.max_seq_length,
-        dataset_text_field="text", report_to="none", disable_tqdm=True, **precision)
+        eval_steps=t.eval_steps or None, seed=t.seed, data_seed=t.seed, report_to="none", disable_tqdm=True,
+        **precision)
+    if t.method in ("sft", "pretrain"):
+        return SFTConfig(max_length=recipe.model.max_seq_length, dataset_text_field="text", **common)
+    import fasttune.trl as ft
+
+    config = getattr(ft, f"{t.method.upper()}Config")
+    if t.method == "grpo":
+        return config(num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
+                      temperature=rl.temperature, beta=rl.beta, **common)
+    return config(max_length=recipe.model.max_seq_length, beta=rl.beta, **common)
+
+
+def reward_funcs(recipe: Recipe) -> list[Any]:
+    """GRPO's reward functions: the built-in ones the recipe names, then the named functions of its reward file."""
+    rl = recipe.rl
+    funcs = [builtin_reward(name, rl.format_regex, rl.answer_field, rl.numeric_tolerance, rl.target_length)
+             for name in rl.rewards]
+    if rl.reward_file:
+        funcs += load_reward_file(Path(rl.reward_file).expanduser(), rl.reward_functions)
+    return funcs
+
+
+def build_trainer(recipe: Recipe, model: Any, tokenizer: Any, train_rows: Any, eval_rows: Any, fmt: str,
+                  run_dir: Path) -> Any:
+    """The trainer of ``train.method``: SFTTrainer (answers only where the recipe says), or fasttune.trl's DPO, ORPO,
+    KTO or GRPO trainer."""
+    args = trainer_args(recipe, run_dir, eval_rows is not None)
+    method = recipe.train.method
+    if method in ("sft", "pretrain"):
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
+                             eval_dataset=eval_rows, args=args)
+        return train_on_responses_only(trainer) if responses_only(recipe, fmt) else trainer
+    import fasttune.trl as ft
+
+    extra = {"reward_funcs": reward_funcs(recipe)} if method == "grpo" else {}
+    return getattr(ft, f"{method.upper()}Trainer")(model=model, processing_class=tokenizer, args=args,
+                                                   train_dataset=train_rows, eval_dataset=eval_rows, **extra)
 
 
 def responses_only(recipe: Recipe, fmt: str) -> bool:
@@ -230,14 +269,11 @@ def _train_in(run_dir: Path, recipe: Recipe, checkpoint: Path | None, quiet: boo
     model, tokenizer = load_model(recipe, source)
     release_freed()  # the loading's freed conversion buffers (glibc keeps them in the heap otherwise)
     say(f"[2/5] data: {recipe.data.path}")
-    train_rows, eval_rows, fmt = data_step.prepare(recipe.data)
+    train_rows, eval_rows, fmt = data_step.prepare(recipe.data, recipe.train.method)
     tokenizer = chat_tokenizer(tokenizer, recipe.data.chat_template, fmt)
     say(f"      {len(train_rows)} training rows" + (f", {len(eval_rows)} evaluation rows" if eval_rows else "")
         + f" ({fmt})")
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
-                         args=trainer_args(recipe, run_dir, eval_rows is not None))
-    if responses_only(recipe, fmt):
-        trainer = train_on_responses_only(trainer)
+    trainer = build_trainer(recipe, model, tokenizer, train_rows, eval_rows, fmt, run_dir)
     step_at_start = int(checkpoint.name.split("-")[-1]) if checkpoint else None
     metrics = MetricsLog(run_dir, keep_until_step=step_at_start)
     interrupt = InterruptCallback()
@@ -245,7 +281,7 @@ def _train_in(run_dir: Path, recipe: Recipe, checkpoint: Path | None, quiet: boo
     for callback in (MetricsCallback(metrics, quiet), ProgressCallback(disable=quiet), interrupt, ReleaseFreedCallback()):
         trainer.add_callback(callback)
 
-    say(f"[3/5] training ({trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs'} steps)")
+    say(f"[3/5] training: {recipe.train.method} ({trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs'} steps)")
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -4,10 +4,13 @@ which training step and which completion, instead of surfacing as a tensor-conve
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -75,3 +78,80 @@ def checked_reward_funcs(funcs: Sequence[Any], names: Sequence[str], step: Calla
     functions are left as TRL runs them."""
     return [func if isinstance(func, nn.Module) or inspect.iscoroutinefunction(func)
             else checked_reward_func(func, name, step) for func, name in zip(funcs, names, strict=True)]
+
+
+# ---- built-in reward functions (the recipe's rl.rewards; TRL's signature: one float per completion) ---------------
+BUILTIN_REWARDS: dict[str, str] = {
+    "format": "1 when the completion matches rl.format_regex (re.fullmatch, DOTALL), else 0",
+    "exact": "1 when the completion (stripped) equals the row's rl.answer_field, else 0",
+    "numeric": "1 when the last number in the completion is within rl.numeric_tolerance of the row's "
+               "rl.answer_field, else 0",
+    "length": "1 - |characters - rl.target_length| / rl.target_length, floored at 0",
+}
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text: TRL passes a string, or a list of messages for conversational prompts."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def _answers(kwargs: dict[str, Any], field: str, count: int, name: str) -> list[Any]:
+    if field not in kwargs:
+        raise RewardFunctionError(f"reward {name!r}: the dataset has no column {field!r} (rl.answer_field) with the "
+                                  f"reference answers; columns passed: {sorted(kwargs)}")
+    return list(kwargs[field])
+
+
+def last_number(text: str) -> float | None:
+    found = _NUMBER.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+def builtin_reward(name: str, format_regex: str = r".*", answer_field: str = "answer", numeric_tolerance: float = 0.0,
+                   target_length: int = 200) -> Callable[..., list[float]]:
+    """The built-in reward ``name`` (a key of :data:`BUILTIN_REWARDS`) with its options, named ``<name>_reward``."""
+    if name not in BUILTIN_REWARDS:
+        raise ValueError(f"rl.rewards: {name!r} is not allowed; allowed: {', '.join(BUILTIN_REWARDS)}")
+    pattern = re.compile(format_regex, re.DOTALL)
+
+    def reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        texts = [completion_text(c) for c in completions]
+        if name == "format":
+            return [1.0 if pattern.fullmatch(t.strip()) else 0.0 for t in texts]
+        if name == "length":
+            return [max(0.0, 1.0 - abs(len(t) - target_length) / target_length) for t in texts]
+        answers = _answers(kwargs, answer_field, len(texts), name)
+        if name == "exact":
+            return [1.0 if t.strip() == str(a).strip() else 0.0 for t, a in zip(texts, answers)]
+        out = []
+        for text, answer in zip(texts, answers):
+            got, want = last_number(text), last_number(str(answer))
+            out.append(1.0 if got is not None and want is not None and abs(got - want) <= numeric_tolerance else 0.0)
+        return out
+
+    reward.__name__ = reward.__qualname__ = f"{name}_reward"
+    return reward
+
+
+def load_reward_file(path: str | Path, names: Sequence[str]) -> list[Callable[..., Any]]:
+    """The functions ``names`` of the Python file ``path`` (executed here: only ever a file the user named)."""
+    path = Path(path)
+    if path.suffix != ".py" or not path.is_file():
+        raise ValueError(f"rl.reward_file: {str(path)!r} is not allowed; allowed: an existing .py file")
+    spec = importlib.util.spec_from_file_location(f"fasttune_rewards_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    funcs = []
+    for name in names:
+        func = getattr(module, name, None)
+        if not callable(func):
+            found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise ValueError(f"rl.reward_functions: {name!r} is not a function of {str(path)!r}; allowed: one of "
+                             f"{found}")
+        funcs.append(func)
+    return funcs
