@@ -89,7 +89,7 @@ def grouped_mm_available() -> bool:
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Grouped product: ``a`` (T, K) rows grouped by ``offs`` times ``b[e]`` (K, N) -> (T, N); or, with ``a``
     (M, T) and ``b`` (T, N), the per-group ``a[:, rows_e] @ b[rows_e]`` -> (E, M, N) (weight gradients)."""
-    if a.dtype in _GROUPED_DTYPES and _aligned(a) and _aligned(b):
+    if a.dtype in _GROUPED_DTYPES.get(a.device.type, ()) and _aligned(a) and _aligned(b):
         if hasattr(F, "grouped_mm"):
             return F.grouped_mm(a, b, offs=offs)
         if hasattr(torch, "_grouped_mm"):
@@ -110,7 +110,9 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]
     return out
 
 
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what grouped_mm takes; others loop (float64)
+# What grouped_mm takes per device (others loop over the experts with tokens: float64 on CPU, fp32 on CUDA, where
+# torch's grouped kernel is bf16-only; the CUDA case is not checked here: no GPU was lent)
+_GROUPED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
 
 
 def _aligned(t: torch.Tensor) -> bool:
