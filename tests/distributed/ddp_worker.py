@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.trl is importable
 from fasttune.trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from fasttune.lora.unwrap import base_model  # noqa: E402
 from tests.trl.trl_helpers import cpu_args, fast_model, text_dataset  # noqa: E402
 
 
@@ -141,7 +142,7 @@ def run(model_dir: str, out: str, kind: str) -> None:
     here = Path(out).parent
     # fsdp / fsdp-resume run under `accelerate launch --config_file examples/accelerate/fsdp2.yaml` (its environment
     # configures FSDP2); qlora under torchrun, configured by the Trainer's own fsdp options
-    layer = type(model.get_base_model().model.layers[0]).__name__
+    layer = type(base_model(model).model.layers[0]).__name__
     fsdp_args = dict(fsdp="full_shard auto_wrap", fsdp_config={
         "fsdp_version": 2, "transformer_layer_cls_to_wrap": [layer], "reshard_after_forward": True,
     }) if fsdp and kind in ("qlora", "moe-fsdp") else {}
