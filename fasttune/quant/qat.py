@@ -311,6 +311,12 @@ def check_qat_model(model: nn.Module, scheme: str, option: str = "qat_scheme") -
     """Refuse what QAT cannot train for: a bitsandbytes 4-bit/8-bit base (its storage would sit between the trained
     weights and the exported ones), LoRA dropout or a LoRA variant (no merged weight to fake-quantize)."""
     base = base_model(model)
+    if scheme in TORCH_SCHEMES and scheme != "fp8-fp8":
+        for name, module in _decoder_linears(base):
+            if module.in_features % INT4_GROUP:
+                raise ValueError(f"{option}={scheme!r}: {name} has rows of {module.in_features} values, not a "
+                                 f"multiple of the int4 group size {INT4_GROUP}; use 'fp8-fp8' or a GGUF scheme "
+                                 "(whose exporter falls back per tensor, as llama.cpp does)")
     for name, module in base.named_modules():
         if is_quantized_linear(module) and not isinstance(module, FP8Linear):
             kind = "4-bit" if "4bit" in type(module).__name__ else "8-bit"
@@ -344,9 +350,6 @@ def apply_qat(model: nn.Module, scheme: str) -> int:
         weight_shape = (module.out_features, module.in_features)
         if scheme in GGUF_SCHEMES:
             qtype = export_qtype(base.config, f"{name}.weight", weight_shape, scheme, tied)
-        elif module.in_features % INT4_GROUP and scheme != "fp8-fp8":
-            raise ValueError(f"qat_scheme={scheme!r}: {name} has rows of {module.in_features} values, not a multiple "
-                             f"of the int4 group size {INT4_GROUP}")
         module.__dict__[_PLAN] = QATLayerPlan(scheme, qtype, name)
         if "_fasttune_qat_class" not in module.__dict__:
             module.__dict__["_fasttune_qat_class"] = type(module)
