@@ -64,7 +64,7 @@ def train(folder: Path, scheme: str | None, args, train_ids: list[int]) -> tuple
     model, tok = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, dtype=args.dtype,
                                                    max_seq_length=args.seq)
     model = FastLanguageModel.get_peft_model(model, r=args.rank, lora_alpha=args.rank, qat_scheme=scheme,
-                                             random_state=args.seed)
+                                             random_state=args.seed, use_gradient_checkpointing=False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
@@ -88,8 +88,8 @@ def train(folder: Path, scheme: str | None, args, train_ids: list[int]) -> tuple
         opt.step()
         opt.zero_grad(set_to_none=True)
         timing["step_s"].append(time.perf_counter() - t0)
-        losses.append(float(loss))
-        if step % 10 == 0 or step == args.steps - 1:
+        losses.append(float(loss.detach()))
+        if step % 5 == 0 or step == args.steps - 1:
             print(f"  [{scheme or 'plain'}] step {step:4d} loss {loss.item():.4f} ({timing['step_s'][-1]:.1f} s)",
                   flush=True)
     return model, tok, losses, timing

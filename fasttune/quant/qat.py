@@ -104,15 +104,15 @@ def gguf_fake_quantize(weight: torch.Tensor, qtype: GGMLQuantizationType) -> tor
 
 
 def int4_fake_quantize(weight: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
-    """Symmetric int4 per group of ``group`` columns: ``scale = absmax / 7.5``, ``q = clamp(round(w / scale), -8, 7)``
-    (torchao's symmetric int4 grid), back to ``q * scale`` in float32. A row length that ``group`` does not divide is an
+    """Symmetric int4 per group of ``group`` columns: ``scale = absmax / 7.5``, ``q = clamp(round(w * (1/scale)), -8,
+    7)``, back to ``q * scale`` in float32: torchao's int4 grid and rounding, bit for bit (``convert_qat``'s test). A row length that ``group`` does not divide is an
     error naming it."""
     rows, cols = weight.shape
     if cols % group:
         raise ValueError(f"int4 QAT: a weight row of {cols} values is not a multiple of the group size {group}")
     w = weight.detach().float().reshape(rows, cols // group, group)
     scale = (w.abs().amax(dim=-1, keepdim=True) / 7.5).clamp(min=torch.finfo(torch.float32).eps)
-    return (torch.clamp(torch.round(w / scale), -8, 7) * scale).reshape(rows, cols)
+    return (torch.clamp(torch.round(w * (1.0 / scale)), -8, 7) * scale).reshape(rows, cols)
 
 
 def fp8_fake_quantize(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ def int8_token_fake_quantize(x: torch.Tensor) -> torch.Tensor:
     hi = v.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps)
     zero = torch.round(-128 - lo / scale)
-    q = torch.clamp(torch.round(v / scale) + zero, -128, 127)
+    q = torch.clamp(torch.round(v * (1.0 / scale)) + zero, -128, 127)
     return (q - zero) * scale
 
 
@@ -385,6 +385,76 @@ def layer_plans(model: nn.Module) -> dict[str, QATLayerPlan]:
     return {name: m.__dict__[_PLAN] for name, m in base_model(model).named_modules() if is_fake_quantized(m)}
 
 
+# ------------------------------------------------------------------------------------- the real quantized form
+
+
+def torchao_config(scheme: str) -> Any:
+    """torchao's config for the real quantized form of a torch scheme whose int4 grid the fake quantizer uses (int4 ->
+    ``IntxWeightOnlyConfig``, int8-int4 -> ``Int8DynamicActivationIntxWeightConfig``, both int4 symmetric in groups
+    of 32 and run on CPU; fp8-int4 -> ``Float8DynamicActivationInt4WeightConfig``, CUDA only, unchecked here)."""
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationInt4WeightConfig,
+            Int8DynamicActivationIntxWeightConfig,
+            IntxWeightOnlyConfig,
+        )
+        from torchao.quantization.granularity import PerGroup
+    except ImportError as err:
+        raise ImportError(f"convert_qat for qat_scheme={scheme!r} needs torchao: pip install 'fasttune[qat]'") from err
+    if scheme == "int4":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
+    if scheme == "int8-int4":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_GROUP))
+    if scheme == "fp8-int4":
+        return Float8DynamicActivationInt4WeightConfig()
+    raise ValueError(f"qat_scheme: {scheme!r} has no torchao form here; torch schemes: {list(TORCH_SCHEMES)}")
+
+
+def convert_qat(model: nn.Module) -> nn.Module:
+    """The QAT model in the real quantized form its scheme names, returned as a plain transformers model (the peft
+    wrapper is dropped: each adapted layer holds its merged weight, rounded exactly as the training rounded it).
+
+    fp8-fp8 -> fasttune's FP8 storage with row scales (``quant.fp8.FP8Linear``: the fake quantizer's own rounding);
+    int4 / int8-int4 -> torchao's int4 tensors (bit for bit the fake quantizer's weights, tests/quant/test_qat.py);
+    fp8-int4 -> torchao's float8-activation / int4-weight form (CUDA only). A GGUF scheme's real form is the GGUF file:
+    ``save_pretrained_gguf(..., quantization_method=scheme)``. Quantization starts from the float32 merged weights.
+    The model passed in is changed (its adapters are unloaded)."""
+    plans = layer_plans(model)
+    if not plans:
+        raise ValueError("convert_qat: the model has no QAT layers; train with get_peft_model(qat_scheme=...) or "
+                         "from_pretrained(full_finetuning=True, qat_scheme=...)")
+    scheme = next(iter(plans.values())).scheme
+    if scheme in GGUF_SCHEMES:
+        raise ValueError(f"convert_qat: qat_scheme={scheme!r} is a GGUF type; its real form is the GGUF file: "
+                         f"model.save_pretrained_gguf(folder, tokenizer, quantization_method={scheme!r})")
+    base = base_model(model)
+    with torch.no_grad():
+        merged = {name: _merged_weight(base.get_submodule(name)).detach() for name in plans}
+    config = None if scheme == "fp8-fp8" else torchao_config(scheme)
+    remove_qat(model)
+    plain = model.unload() if hasattr(model, "unload") else model
+    for name, weight in merged.items():
+        old = plain.get_submodule(name)
+        dense = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        if old.bias is not None:
+            dense.bias = nn.Parameter(old.bias.detach().float(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent) if parent else plain, child, dense)
+    if config is None:
+        compute = getattr(plain.get_input_embeddings().weight, "dtype", torch.float32)
+        for name in merged:
+            layer = FP8Linear.from_linear(plain.get_submodule(name), "row", compute)
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, layer)
+    else:
+        from torchao.quantization import quantize_
+
+        quantize_(plain, config, filter_fn=lambda module, fqn: fqn in merged)
+    logger.info("fasttune: QAT %s converted: %d linear layers in their quantized form", scheme, len(merged))
+    return plain
+
+
 __all__ = ["GGUF_SCHEMES", "QAT_SCHEMES", "TORCH_SCHEMES", "QATLayerPlan", "apply_qat", "check_qat_model",
-           "fake_weight", "fp8_fake_quantize", "gguf_fake_quantize", "int4_fake_quantize", "is_fake_quantized",
+           "convert_qat", "fake_weight", "fp8_fake_quantize", "gguf_fake_quantize", "int4_fake_quantize", "is_fake_quantized",
            "layer_plans", "remove_qat", "scheme_problem"]

@@ -191,3 +191,34 @@ def test_qat_on_a_4bit_model_is_refused_naming_the_options(tiny_model_dir):
     with pytest.raises(ValueError, match=r"qat_scheme='q4_0': the model was loaded in 4-bit .* load_in_4bit=False"):
         FastLanguageModel.get_peft_model(model, qat_scheme="q4_0")
     assert not any("lora_A" in n for n, _ in model.named_parameters())  # refused before peft touched it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int4", "int8-int4", "fp8-fp8"])
+def test_convert_qat_gives_the_real_quantized_form_of_what_was_trained(tiny_model_dir, scheme):
+    pytest.importorskip("torchao")
+    from fasttune.quant import FP8Linear
+
+    model, _ = _qat_lora(tiny_model_dir("llama", intermediate_size=512), scheme)
+    model.eval()
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(9))
+    base = model.get_base_model()
+    fakes = {name: qat.fake_weight(base.get_submodule(name)) for name in qat.layer_plans(model)}
+    with torch.no_grad():
+        trained_logits = model(input_ids=ids).logits
+    plain = qat.convert_qat(model)
+    assert not hasattr(plain, "peft_config") and not any(is_fake_quantized(m) for m in plain.modules())
+    for name, fake in fakes.items():
+        layer = plain.get_submodule(name)
+        real = layer.dequantized(torch.float32) if scheme == "fp8-fp8" else layer.weight.dequantize()
+        assert isinstance(layer, FP8Linear) or type(layer.weight).__module__.startswith("torchao")
+        assert torch.equal(real, fake), name  # the trained rounding, bit for bit
+    if scheme != "fp8-fp8":  # torchao's int8 dynamic activations are the fake quantizer's too: the same logits
+        with torch.no_grad():
+            assert torch.allclose(plain(input_ids=ids).logits, trained_logits, rtol=0, atol=1e-5)
+
+
+def test_convert_qat_of_a_gguf_scheme_points_to_the_gguf_export(tiny_model_dir):
+    model, _ = _qat_lora(tiny_model_dir("llama"), "q4_0")
+    with pytest.raises(ValueError, match=r"is a GGUF type; its real form is the GGUF file: .*quantization_method='q4_0'"):
+        qat.convert_qat(model)
