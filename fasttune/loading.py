@@ -35,7 +35,7 @@ from .quant.fp8 import (
     granularity_of,
     load_fp8_checkpoint,
 )
-from .quant.qat import apply_qat, check_qat_model
+from .quant.qat import apply_qat, check_qat_model, normalize_scheme
 from .source import ModelSource, resolve_source
 from .state import FastState, attach_state, model_state
 
@@ -111,7 +111,7 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
     if fix_tokenizer:
         prepare_tokenizer(tokenizer, cfg.max_seq_length)  # right padding now; the padding side follows the mode
     attach_state(model, FastState(cfg.max_seq_length, tokenizer, rl if rl is not None else RLOptions(), fp8=fp8,
-                                  qat_scheme=cfg.qat_scheme))
+                                  qat_scheme=None if cfg.qat_scheme is None else normalize_scheme(cfg.qat_scheme)))
     model = finish_loading(model, source.adapter, cfg.full_finetuning, use_gradient_checkpointing)
     return model, loaded
 
@@ -163,7 +163,7 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings, max_seq_length: int
     if max_seq_length is not None:
         changes["max_seq_length"] = max_seq_length
     if settings.qat_scheme is not None:
-        changes["qat_scheme"] = settings.qat_scheme
+        changes["qat_scheme"] = normalize_scheme(settings.qat_scheme)
     if changes:
         attach_state(peft_model, dataclasses.replace(state or FastState(None), **changes))
     if settings.qat_scheme is not None:  # before the fast forwards are re-installed: they fall back to its forward

@@ -22,9 +22,10 @@ Two families of schemes (``QAT_SCHEMES``):
   Cost measured in bench/bench_qat.py.
 * **torch** (``TORCH_SCHEMES``, Unsloth's names): "int4" (weights int4, symmetric, groups of 32), "int8-int4"
   (activations int8 per token, asymmetric, + int4 weights), "fp8-int4" (activations float8 e4m3 per token + int4
-  weights), "fp8-fp8" (activations and weights float8 e4m3, per token / per output row). Written in torch here (they
-  are a few lines each): the weight grids are those of torchao's ``IntxFakeQuantizeConfig(torch.int4, group_size=32)``
-  and ``Float8FakeQuantizeConfig(PerRow())``.
+  weights), "fp8-fp8" (activations and weights float8 e4m3, per token / per output row). Written in torch here (a
+  few lines each, differentiable through the same STE): the int4 weights and int8 activations are torchao's grid and
+  rounding bit for bit, the fp8 ones fasttune's own FP8 row storage (``quant.fp8``). :func:`convert_qat` turns the
+  trained model into that real form (torchao's int4 tensors, fasttune's FP8 layers).
 
 The embeddings and the output head are not fake-quantized (frozen in LoRA training; GGUF writes a tied head in q6_k /
 q8_0, where the rounding is small).
@@ -79,7 +80,8 @@ def scheme_problem(option: str, value: Any) -> str | None:
     return f"{option}: {value!r} is not a QAT scheme; choose one of {list(QAT_SCHEMES)} (or None for no QAT)"
 
 
-def _normalize(scheme: str) -> str:
+def normalize_scheme(scheme: str) -> str:
+    """The scheme's canonical name (``" Q4_K_M"`` -> ``"q4_k_m"``); an unknown one raises, listing the allowed."""
     problem = scheme_problem("qat_scheme", scheme)
     if problem:
         raise ValueError(problem)
@@ -104,8 +106,9 @@ def gguf_fake_quantize(weight: torch.Tensor, qtype: GGMLQuantizationType) -> tor
 
 
 def int4_fake_quantize(weight: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
-    """Symmetric int4 per group of ``group`` columns: ``scale = absmax / 7.5``, ``q = clamp(round(w * (1/scale)), -8,
-    7)``, back to ``q * scale`` in float32: torchao's int4 grid and rounding, bit for bit (``convert_qat``'s test). A row length that ``group`` does not divide is an
+    """Symmetric int4 per group of ``group`` columns: ``scale = absmax / 7.5``,
+    ``q = clamp(round(w * (1/scale)), -8, 7)``, back to ``q * scale`` in float32: torchao's int4 grid and rounding,
+    bit for bit (tests/quant/test_qat.py, through ``convert_qat``). A row length ``group`` does not divide is an
     error naming it."""
     rows, cols = weight.shape
     if cols % group:
@@ -338,7 +341,7 @@ def check_qat_model(model: nn.Module, scheme: str, option: str = "qat_scheme") -
 def apply_qat(model: nn.Module, scheme: str) -> int:
     """Make every decoder linear of ``model`` (a peft LoRA model or a plain transformers model) fake-quantize with
     ``scheme``; returns how many layers. A GGUF scheme asks the exporter which type each tensor gets."""
-    scheme = _normalize(scheme)
+    scheme = normalize_scheme(scheme)
     check_qat_model(model, scheme)
     base = base_model(model)
     tied = tied_output_key(base) is not None or base.get_output_embeddings() is None
@@ -457,4 +460,4 @@ def convert_qat(model: nn.Module) -> nn.Module:
 
 __all__ = ["GGUF_SCHEMES", "QAT_SCHEMES", "TORCH_SCHEMES", "QATLayerPlan", "apply_qat", "check_qat_model",
            "convert_qat", "fake_weight", "fp8_fake_quantize", "gguf_fake_quantize", "int4_fake_quantize", "is_fake_quantized",
-           "layer_plans", "remove_qat", "scheme_problem"]
+           "layer_plans", "normalize_scheme", "remove_qat", "scheme_problem"]

@@ -222,3 +222,14 @@ def test_convert_qat_of_a_gguf_scheme_points_to_the_gguf_export(tiny_model_dir):
     model, _ = _qat_lora(tiny_model_dir("llama"), "q4_0")
     with pytest.raises(ValueError, match=r"is a GGUF type; its real form is the GGUF file: .*quantization_method='q4_0'"):
         qat.convert_qat(model)
+
+
+@pytest.mark.slow
+def test_scheme_names_are_case_insensitive_and_another_export_type_is_flagged(tiny_model_dir, tmp_path, caplog):
+    model, tok = _qat_lora(tiny_model_dir("llama"), " Q4_0")
+    assert model_state(model).qat_scheme == "q4_0"
+    assert {p.qtype for p in qat.layer_plans(model).values()} == {Q.Q4_0, Q.F16}
+    with caplog.at_level("WARNING"):
+        model.save_pretrained_gguf(tmp_path / "g", tok, quantization_method=["f16", "q8_0"])
+    flagged = [r.getMessage() for r in caplog.records if "trained with qat_scheme='q4_0'" in r.getMessage()]
+    assert len(flagged) == 1 and "['q8_0']" in flagged[0]
