@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 import fasttune.quant.fp8 as fp8
 from fasttune import FastLanguageModel
 from fasttune.config import ConfigError
+from fasttune.export.gguf.reader import read_gguf_state
 from fasttune.export.merge import merged_state_dict
 from fasttune.quant import FP8Linear, dequantize_weight
 from fasttune.state import model_state
@@ -89,7 +91,7 @@ def _param_bytes(model) -> int:
 
 
 @pytest.mark.slow
-def test_load_in_fp8_trains_lora_like_its_dequantized_twin(tiny_model_dir):
+def test_load_in_fp8_trains_lora_like_its_dequantized_twin(tiny_model_dir, tmp_path):
     path = str(tiny_model_dir("llama"))
     model, _tok = FastLanguageModel.from_pretrained(path, load_in_fp8=True, dtype="float32", max_seq_length=64)
     layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
@@ -124,6 +126,12 @@ def test_load_in_fp8_trains_lora_like_its_dequantized_twin(tiny_model_dir):
     assert merged_fp8.keys() == merged_dense.keys()
     for name, t in merged_dense.items():  # the merge dequantizes exactly: the twin's merge, bit for bit
         assert torch.equal(t, merged_fp8[name]), name
+    pefts[0].save_pretrained_merged(str(tmp_path / "merged"), _tok)  # the saves go through the same merge
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    key = "model.layers.2.mlp.down_proj.weight"
+    assert torch.equal(reloaded.state_dict()[key], merged_fp8[key])
+    (gguf,) = pefts[0].save_pretrained_gguf(str(tmp_path / "gguf"), _tok, quantization_method="f32")
+    assert torch.equal(read_gguf_state(gguf, model.config)[key], merged_fp8[key])
 
 
 @pytest.mark.slow
