@@ -1,6 +1,6 @@
 """QAT for a GGUF type, measured in llama.cpp: how much of the q4 perplexity gap does QAT recover?
 
-    OMP_NUM_THREADS=2 python bench/bench_qat.py --scheme q4_0 --steps 120 --out qat.json
+    OMP_NUM_THREADS=2 python bench/bench_qat.py --scheme q4_0 --out qat.json   # 40 steps of 4 x 128 tokens
 
 On a real model (SmolLM2-135M-Instruct from ``fasttune.real_models``), two LoRA fine-tunes with the same data, seed,
 rank and steps: a plain one, and one with ``get_peft_model(qat_scheme=SCHEME)``. Each is exported with
@@ -115,15 +115,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scheme", default="q4_0", help="GGUF type to train for and export (q4_0, q4_k_m, ...)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--seed", type=int, default=3407)
-    parser.add_argument("--dtype", default="float32", help="compute dtype (float32 or bfloat16)")
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype (bfloat16 or float32)")
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
