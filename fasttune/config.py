@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .device import resolve_dtype
+from .quant.fp8 import fp8_problem
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # use_gradient_checkpointing's values (fasttune.patch.checkpointing: what each does), in the order they are listed
@@ -59,9 +60,26 @@ class LoadConfig:
     load_in_16bit: bool = _help("base weights in dtype (bf16/fp16/fp32)", False)
     full_finetuning: bool = _help("train every weight instead of LoRA adapters (forces 16-bit loading)", False)
     trust_remote_code: bool = _help("run model code shipped with the checkpoint (only if you trust it)", False)
+    load_in_fp8: Any = _help("float8 e4m3 base weights: True/'row' (a scale per output row) or 'block' (128x128)",
+                             False)
+    qat_scheme: str | None = _help("full fine-tuning with quantization-aware training: a fasttune.quant.qat scheme")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        fp8 = fp8_problem(self.load_in_fp8)
+        if fp8 is not None:
+            problems.append(fp8)
+        if self.qat_scheme is not None:
+            from .quant.qat import scheme_problem  # lazy: the QAT module imports the exporter, which imports config
+
+            scheme = scheme_problem("qat_scheme", self.qat_scheme)
+            if scheme is not None:
+                problems.append(scheme)
+            elif not self.full_finetuning:
+                problems.append(f"qat_scheme={self.qat_scheme!r} in from_pretrained is for full fine-tuning "
+                                "(full_finetuning=True); for LoRA pass it to get_peft_model(qat_scheme=...)")
+        if self.load_in_fp8 not in (False, None) and self.load_in_8bit:
+            problems.append(f"load_in_fp8={self.load_in_fp8!r} and load_in_8bit=True: choose one quantization")
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             problems.append(f"model_name: {self.model_name!r} must be a non-empty string (a folder or a Hub id)")
         if not _is_int(self.max_seq_length) or self.max_seq_length <= 0:
@@ -81,9 +99,11 @@ class LoadConfig:
 
     @property
     def quantization(self) -> str | None:
-        """'4bit', '8bit' or None; full fine-tuning never quantizes."""
+        """'fp8', '4bit', '8bit' or None; full fine-tuning never quantizes. FP8 replaces the default 4-bit."""
         if self.full_finetuning or self.load_in_16bit:
             return None
+        if self.load_in_fp8 not in (False, None):
+            return "fp8"
         if self.load_in_4bit:
             return "4bit"
         return "8bit" if self.load_in_8bit else None
@@ -105,6 +125,8 @@ class LoraSettings:
     modules_to_save: list[str] | None = _help("non-LoRA modules to train fully and save (e.g. lm_head, embed_tokens)")
     layers_to_transform: list[int] | int | None = _help("only adapt these layer indices")
     init_lora_weights: Any = _help("peft init: True (B=0), 'gaussian', 'pissa', 'olora', 'loftq', ...", True)
+    qat_scheme: str | None = _help("quantization-aware training: train for the rounding of this scheme "
+                                   "(Unsloth's int4, int8-int4, fp8-int4, fp8-fp8, or a GGUF type: q4_0, q4_k_m, ...)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -138,6 +160,17 @@ class LoraSettings:
             not isinstance(layers, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in layers)
         ):
             problems.append(f"layers_to_transform: {self.layers_to_transform!r} must be non-negative layer indices")
+        if self.qat_scheme is not None:
+            from .quant.qat import scheme_problem  # lazy: the QAT module imports the exporter, which imports config
+
+            scheme = scheme_problem("qat_scheme", self.qat_scheme)
+            if scheme is not None:
+                problems.append(scheme)
+            if self.lora_dropout not in (0, 0.0) and _is_finite_number(self.lora_dropout):
+                problems.append(f"qat_scheme={self.qat_scheme!r} with lora_dropout={self.lora_dropout!r}: QAT "
+                                "fake-quantizes the merged weight W + s*B@A, which has no place for dropout; use 0")
+            if self.use_dora is True:
+                problems.append(f"qat_scheme={self.qat_scheme!r} with use_dora=True: QAT supports plain LoRA")
         _raise_if(problems, "get_peft_model")
 
 

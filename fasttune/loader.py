@@ -52,6 +52,8 @@ class FastLanguageModel:
         gpu_memory_utilization: float | None = None,
         attn_implementation: str | None = None,
         fast_path: bool = True,
+        load_in_fp8: bool | str = False,
+        qat_scheme: str | None = None,
         **kwargs: Any,
     ) -> tuple[PreTrainedModel, Any]:
         """Load ``model_name`` (a folder or Hub id) and its tokenizer, ready for LoRA/QLoRA or full fine-tuning.
@@ -64,13 +66,17 @@ class FastLanguageModel:
         ``gpu_memory_utilization`` are Unsloth's RL options (see ``fasttune.config.RLOptions``); every model gets
         ``fast_generate``, ``save_lora`` and ``load_lora``. A GGUF file (``model.gguf``, a folder holding one, or
         transformers' ``gguf_file=`` beside a folder) is a base model too: dequantized once into a cached folder
-        (``fasttune.gguf_source``), then loaded in 4-bit / 8-bit / 16-bit as asked.
+        (``fasttune.gguf_source``), then loaded in 4-bit / 8-bit / 16-bit as asked. ``load_in_fp8`` (True / "row"
+        or "block") stores the linear weights in float8 e4m3 with row or 128x128 block scales (``fasttune.quant.fp8``;
+        it replaces the default 4-bit); a checkpoint stored in FP8 (``weight_scale_inv``) loads as stored.
+        ``qat_scheme`` with ``full_finetuning=True`` trains every weight through that scheme's rounding
+        (``fasttune.quant.qat``).
         """
         gguf_file = kwargs.pop("gguf_file", None)
         if gguf_file is not None:  # transformers' spelling: a folder and the GGUF file in it
             model_name = str(Path(model_name) / gguf_file)
         cfg = load_config(model_name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit,
-                          full_finetuning, trust_remote_code)
+                          full_finetuning, trust_remote_code, load_in_fp8, qat_scheme)
         rl_options = RLOptions(fast_inference, max_lora_rank, gpu_memory_utilization)
         source = source_of(model_name, token, revision, trust_remote_code)
         if rope_scaling is not None:
@@ -109,6 +115,7 @@ class FastLanguageModel:
         finetune_language_layers: bool | None = None,
         finetune_attention_modules: bool | None = None,
         finetune_mlp_modules: bool | None = None,
+        qat_scheme: str | None = None,
         **kwargs: Any,
     ) -> PeftModel:
         """Add LoRA adapters (through peft) and prepare the model for training.
@@ -116,7 +123,9 @@ class FastLanguageModel:
         ``target_modules`` names must be linear layers of the model (the error lists them); Unsloth's default list
         also works on families with fused projections (phi3). ``finetune_*`` are ``FastModel``'s switches: given
         with the default ``target_modules``, attention/MLP pick the family's projections (a text model has no vision
-        tower, so ``finetune_vision_layers`` changes nothing there). Returns a ``peft.PeftModel``.
+        tower, so ``finetune_vision_layers`` changes nothing there). ``qat_scheme`` (Unsloth's "int4", "int8-int4",
+        "fp8-int4", "fp8-fp8", or a GGUF type such as "q4_0", "q4_k_m") trains the adapters through the rounding of
+        the merged weight (``fasttune.quant.qat``). Returns a ``peft.PeftModel``.
         """
         if isinstance(model, PeftModel):
             logger.warning("fasttune: the model already has LoRA adapters; returning it unchanged")
@@ -129,7 +138,7 @@ class FastLanguageModel:
             target_modules = _switch_targets(model, target_modules, switches)
         settings = LoraSettings(r, lora_alpha, lora_dropout, bias, target_modules, use_gradient_checkpointing,
                                 random_state, use_rslora, use_dora, modules_to_save, layers_to_transform,
-                                init_lora_weights)
+                                init_lora_weights, qat_scheme)
         extra = {k: v for k, v in (("layers_pattern", layers_pattern), ("loftq_config", loftq_config)) if v}
         return add_lora(model, settings, max_seq_length, **extra, **kwargs)
 

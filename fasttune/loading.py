@@ -10,6 +10,7 @@ transformers' load, the fast path, the model's :class:`~fasttune.state.FastState
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -27,6 +28,15 @@ from .patch import FAST_PATHS, patch_model
 from .quant import patch_quantized_layers
 from .quant.config import int8_config, mxfp4_dequantized, nf4_config, stored_quantization
 from .quant.experts import quantize_experts
+from .quant.fp8 import (
+    checkpoint_folder,
+    convert_to_fp8,
+    dequantize_fp8_layers,
+    fp8_checkpoint_block,
+    granularity_of,
+    load_fp8_checkpoint,
+)
+from .quant.qat import apply_qat, check_qat_model, normalize_scheme
 from .source import ModelSource, resolve_source
 from .state import FastState, attach_state, model_state
 
@@ -35,14 +45,14 @@ logger = logging.getLogger("fasttune")
 
 def load_config(model_name: str | ModelSource, max_seq_length: int, dtype: Any, load_in_4bit: bool,
                 load_in_8bit: bool, load_in_16bit: bool, full_finetuning: bool,
-                trust_remote_code: bool) -> LoadConfig:
+                trust_remote_code: bool, load_in_fp8: Any = False, qat_scheme: str | None = None) -> LoadConfig:
     """The checked loading options (every problem at once); full fine-tuning loads 16-bit, which is said."""
-    if full_finetuning and (load_in_4bit or load_in_8bit):
+    if full_finetuning and (load_in_4bit or load_in_8bit) and load_in_fp8 in (False, None):
         logger.warning("fasttune: full_finetuning=True trains every weight, so the model loads in 16-bit, "
                        "not %s", "4-bit" if load_in_4bit else "8-bit")
     name = model_name.base if isinstance(model_name, ModelSource) else model_name
     return LoadConfig(name, max_seq_length, dtype, load_in_4bit, load_in_8bit, load_in_16bit, full_finetuning,
-                      trust_remote_code)
+                      trust_remote_code, load_in_fp8, qat_scheme)
 
 
 def source_of(model_name: str | ModelSource, token: str | None, revision: str | None,
@@ -85,6 +95,9 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
             logger.warning("fasttune: %s is stored in MXFP4: its experts load dequantized%s; the other layers stay "
                            "16-bit (one quantization per load)", type(source.config).__name__,
                            " and are packed to NF4" if cfg.quantization == "4bit" else "")
+    fp8_stored = fp8_checkpoint_block(source.config) is not None
+    if fp8_stored:  # transformers would dequantize it (and cannot, for shapes its grid does not divide): we load it
+        kwargs["config"] = _without_quantization_config(source.config)
     model = auto_class.from_pretrained(
         source.base,
         dtype=cfg.dtype,
@@ -95,19 +108,53 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
+    fp8 = _load_fp8(model, source, cfg, fp8_stored, token, revision, quant_skip)
     patch_quantized_layers(model)
     spec = get_family(text_type)
     if cfg.quantization == "4bit" and spec is not None and spec.moe is not None:  # bitsandbytes skips 3-D experts
         quantize_experts(model, (spec.moe.gate_up, spec.moe.down))
+    if cfg.qat_scheme is not None:  # full fine-tuning; before the fast forwards, which fall back to its forward
+        apply_qat(model, cfg.qat_scheme)
     if fast_path and has_fast_path:
         patch_model(model)
     loaded = load_tokenizer(source.tokenizer_source)
     tokenizer = getattr(loaded, "tokenizer", loaded)  # a processor holds its tokenizer
     if fix_tokenizer:
         prepare_tokenizer(tokenizer, cfg.max_seq_length)  # right padding now; the padding side follows the mode
-    attach_state(model, FastState(cfg.max_seq_length, tokenizer, rl if rl is not None else RLOptions()))
+    attach_state(model, FastState(cfg.max_seq_length, tokenizer, rl if rl is not None else RLOptions(), fp8=fp8,
+                                  qat_scheme=None if cfg.qat_scheme is None else normalize_scheme(cfg.qat_scheme)))
     model = finish_loading(model, source.adapter, cfg.full_finetuning, use_gradient_checkpointing)
     return model, loaded
+
+
+def _without_quantization_config(config: Any) -> Any:
+    config = copy.deepcopy(config)
+    del config.quantization_config
+    return config
+
+
+def _load_fp8(model: Any, source: ModelSource, cfg: LoadConfig, stored: bool, token: str | None,
+              revision: str | None, quant_skip: Sequence[str] | None) -> str | None:
+    """Make the linear layers FP8 as asked (``cfg.load_in_fp8``) or as stored (an FP8 checkpoint: its bytes and
+    block scales, exactly; dequantized exactly to ``cfg.dtype`` when 16-bit or full fine-tuning is asked). Returns
+    the granularity ("row" / "block") or None."""
+    if stored:
+        count = load_fp8_checkpoint(model, checkpoint_folder(source.base, token, revision), cfg.dtype)
+        if cfg.full_finetuning or cfg.load_in_16bit:
+            dequantize_fp8_layers(model)
+            logger.info("fasttune: the FP8 checkpoint's %d linear layers dequantized to %s", count, cfg.dtype)
+            return None
+        if cfg.quantization not in (None, "fp8"):
+            logger.warning("fasttune: %s is stored in FP8 (128x128 block scales); it loads as stored, not in %s",
+                           source.base, cfg.quantization)
+        return "block"
+    if cfg.quantization != "fp8":
+        return None
+    granularity = granularity_of(cfg.load_in_fp8)
+    skip = tuple(quant_skip) if quant_skip is not None else ()
+    count = convert_to_fp8(model, granularity, cfg.dtype, skip)
+    logger.info("fasttune: %d linear layers stored in float8 e4m3 (%s scales)", count, granularity)
+    return granularity
 
 
 def add_lora(model: PreTrainedModel, settings: LoraSettings, max_seq_length: int | None = None,
@@ -120,9 +167,18 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings, max_seq_length: int
     if max_rank is not None and isinstance(settings.r, int) and settings.r > max_rank:
         raise ValueError(f"r: {settings.r} is above max_lora_rank={max_rank} given to from_pretrained; use "
                          f"r <= {max_rank} or load with a larger max_lora_rank")
+    if settings.qat_scheme is not None:
+        check_qat_model(model, settings.qat_scheme)  # before peft changes the model
     peft_model = inject_lora(model, settings, get_family(model.config.model_type), **kwargs)
+    changes = {}
     if max_seq_length is not None:
-        attach_state(peft_model, dataclasses.replace(state or FastState(None), max_seq_length=max_seq_length))
+        changes["max_seq_length"] = max_seq_length
+    if settings.qat_scheme is not None:
+        changes["qat_scheme"] = normalize_scheme(settings.qat_scheme)
+    if changes:
+        attach_state(peft_model, dataclasses.replace(state or FastState(None), **changes))
+    if settings.qat_scheme is not None:  # before the fast forwards are re-installed: they fall back to its forward
+        apply_qat(peft_model, settings.qat_scheme)
     return finish_peft(peft_model, settings.use_gradient_checkpointing)
 
 

@@ -25,11 +25,15 @@ class FastState:
     """``max_seq_length``: the longest sequence the model was loaded for (SFTConfig.max_length's default, the vision
     collator's and the rollout engine's limit). ``tokenizer``: the tokenizer (a VLM's: its processor's), whose padding
     side follows ``for_training`` / ``for_inference`` and which ``fast_generate`` uses. ``rl``: the rollout options
-    (``fast_inference``, ``max_lora_rank``, ``gpu_memory_utilization``)."""
+    (``fast_inference``, ``max_lora_rank``, ``gpu_memory_utilization``). ``fp8``: "row" / "block" when the linear
+    weights are float8 (``fasttune.quant.fp8``), else None. ``qat_scheme``: the QAT scheme the model trains with
+    (``fasttune.quant.qat``), else None."""
 
     max_seq_length: int | None
     tokenizer: Any = None
     rl: RLOptions = field(default_factory=RLOptions)
+    fp8: str | None = None
+    qat_scheme: str | None = None
 
 
 def attach_state(model: nn.Module, state: FastState) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttune.quant import dequantize_weight, is_quantized_linear
+from fasttune.quant import dequantize_weight, is_fake_quantized, is_quantized_linear
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ def _frozen_base_reason(base: nn.Module) -> str | None:
 
 def lora_parts(layer: nn.Module) -> LoraParts | str:
     """The fused-path view of ``layer`` (a peft LoRA ``Linear`` or a plain frozen linear), or why it has none."""
+    if is_fake_quantized(layer):
+        return "QAT: the layer computes with its fake-quantized (merged) weight"
     if not _is_peft_lora(layer):
         reason = _frozen_base_reason(layer)
         return reason if reason is not None else LoraParts(layer, None, None, 1.0)

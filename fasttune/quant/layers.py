@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
 from torch import nn
 
+from .fp8 import FP8Linear
+
 # Rows per block of bitsandbytes' CPU packing (``block_n`` of ``_convert_weight_packed_for_cpu``, its default).
 CPU_PACK_BLOCK_ROWS = 32
 
@@ -59,11 +61,13 @@ def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> tor
     """The dense ``(out_features, in_features)`` weight of a linear layer, quantized or not.
 
     Supports ``nn.Linear`` (returned as is, cast to ``dtype`` if given), bitsandbytes ``Linear4bit`` and
-    ``Linear8bitLt`` (and fasttune's subclasses of them). Dequantization is exact: it is the value the quantized
+    ``Linear8bitLt`` (and fasttune's subclasses of them), fasttune's ``FP8Linear`` (float8 times its scales). Dequantization is exact: it is the value the quantized
     matmul computes with (for a 4-bit layer that bitsandbytes repacked for its CPU kernel, that value has bf16 scales:
     see :func:`_dequantize_cpu_packed`).
     """
-    if isinstance(layer, bnb.nn.Linear4bit):
+    if isinstance(layer, FP8Linear):
+        dense = layer.dequantized(torch.float32)
+    elif isinstance(layer, bnb.nn.Linear4bit):
         weight = layer.weight
         # FSDP2 all-gathers the storage into a plain Parameter that has lost its ``quant_state``; bitsandbytes keeps
         # a copy on the module (``Params4bit._quantize`` sets ``module.quant_state``), which is read instead.
@@ -85,7 +89,7 @@ def dequantize_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> tor
     else:
         raise TypeError(
             f"dequantize_weight: {type(layer).__name__} is not a supported linear layer; "
-            "supported: torch.nn.Linear, bitsandbytes Linear4bit, bitsandbytes Linear8bitLt"
+            "supported: torch.nn.Linear, bitsandbytes Linear4bit, bitsandbytes Linear8bitLt, fasttune FP8Linear"
         )
     return dense if dtype is None else dense.to(dtype)
 
@@ -157,4 +161,14 @@ def restore_layers(model: nn.Module) -> int:
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, FP8Linear))
+
+
+# The key of a layer's QAT plan in its __dict__ (set by fasttune.quant.qat.apply_qat); here so that the fused LoRA
+# blocks can step aside for a fake-quantized layer without importing the QAT module.
+QAT_PLAN_KEY = "_fasttune_qat"
+
+
+def is_fake_quantized(module: nn.Module) -> bool:
+    """True for a layer QAT made compute with its fake-quantized weight (``fasttune.quant.qat``)."""
+    return QAT_PLAN_KEY in module.__dict__

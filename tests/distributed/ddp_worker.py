@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.trl is importable
-from fasttune.trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from fasttune.lora.unwrap import base_model  # noqa: E402
+from fasttune.trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from tests.trl.trl_helpers import cpu_args, fast_model, text_dataset  # noqa: E402
 
 

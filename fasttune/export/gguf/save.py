@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType as Q
 
 from ...distributed import one_writer
 from ...lora.unwrap import base_model
+from ...state import model_state
 from ..atomic import check_writable, recover_interrupted
 from ..hub import split_push_kwargs, upload_folder
 from ..merge import iter_merged_tensors, merged_state_dict, tied_output_key
-from .mixes import FileType
+from .mixes import FTYPES, FileType
 from .mmproj import LANGUAGE_PATHS, image_side, language_tensors, mmproj_map, write_mmproj
 from .quants import resolve_methods
 from .writer import GGUFReport, write_gguf
@@ -125,6 +127,7 @@ def save_pretrained_gguf(
         raise ValueError("tokenizer: a GGUF file needs the tokenizer (llama.cpp reads the vocabulary from the file); "
                          "pass the tokenizer used for training")
     ftypes = resolve_methods(quantization_method)  # resolved and checked here, once
+    _note_qat_scheme(model, ftypes)
     folder = Path(save_directory)
     check_writable(folder)
     created = not folder.exists()
@@ -135,6 +138,19 @@ def save_pretrained_gguf(
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # nothing of this save is left behind, not even the folder it made
         raise
+
+
+def _note_qat_scheme(model: Any, ftypes: list[FileType]) -> None:
+    """A model trained with QAT for one GGUF type and exported to another quantized type: say so (the file is valid,
+    but it is not the model the training saw)."""
+    state = model_state(model)
+    scheme = state.qat_scheme if state is not None else None
+    if scheme is None or scheme not in FTYPES:
+        return
+    others = [f.name for f in ftypes if f.name != scheme and f.qtype not in (Q.F32, Q.F16, Q.BF16)]
+    if others:
+        logger.warning("gguf: this model was trained with qat_scheme=%r; the %s file(s) round its weights another "
+                       "way than the training did (export %r for the trained model)", scheme, others, scheme)
 
 
 def _save_files(model: Any, folder: Path, tokenizer: Any, ftypes: list[FileType], validate: bool, kw: dict[str, Any],

@@ -24,7 +24,7 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, RopeScalingType
 
 from ..atomic import atomic_file
-from .mixes import FileType, choose_tensor_qtype, file_type
+from .mixes import FileType, TensorTypeChoice, choose_tensor_qtype, file_type
 from .quants import quantize
 from .tensor_maps import Split, TensorMap, get_tensor_map, gguf_name, is_norm, permute_rows, split_tensor
 from .tokenizer import build_vocab
@@ -264,6 +264,31 @@ def gguf_file(path: str | os.PathLike, arch: str) -> Iterator[GGUFWriter]:
             writer.close()
 
 
+def tensor_choice(config: Any, gguf_tensor: str, shape: tuple[int, ...], ftype: FileType | str,
+                  tied: bool) -> TensorTypeChoice:
+    """The type ``write_gguf`` gives the tensor named ``gguf_tensor`` (GGUF name, numpy shape) of a model with
+    ``config`` in a file of type ``ftype``: llama.cpp's mix (``mixes.choose_tensor_qtype``) with this model's layer
+    count, architecture and GQA ratio. The one place they are read for it (QAT asks here too)."""
+    c = text_config(config)
+    tmap = get_tensor_map(c.model_type)
+    n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    n_expert = n_experts(c) if tmap.moe else 0  # llama.cpp's quantizer reads hparams.n_expert (0 for dense models)
+    return choose_tensor_qtype(gguf_tensor, tuple(shape), ftype, c.num_hidden_layers, n_expert, arch=tmap.arch,
+                               n_gqa=c.num_attention_heads // n_kv, tied_embeddings=tied)
+
+
+def export_qtype(config: Any, hf_name: str, shape: tuple[int, ...], ftype: FileType | str,
+                 tied: bool) -> GGMLQuantizationType:
+    """The GGUF type ``write_gguf`` writes the transformers tensor ``hf_name`` (``"model.layers.3.mlp.up_proj.weight"``,
+    torch shape ``(out, in)``) with in a file of type ``ftype``. Rows are quantized independently, so the q/k row
+    permutation ``convert_tensor`` applies does not change which values share a block."""
+    _key, gname, _layer = gguf_name(get_tensor_map(text_config(config).model_type), hf_name)
+    if isinstance(gname, Split):  # a MoE's fused 3-D experts: several GGUF tensors, which QAT does not cover
+        raise ValueError(f"export_qtype: {hf_name} is written as several GGUF tensors ({gname}); the GGUF QAT schemes "
+                         "fake-quantize linear layers only")
+    return tensor_choice(config, gname, tuple(shape), ftype, tied).qtype
+
+
 def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                config: Any, tokenizer: Any, ftype: FileType | str, template: Any = None, pre_tokenizer: str | None = None,
                name: str | None = None, tied: bool | None = None) -> GGUFReport:
@@ -286,16 +311,13 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor] | It
         raise ValueError(f"gguf: {c.model_type} in llama.cpp always uses the input embeddings as its output head, but "
                          "this model has a separate lm_head (a LoRA on lm_head?); export it merged_16bit instead")
     report = GGUFReport(Path(path), ftype.name)
-    n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    n_expert = n_experts(c) if tmap.moe else 0  # llama.cpp's quantizer reads hparams.n_expert (0 for dense models)
     with gguf_file(path, tmap.arch) as writer:
         _write_metadata(writer, config, tmap, tokenizer, ftype, template, pre_tokenizer, name, report)
         for hf_name, tensor in tensors:
             key, target, _layer = gguf_name(tmap, hf_name)
             data = convert_tensor(tmap, key, hf_name, tensor, config)
             for gname, part in split_tensor(target, data) if isinstance(target, Split) else [(target, data)]:
-                choice = choose_tensor_qtype(gname, part.shape, ftype, c.num_hidden_layers, n_expert, arch=tmap.arch,
-                                             n_gqa=c.num_attention_heads // n_kv, tied_embeddings=tied)
+                choice = tensor_choice(config, gname, part.shape, ftype, tied)
                 if choice.reason:
                     report.fallbacks.append(choice.reason)
                 writer.add_tensor(gname, quantize(part, choice.qtype), raw_dtype=choice.qtype)
