@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,12 +147,17 @@ class LlamaCppModel:
                ) -> list[int]:
         """Greedy continuation of ``ids`` (KV cache kept between steps), stopping after a token in ``stop_ids``
         (not returned) or ``max_new_tokens`` tokens."""
+        return list(self.stream_greedy(ids, max_new_tokens, stop_ids))
+
+    def stream_greedy(self, ids: list[int], max_new_tokens: int,
+                      stop_ids: set[int] | frozenset[int] = frozenset()) -> Iterator[int]:
+        """:meth:`greedy`, one token at a time as it is decoded (the studio's GGUF chat streams them)."""
         if self.ctx is None:
             raise RuntimeError("greedy: this model was opened with vocab_only=True")
         lib, vocab = self.lib, self.n_vocab()
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         batch = lib.llama_batch_init(max(len(ids), 1), 0, 1)
-        out: list[int] = []
+        produced = 0
         try:
             feed, start = list(ids), 0
             while True:
@@ -167,9 +173,10 @@ class LlamaCppModel:
                     raise RuntimeError(f"llama_decode failed with status {status}")
                 row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, len(feed) - 1), shape=(vocab,))
                 token = int(row.argmax())
-                if token in stop_ids or len(out) == max_new_tokens:
-                    return out
-                out.append(token)
+                if token in stop_ids or produced == max_new_tokens:
+                    return
+                produced += 1
+                yield token
                 start += len(feed)
                 feed = [token]
         finally:

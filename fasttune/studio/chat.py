@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fasttune.cli.chat import reply
 from fasttune.cli.export import load_for_use
 from fasttune.cli.train import model_path
@@ -120,21 +122,33 @@ class Chats:
 
     def _gguf(self, run: Path, messages: list[dict[str, str]], max_new_tokens: int,
               temperature: float) -> Iterator[str]:
+        """The run's GGUF file answering through llama.cpp; greedy whatever ``temperature`` says (said on the page's
+        GGUF column: fasttune's llama.cpp wrapper decodes greedily)."""
         files = sorted((run / "gguf").glob("*.gguf")) if (run / "gguf").is_dir() else []
         if not files:
             raise ChatError(f"run {run.name!r} has no GGUF file; export one on the Export page first")
         if not llama_cpp_available():
             raise ChatError("chatting with a GGUF file needs llama.cpp: pip install llama-cpp-python (fasttune[llama])")
-        from llama_cpp import Llama
+        from fasttune.export.llama_cpp import LlamaCppModel
 
+        # llama.cpp through fasttune's C-API wrapper (use_extra_bufts=False: its AMX repacking crashes on quantized
+        # files), greedy, the prompt rendered by the run's own tokenizer and chat template, as training saw it
         with self._lock:
-            llm = Llama(model_path=str(files[0]), n_ctx=2048, verbose=False, seed=0)
-            stream = llm.create_chat_completion(messages=messages, max_tokens=max_new_tokens,
-                                                temperature=temperature, stream=True)
-            for chunk in stream:
-                piece = chunk["choices"][0].get("delta", {}).get("content")
-                if piece:
-                    yield piece
+            self._load(run)  # the run's tokenizer and chat template; its generation config's end tokens
+        model, tokenizer = self._models["tuned"]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stop = {t for t in ([ends] if isinstance(ends, int) else list(ends or [])) + [tokenizer.eos_token_id]
+                if isinstance(t, int)}
+        with self._lock, LlamaCppModel(files[0], n_ctx=2048, n_threads=torch.get_num_threads()) as lm:
+            new: list[int] = []
+            shown = ""
+            for token in lm.stream_greedy(list(ids), max_new_tokens, stop):
+                new.append(token)
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
+                    yield text[len(shown):]
+                    shown = text
 
 
 class _Null:
