@@ -7,7 +7,8 @@ plain (unquantized, adapter-free) instance of that model would have:
     b_merged = b_base + sum_a scaling_a * b_B_a                             (only with ``lora_bias=True``)
 
 for every active, not-yet-merged adapter ``a``; a mixture of experts' 3-D expert parameters adapted through peft's
-``target_parameters`` get ``scaling_a * B_e A_e`` per expert ``e`` (4-bit experts dequantized first). 4-bit / 8-bit bitsandbytes bases are dequantized exactly with
+``target_parameters`` get ``scaling_a * B_e A_e`` per expert ``e`` (4-bit experts dequantized first).
+4-bit / 8-bit bitsandbytes bases are dequantized exactly with
 ``fasttune.quant.dequantize_weight``; the sum is formed in float32 and cast once at the end. The model itself is
 never modified (unlike peft's ``merge_and_unload``), so a user can keep training after an export.
 """

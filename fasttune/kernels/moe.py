@@ -24,7 +24,8 @@ materialises ``W + s B A`` for *every* expert on every forward):
 
 Layouts (:class:`ExpertLayout`): weights stored ``(E, out, in)`` (Qwen3-MoE, Mixtral) or ``(E, in, out)``
 (gpt-oss, ``transposed``); gate and up as the two halves of ``gu`` or interleaved columns (gpt-oss). Activations:
-``"silu"`` (``silu(gate) * up``) and ``"clamped_swiglu"`` (gpt-oss: ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
+``"silu"`` (``silu(gate) * up``) and ``"clamped_swiglu"`` (gpt-oss:
+``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with
 ``g = clamp(gate, max=l)``). LoRA factors come in peft's ``ParamWrapper`` layout: ``A`` is ``(E * r, in)``
 expert-major, ``B`` is ``(out, r * E)`` rank-major (``B.reshape(out, r, E)[:, :, e]`` is expert ``e``'s).
 """
@@ -265,7 +266,8 @@ class _MoEExperts(torch.autograd.Function):
             gb = _gmm(grad_gu, b_t.transpose(1, 2), offs, counts)
             grad_xs.add_(_gmm(gb, a_t.transpose(1, 2), offs, counts), alpha=scale)
             adapter_grads = [_grad_A(routing.scatter(_gmm(xs.t(), gb, offs, counts)), scale, lora_gu),
-                             _grad_B(routing.scatter(_gmm(xa.t(), grad_gu, offs, counts)), scale, lora_gu)] + adapter_grads
+                             _grad_B(routing.scatter(_gmm(xa.t(), grad_gu, offs, counts)), scale, lora_gu),
+                             *adapter_grads]
         grad_x = torch.zeros_like(x).index_add_(0, routing.token, grad_xs) if ctx.needs_input_grad[0] else None
         grads = [g if ctx.needs_input_grad[10 + i] else None for i, g in enumerate(adapter_grads)]
         return (grad_x, grad_top_w, None, None, None, None, None, None, None, None, *_pad(grads, n_adapters))

@@ -48,6 +48,7 @@ from .registry import (
 )
 from .spec import FamilySpec, MoESpec, SpecialTokens, TinySpec, TinyVisionSpec, VisionSpec
 
-__all__ = ["FAMILIES", "VISION_FAMILIES", "FamilySpec", "MMProjMap", "MoESpec", "SpecialTokens", "Split", "TensorMap", "TinySpec",
+__all__ = ["FAMILIES", "VISION_FAMILIES", "FamilySpec", "MMProjMap", "MoESpec", "SpecialTokens", "Split", "TensorMap",
+           "TinySpec",
            "TinyVisionSpec", "VisionSpec", "families", "family", "get_family", "get_vision_family", "vision_families",
            "vision_family"]

@@ -49,7 +49,8 @@ class TinySpec:
     drop: tuple[str, ...] = ()
 
 
-ExpertActivation = Literal["silu", "clamped_swiglu"]  # silu(gate) * up, or gpt-oss's clamped (up + 1) * gate * sigmoid(a * gate)
+# silu(gate) * up, or gpt-oss's clamped (up + 1) * gate * sigmoid(a * gate)
+ExpertActivation = Literal["silu", "clamped_swiglu"]
 
 
 @dataclass(frozen=True)
