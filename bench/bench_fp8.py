@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -24,14 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fasttune.cli.memory import current_rss, peak_rss  # noqa: E402
+
 CONFIGS = {"16bit": False, "fp8-row": True, "fp8-block": "block"}
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def one(config: str, args) -> dict:
@@ -46,7 +40,7 @@ def one(config: str, args) -> dict:
     train_ids, _ = corpus(AutoTokenizer.from_pretrained(str(folder)))
     model, _tok = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=False, dtype="bfloat16",
                                                     load_in_fp8=CONFIGS[config], max_seq_length=args.seq)
-    rss_loaded = _rss_mb()
+    rss_loaded = current_rss() / 2**20
     decoder = model.model.layers
     linear_bytes = sum(t.numel() * t.element_size() for t in list(decoder.parameters()) + list(decoder.buffers())
                        if t.dim() == 2)
@@ -65,7 +59,7 @@ def one(config: str, args) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
     return {"config": config, "linear_weight_bytes": linear_bytes, "param_buffer_bytes": all_bytes,
-            "rss_after_load_mb": rss_loaded, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak_rss() / 2**20,
             "mean_step_s": sum(times[1:]) / max(1, len(times) - 1), "losses": losses}
 
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from fasttune.cli.memory import current_rss, peak_rss
 
 SHAPES = {
     "qwen3": dict(model_type="qwen3_moe", hidden_size=1024, moe_intermediate_size=384, num_experts=128,
@@ -41,17 +42,6 @@ SHAPES = {
 IMPLS = ("eager", "grouped_mm", "fasttune")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 RANK = 16
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _config(shape: str, layers: int, vocab: int):
@@ -106,7 +96,7 @@ def _child(shape: str, impl: str, case: str, dtype: torch.dtype, tokens: int, re
         def step():
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
-    base = _rss_mib()
+    base = current_rss() / 2**20
     step()  # warm-up
     times = []
     for _ in range(repeats):
@@ -114,7 +104,7 @@ def _child(shape: str, impl: str, case: str, dtype: torch.dtype, tokens: int, re
         step()
         times.append(time.perf_counter() - start)
     return dict(shape=shape, impl=impl, case=case, seconds=min(times), tokens_per_s=tokens / min(times),
-                peak_mib=_peak_mib() - base)
+                peak_mib=peak_rss() / 2**20 - base)
 
 
 def main() -> None:

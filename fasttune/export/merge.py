@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fasttune.kernels.moe import ExpertLora, expert_delta
 from fasttune.lora.unwrap import base_model
 from fasttune.quant import dequantize_weight, is_quantized_linear
 from fasttune.quant.experts import PackedExperts
@@ -45,18 +46,12 @@ def _is_param_wrapper(module: nn.Module) -> bool:
 
 
 def _expert_delta(module: nn.Module, adapter: str, shape: torch.Size) -> torch.Tensor:
-    """``scaling * B_e A_e`` for every expert ``e`` in float32, shaped like the stored 3-D parameter ``shape``.
-
-    peft's layout: ``A`` ``(E * r, in)`` expert-major, ``B`` ``(out, r * E)`` rank-major; the parameter is stored
-    ``(E, out, in)`` or, for transposed experts (gpt-oss), ``(E, in, out)``.
-    """
-    experts = shape[0]
-    a = module.lora_A[adapter].weight.detach().float()
-    b = module.lora_B[adapter].weight.detach().float()
-    rank = a.shape[0] // experts
-    a = a.reshape(experts, rank, a.shape[-1])  # (E, r, in)
-    b = b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)  # (E, out, r)
-    delta = torch.bmm(b, a) * float(module.scaling[adapter])  # (E, out, in)
+    """``scaling * B_e A_e`` for every expert in float32, shaped like the stored 3-D parameter ``shape``: ``(E, out,
+    in)``, or ``(E, in, out)`` for transposed experts (gpt-oss). peft's factor layout is read in one place,
+    :func:`fasttune.kernels.moe.expert_delta`."""
+    lora = ExpertLora(module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach(),
+                      float(module.scaling[adapter]))
+    delta = expert_delta(lora, shape[0])  # (E, in, out)
     if delta.shape != shape:
         delta = delta.transpose(1, 2)
     if delta.shape != shape:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from fasttune.quant.experts import is_packed
 
-__all__ = ["ExpertLayout", "ExpertLora", "grouped_mm_available", "moe_experts", "moe_experts_reference"]
+__all__ = ["ExpertLayout", "ExpertLora", "expert_delta", "grouped_mm_available", "moe_experts", "moe_experts_reference"]
 
 ACTIVATIONS = ("silu", "clamped_swiglu")
 
@@ -144,6 +144,13 @@ def _factors(lora: ExpertLora, experts: int, dtype: torch.dtype,
     return a_t.contiguous(), b_t.contiguous()
 
 
+def expert_delta(lora: ExpertLora, experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scaling * (B_e A_e)^T`` for every expert, ``(E, in, out)``: the adapter as a merged-weight delta (the
+    reference's and the merge's; the grouped kernel never forms it)."""
+    a_t, b_t = _factors(lora, experts, dtype)
+    return torch.bmm(a_t, b_t) * lora.scaling
+
+
 def _weights(weight: torch.Tensor, layout: ExpertLayout, groups: torch.Tensor | None,
              dtype: torch.dtype) -> torch.Tensor:
     """``(G, in, out)`` weights of the groups: every expert of a dense weight (a view), or the dequantized experts
@@ -177,10 +184,9 @@ class _Routing:
 
     def __init__(self, top_idx: torch.Tensor, experts: int, hit_only: bool):
         flat = top_idx.reshape(-1)
-        self.k = top_idx.shape[-1]
         self.experts = experts
         self.order = torch.argsort(flat, stable=True)
-        self.token = self.order // self.k
+        self.token = self.order // top_idx.shape[-1]
         self.expert = flat[self.order]
         counts = torch.bincount(flat, minlength=experts)
         self.groups = torch.nonzero(counts).flatten() if hit_only else None
@@ -203,7 +209,8 @@ class _MoEExperts(torch.autograd.Function):
         routing = _Routing(top_idx, gate_up.shape[0], hit_only=is_packed(gate_up) or is_packed(down))
         out, _ = _MoEExperts._compute(x, top_w, routing, gate_up, down, gate_up_bias, down_bias, layout, lora_gu,
                                       lora_d, keep=False)
-        ctx.save_for_backward(x, top_w, top_idx, *adapters)
+        ctx.save_for_backward(x, top_w, *adapters)
+        ctx.routing = routing  # the sort by expert, made once (integer tensors of tokens x top-k entries)
         ctx.parts = (gate_up, down, gate_up_bias, down_bias, layout, lora_gu, lora_d, len(adapters))
         return out
 
@@ -225,10 +232,9 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, top_w, top_idx, *_ = ctx.saved_tensors
+        x, top_w, *_ = ctx.saved_tensors
         gate_up, down, gate_up_bias, down_bias, layout, lora_gu, lora_d, n_adapters = ctx.parts
-        experts = gate_up.shape[0]
-        routing = _Routing(top_idx, experts, hit_only=is_packed(gate_up) or is_packed(down))
+        routing = ctx.routing
         offs, counts = routing.offs, routing.counts
         with torch.no_grad():
             _, saved = _MoEExperts._compute(x, top_w, routing, gate_up, down, gate_up_bias, down_bias, layout,
@@ -321,11 +327,9 @@ def moe_experts_reference(x: torch.Tensor, top_w: torch.Tensor, top_idx: torch.T
         w_gu = _in_out(gate_up, layout)[e].to(x.dtype)
         w_d = _in_out(down, layout)[e].to(x.dtype)
         if lora_gate_up is not None:
-            a_t, b_t = _factors(lora_gate_up, experts, x.dtype)
-            w_gu = w_gu + lora_gate_up.scaling * a_t[e] @ b_t[e]
+            w_gu = w_gu + expert_delta(lora_gate_up, experts, x.dtype)[e]
         if lora_down is not None:
-            a_t, b_t = _factors(lora_down, experts, x.dtype)
-            w_d = w_d + lora_down.scaling * a_t[e] @ b_t[e]
+            w_d = w_d + expert_delta(lora_down, experts, x.dtype)[e]
         gu = xe @ w_gu + (gate_up_bias[e] if gate_up_bias is not None else 0)
         y = _activate(gu, layout) @ w_d + (down_bias[e] if down_bias is not None else 0)
         out = out.index_add(0, rows, y * top_w[rows, slots, None].to(x.dtype))

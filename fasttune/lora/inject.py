@@ -168,13 +168,8 @@ def _sparse_blocks(model: nn.Module, spec: FamilySpec | None) -> list[str]:
     """Module paths of the mixture-of-experts blocks (empty for a dense family)."""
     if spec is None or spec.moe is None:
         return []
-    moe = spec.moe
     return [name for name, module in model.named_modules()
-            if hasattr(module, moe.experts) and hasattr(module, moe.router) and not _is_wrapped(name)]
-
-
-def _is_wrapped(name: str) -> bool:
-    return ".base_layer" in name or name.endswith("base_layer")
+            if spec.moe.is_block(module) and "base_layer" not in name.split(".")]
 
 
 def split_expert_targets(model: nn.Module, target_modules: str | Sequence[str], spec: FamilySpec | None,

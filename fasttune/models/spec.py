@@ -79,6 +79,10 @@ class MoESpec:
     alpha: str = "alpha"
     limit: str = "limit"
 
+    def is_block(self, module: Any) -> bool:
+        """Whether ``module`` is one of this family's sparse blocks (it holds the router and the experts)."""
+        return hasattr(module, self.experts) and hasattr(module, self.router)
+
     @property
     def parameters(self) -> tuple[str, str]:
         """The experts' 3-D parameters LoRA adapts, as paths inside the sparse block."""

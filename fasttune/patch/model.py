@@ -88,7 +88,7 @@ def _patch_family(hf_model: nn.Module, spec: FamilySpec, record: PatchRecord) ->
     for layer in _decoder_layers(hf_model):
         mlp, attn = layer.mlp, layer.self_attn
         dense = all(hasattr(mlp, n) for n in spec.mlp)
-        sparse = spec.moe is not None and hasattr(mlp, spec.moe.experts) and hasattr(mlp, spec.moe.router)
+        sparse = spec.moe is not None and spec.moe.is_block(mlp)
         if not ((dense or sparse) and all(hasattr(attn, n) for n in spec.attention)):
             continue  # not a decoder layer of this family (e.g. a vision tower's encoder layer)
         if dense:

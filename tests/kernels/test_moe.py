@@ -123,9 +123,10 @@ def test_backward_keeps_nothing_of_tokens_times_topk_times_width():
 
 def test_grouped_products_do_not_loop_over_experts(monkeypatch):
     """The number of matrix products per forward+backward does not grow with the number of experts."""
-    calls = []
-    real = moe._gmm
+    calls, grouped = [], []
+    real, real_grouped = moe._gmm, moe.F.grouped_mm
     monkeypatch.setattr(moe, "_gmm", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(moe.F, "grouped_mm", lambda *a, **k: (grouped.append(1), real_grouped(*a, **k))[1])
     counts = {}
     for experts in (4, 64):
         calls.clear()
@@ -138,6 +139,8 @@ def test_grouped_products_do_not_loop_over_experts(monkeypatch):
                           lora_gate_up=lora)
         out.sum().backward()
         counts[experts] = len(calls)
+        assert len(grouped) == len(calls)  # every product a grouped one: no loop over experts inside _gmm either
+        grouped.clear()
     assert moe.grouped_mm_available() and counts[4] == counts[64]
 
 
