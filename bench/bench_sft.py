@@ -21,7 +21,8 @@ bf16 where the machine computes it natively -- CUDA, or a CPU with AVX512-BF16/A
 * ``trl_on_fasttune``: the same model in plain ``trl.SFTTrainer`` (an unported notebook): fused blocks only.
 
 Figures: trained tokens/s (tokens carrying a label, first step excluded as warm-up), peak RSS of the process, loss at
-the last step, MFU = 6 x (non-embedding linear params) x tokens/s / (bf16 matmul FLOP/s measured in that process).
+the last step, utilisation = useful model FLOP/s over the machine's matmul FLOP/s at the model's own shapes and dtype
+measured in the same process (bench/step_profile.py says what is counted); ``--profile``: where a step's time goes.
 Results go to bench/results/sft-<UTC time>.json and a table on stdout.
 """
 
@@ -45,6 +46,7 @@ FASTTUNE_MODELS = ("fasttune", "notebook", "trl_on_fasttune")  # modes whose mod
 
 # ----------------------------------------------------------------------------------------------- worker (one config)
 def matmul_flops(dtype_name: str = "bfloat16", n: int = 1024, reps: int = 8) -> float:
+    """One square product's rate (bench_vision's machine line); utilisation uses the model's own shapes instead."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -112,13 +114,18 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
         trainer = SFTTrainer(**kwargs)
 
     counts: list[int] = []
+    segments: list[list[int]] = []
+    collate_s: list[float] = []
     inner = trainer.data_collator
 
     def counting(examples):
+        start = time.perf_counter()
         batch = inner(examples)
+        collate_s.append(time.perf_counter() - start)
         labels = batch["labels"]
         # tokens that carry a label after the next-token shift (padding and sequence starts do not count)
         counts.append(int((labels[:, 1:] != -100).sum()))
+        segments.append([len(e["input_ids"]) for e in examples])
         return batch
 
     trainer.data_collator = counting
@@ -132,32 +139,53 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
             times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(Timer())
-    return trainer, model, counts, times
+    profiler = None
+    if opts.profile:
+        from step_profile import StepProfiler
+
+        profiler = StepProfiler(first=1, last=min(2, opts.steps - 1), rank=16)
+        trainer.add_callback(profiler)
+    return trainer, model, dict(counts=counts, segments=segments, collate_s=collate_s, times=times, profiler=profiler)
 
 
 def run_worker(opts: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(opts.threads)
-    flops = matmul_flops(opts.dtype)
+    sys.path.insert(0, str(HERE))
+    from step_profile import model_flops, sustained_matmul_rate
+
     with tempfile.TemporaryDirectory() as workdir:
-        trainer, model, counts, times = build_trainer(opts, workdir)
+        trainer, model, seen = build_trainer(opts, workdir)
         trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    counts, times, segments = seen["counts"], seen["times"], seen["segments"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # the train dataloader may collate one batch ahead; pair each timed step with its own batch
     steps = min(len(times), len(counts))
     timed = range(1, steps) if steps > 1 else range(steps)
     tokens, seconds = sum(counts[i] for i in timed), sum(times[i] for i in timed)
-    linear_params = sum(m.weight.numel() for n, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and "lora_" not in n)
     tps = tokens / seconds if seconds else 0.0
-    return {
+    # utilisation: the useful FLOPs of the timed steps over the machine's matmul rate at the model's own shapes,
+    # measured here, after training, in this process, at the mean real-token count of a step
+    work = sum(model_flops(model, sum(segments[i]), counts[i], segments[i]) for i in timed)
+    mean_tokens = max(1, round(sum(sum(segments[i]) for i in timed) / max(1, len(timed))))
+    rate = sustained_matmul_rate(model, mean_tokens, getattr(torch, opts.dtype), repeats=7)  # best of 7 passes
+    result = {
         "model": opts.model, "mode": opts.mode, "steps": opts.steps, "batch": opts.batch, "seq_len": opts.seq_len,
         "tokens_per_s": tps, "step_s": times, "trained_tokens": counts[:steps],
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "loss_last": losses[-1] if losses else None, "losses": losses,
-        "dtype": opts.dtype, "matmul_gflops": flops / 1e9, "mfu": 6 * linear_params * tps / flops, "linear_params": linear_params,
+        "peak_rss_gib": peak, "loss_last": losses[-1] if losses else None, "losses": losses, "dtype": opts.dtype,
+        "model_gflops_per_s": work / seconds / 1e9 if seconds else 0.0, "matmul_gflops_at_shapes": rate / 1e9,
+        "utilisation": work / seconds / rate if seconds else 0.0,
+        "collate_s_per_step": sum(seen["collate_s"]) / max(1, len(seen["collate_s"])),
     }
+    if seen["profiler"] is not None:
+        prof = dict(seen["profiler"].seconds)
+        n_prof = max(1, min(2, opts.steps - 1))
+        prof["data collation (outside the step)"] = result["collate_s_per_step"] * n_prof
+        result["profile"] = prof
+        result["top_ops"] = seen["profiler"].top_ops
+    return result
 
 
 # ------------------------------------------------------------------------------------------- orchestrator and table
@@ -166,6 +194,8 @@ def spawn(model: str, mode: str, opts: argparse.Namespace, seq_len: int | None =
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--mode", mode,
            "--steps", str(steps or opts.steps), "--batch", str(batch or opts.batch), "--threads", str(opts.threads),
            "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens), "--dtype", opts.dtype]
+    if opts.profile:
+        cmd += ["--profile"]
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
@@ -198,7 +228,8 @@ def save_results(kind: str, info: dict, opts: argparse.Namespace, results: list[
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'RSS GiB':>8} {'x base':>7} {'loss':>8} {'MFU':>6}"
+    head = (f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'RSS GiB':>8} {'x base':>7} {'loss':>8} "
+            f"{'util':>6} {'GFLOP/s':>8} {'mm@shapes':>9}")
     out = [head, "-" * len(head)]
     base = {r["model"]: r for r in results if r.get("mode") == "baseline" and "error" not in r}
     for r in results:
@@ -209,7 +240,17 @@ def table(results: list[dict]) -> str:
         speed = r["tokens_per_s"] / b["tokens_per_s"] if b and b["tokens_per_s"] else float("nan")
         mem = r["peak_rss_gib"] / b["peak_rss_gib"] if b else float("nan")
         out.append(f"{r['model']:8} {r['mode']:17} {r['tokens_per_s']:8.1f} {speed:7.2f} {r['peak_rss_gib']:8.2f} "
-                   f"{mem:7.2f} {r['loss_last'] or float('nan'):8.4f} {100 * r['mfu']:5.1f}%")
+                   f"{mem:7.2f} {r['loss_last'] or float('nan'):8.4f} {100 * r['utilisation']:5.1f}% "
+                   f"{r['model_gflops_per_s']:8.1f} {r['matmul_gflops_at_shapes']:9.1f}")
+    out.append("util = useful model FLOP/s (no recompute; LoRA step: 4 x frozen params + 6 x LoRA params per token, "
+               "causal attention per example, the head at labelled positions) / the machine's matmul FLOP/s at the "
+               "model's own shapes and dtype, measured in the same process")
+    profiles = {f"{r['model']} {r['mode']}": r["profile"] for r in results if "profile" in r}
+    if profiles:
+        from step_profile import profile_table
+
+        out.append("\nWhere a step's time goes (torch.profiler, self CPU time per category, steps after the warm-up):")
+        out.append(profile_table(profiles))
     return "\n".join(out)
 
 
@@ -243,6 +284,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", type=int, nargs="*", default=None, help="sequence lengths for the budget sweep")
     parser.add_argument("--budget-gib", type=float, default=6.0)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the steps after the warm-up (torch.profiler) and print where the time goes")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="compute dtype (default: bfloat16 where the machine computes it natively, else float32)")
     opts = parser.parse_args()
@@ -266,7 +309,8 @@ def main() -> None:
                 long = model == "long"
                 r = spawn(model, mode, opts, seq_len=4096 if long else opts.seq_len, batch=1 if long else None)
                 results.append(r)
-                print(json.dumps({k: v for k, v in r.items() if k not in ("step_s", "losses", "trained_tokens")}),
+                print(json.dumps({k: v for k, v in r.items()
+                                  if k not in ("step_s", "losses", "trained_tokens", "profile", "top_ops")}),
                       flush=True)
         print(table(results))
     save_results("sft", info, opts, results)

@@ -8,7 +8,7 @@ Backward: recompute ``g``, ``u`` (dequantizing ``W_gate``/``W_up`` again) and ``
 ``dh = dy W_down + s (dy B_down) A_down``, ``(dg, du) = act'`` applied to ``dh``, ``dx = dg W_gate + du W_up + LoRA
 terms``; every ``dA``/``dB`` as in :func:`fasttune.kernels.lora_parts.project_backward`.
 
-Saved: ``x`` and the six factors. Inside a checkpoint recompute (:func:`fasttune.kernels.recompute.in_recompute`) the
+Saved: ``x``, the six factors and the small ``x [A_gate; A_up]^T`` / ``h A_down^T`` products. Inside a checkpoint recompute (:func:`fasttune.kernels.recompute.in_recompute`) the
 layer's activations die with its backward anyway, so ``g`` and ``u`` are kept too and not recomputed a second time.
 The activation comes from :mod:`fasttune.kernels` (``swiglu`` / ``geglu``) and its backward through autograd.
 """
@@ -21,7 +21,7 @@ import torch
 
 from fasttune.kernels import geglu, swiglu
 
-from .lora_parts import LoraParts, project, project_backward
+from .lora_parts import LoraParts, Precision, project_group, project_group_backward
 from .recompute import in_recompute
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -43,41 +43,40 @@ class LoRAMLP(torch.autograd.Function):
                 *factors: torch.Tensor | None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         gate_p, up_p, down_p = parts
-        gate = project(flat, gate_p, factors[0], factors[1])
-        up = project(flat, up_p, factors[2], factors[3])
+        precision = Precision.of(x, parts, factors)
+        (gate, up), xa_gu = project_group(flat, (gate_p, up_p), factors[:4], precision)
         hidden = _gated(activation, gate, up)
-        out = project(hidden, down_p, factors[4], factors[5])
-        ctx.parts, ctx.activation = parts, activation
+        (out,), xa_down = project_group(hidden, (down_p,), factors[4:6], precision)
+        ctx.parts, ctx.activation, ctx.precision = parts, activation, precision
         ctx.kept = in_recompute()
         if ctx.kept:
-            ctx.save_for_backward(x, *factors, gate, up)
+            ctx.save_for_backward(x, xa_gu, xa_down, *factors, gate, up)
         else:
-            ctx.save_for_backward(x, *factors)
+            ctx.save_for_backward(x, xa_gu, xa_down, *factors)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         saved = ctx.saved_tensors
-        x, factors = saved[0], saved[1:7]
+        x, xa_gu, xa_down, factors = saved[0], saved[1], saved[2], saved[3:9]
         gate_p, up_p, down_p = ctx.parts
+        precision = ctx.precision
         flat = x.reshape(-1, x.shape[-1])
         if ctx.kept:
-            gate, up = saved[7], saved[8]
+            gate, up = saved[9], saved[10]
         else:
-            gate = project(flat, gate_p, factors[0], factors[1])
-            up = project(flat, up_p, factors[2], factors[3])
+            (gate, up), _ = project_group(flat, (gate_p, up_p), factors[:4], precision)
         with torch.enable_grad():
             gate = gate.detach().requires_grad_(True)
             up = up.detach().requires_grad_(True)
             hidden = _gated(ctx.activation, gate, up)
         g2 = grad.reshape(-1, grad.shape[-1])
-        d_hidden, d_a_down, d_b_down = project_backward(g2, hidden.detach(), down_p, factors[4], factors[5])
+        d_hidden, d_down = project_group_backward((g2,), hidden.detach(), (down_p,), factors[4:6], xa_down, precision)
         d_gate, d_up = torch.autograd.grad(hidden, (gate, up), d_hidden)
         need_x = ctx.needs_input_grad[0]
-        dx_g, d_a_gate, d_b_gate = project_backward(d_gate, flat, gate_p, factors[0], factors[1], need_x=need_x)
-        dx_u, d_a_up, d_b_up = project_backward(d_up, flat, up_p, factors[2], factors[3], need_x=need_x)
-        dx = (dx_g + dx_u).view(x.shape) if need_x else None
-        return dx, None, None, d_a_gate, d_b_gate, d_a_up, d_b_up, d_a_down, d_b_down
+        dx, d_gu = project_group_backward((d_gate, d_up), flat, (gate_p, up_p), factors[:4], xa_gu, precision,
+                                          need_x=need_x)
+        return (None if dx is None else dx.view(x.shape)), None, None, *d_gu, *d_down
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraParts, up: LoraParts, down: LoraParts, activation: str) -> torch.Tensor:

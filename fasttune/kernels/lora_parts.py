@@ -116,38 +116,100 @@ def base_weight(parts: LoraParts, dtype: torch.dtype) -> torch.Tensor:
     return weight if parts.rows is None else weight[parts.rows]
 
 
-def project(x: torch.Tensor, parts: LoraParts, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None
-            ) -> torch.Tensor:
-    """``x W^T + b + s (x A^T) B^T`` for x ``(N, in)`` -> ``(N, out)`` in x's dtype (no autograd graph needed)."""
-    dtype = base_compute_dtype(parts.base, x)
-    bias = parts.bias
-    out = F.linear(x.to(dtype), base_weight(parts, dtype), None if bias is None else bias.to(dtype))
-    if lora_A is not None:
-        low = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
-        out = out + low * parts.scaling
-    return out.to(x.dtype)
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes one fused block computes in, fixed at its forward and reused by its backward.
 
-
-def project_backward(
-    grad: torch.Tensor, x: torch.Tensor, parts: LoraParts, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
-    need_x: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`project` given ``dL/dy`` ``(N, out)`` and the saved input ``x`` ``(N, in)``.
-
-    ``dx = dy W + s (dy B) A``, ``dA = s (dy B)^T x``, ``dB = s dy^T (x A^T)``. Returns ``(dx, dA, dB)``; ``dx`` in
-    x's dtype, ``dA``/``dB`` in the adapters' dtype; entries are None where not needed.
+    Under ``torch.autocast`` every product runs in autocast's dtype, as ``F.linear`` would run it there (peft's LoRA
+    layers under the Trainer's bf16 autocast compute their fp32 adapters in bf16, and so do their backward products);
+    otherwise the base product runs in the base's compute dtype and the LoRA branch in the adapters' dtype (peft
+    keeps adapters in fp32 for a bf16 model). The block's own ops then run with autocast off, in exactly these dtypes.
     """
+
+    base: torch.dtype
+    lora: torch.dtype | None
+
+    @staticmethod
+    def of(x: torch.Tensor, parts: tuple[LoraParts, ...], factors: tuple[torch.Tensor | None, ...]) -> Precision:
+        device = x.device.type
+        lora = next((a.dtype for a in factors[0::2] if a is not None), None)
+        if x.is_floating_point() and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            return Precision(dtype, dtype if lora is not None else None)
+        return Precision(base_compute_dtype(parts[0].base, x), lora)
+
+
+def _active(parts: tuple[LoraParts, ...], factors: tuple[torch.Tensor | None, ...]) -> list[int]:
+    return [i for i in range(len(parts)) if factors[2 * i] is not None]
+
+
+def project_group(x: torch.Tensor, parts: tuple[LoraParts, ...], factors: tuple[torch.Tensor | None, ...],
+                  precision: Precision) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """``y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T`` for projections sharing the input ``x`` ``(N, in)``.
+
+    ``factors`` = ``(A_0, B_0, A_1, B_1, ...)`` (None where a projection has no active adapter). Returns the outputs
+    (in x's dtype) and ``x [A_i]^T`` ``(N, sum r_i)`` in the LoRA dtype -- one product for every adapter of the group,
+    kept by the caller for backward (tiny) -- or None without adapters. No autograd graph is built.
+    """
+    active = _active(parts, factors)
+    xb = x.to(precision.base)
+    xa = None
+    if active:
+        xl = x.to(precision.lora)
+        xa = torch.cat([xl @ factors[2 * i].to(precision.lora).t() for i in active], dim=1)
+    outs, col = [], 0
+    for i, p in enumerate(parts):
+        bias = p.bias
+        out = F.linear(xb, base_weight(p, precision.base), None if bias is None else bias.to(precision.base))
+        if factors[2 * i] is not None:
+            r = factors[2 * i].shape[0]
+            b = factors[2 * i + 1].to(precision.lora)
+            low = (xa[:, col:col + r] @ b.t()).mul_(p.scaling)  # peft's order: (x A^T B^T) * s, then the sum
+            # fp32 adapters beside a bf16 base and no autocast: the sum in the adapters' dtype, as peft does
+            out = out.add_(low) if low.dtype == out.dtype else out.to(low.dtype).add_(low)
+            col += r
+        outs.append(out.to(x.dtype))
+    return outs, xa
+
+
+def project_group_backward(
+    grads: tuple[torch.Tensor | None, ...], x: torch.Tensor, parts: tuple[LoraParts, ...],
+    factors: tuple[torch.Tensor | None, ...], xa: torch.Tensor | None, precision: Precision, need_x: bool = True,
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """Gradients of :func:`project_group` given each ``dL/dy_i`` ``(N, out_i)`` (None: no gradient) and ``xa``.
+
+    ``dx = sum_i [dy_i W_i + s_i (dy_i B_i) A_i]``, ``dA_i = s_i (dy_i B_i)^T x``, ``dB_i = s_i dy_i^T (x A_i^T)``;
+    all ``dA_i`` come from one stacked product. Returns ``dx`` (x's dtype, or None) and the
+    factor gradients ``[dA_0, dB_0, ...]`` in the factors' dtypes.
+    """
+    d_factors: list[torch.Tensor | None] = [None] * (2 * len(parts))
+    offsets, col = {}, 0
+    for i in _active(parts, factors):
+        offsets[i] = col
+        col += factors[2 * i].shape[0]
+    active = [i for i in offsets if grads[i] is not None]
+    scaled = {}
+    for i in active:
+        a, b, s = factors[2 * i], factors[2 * i + 1], parts[i].scaling
+        g = grads[i].to(precision.lora)
+        d_factors[2 * i + 1] = ((g.t() @ xa[:, offsets[i]:offsets[i] + a.shape[0]]) * s).to(b.dtype)
+        scaled[i] = g @ b.to(precision.lora)  # (N, r_i): dy_i B_i (scaled after the products, as peft's order)
+    if active:  # every dA_i = s_i (dy_i B_i)^T x from one product
+        gbs = torch.cat([scaled[i] for i in active], dim=1) if len(active) > 1 else scaled[active[0]]
+        d_a = gbs.t() @ x.to(precision.lora)  # (sum r_i, in)
+        row = 0
+        for i in active:
+            r = factors[2 * i].shape[0]
+            d_factors[2 * i] = (d_a[row:row + r] * parts[i].scaling).to(factors[2 * i].dtype)
+            row += r
     dx = None
-    if need_x:
-        dtype = base_compute_dtype(parts.base, x)
-        dx = (grad.to(dtype) @ base_weight(parts, dtype)).to(x.dtype)
-    if lora_A is None:
-        return dx, None, None
-    grad_l = grad.to(lora_A.dtype)
-    x_l = x.to(lora_A.dtype)
-    grad_b = grad_l @ lora_B  # (N, r)
-    d_a = (grad_b.t() @ x_l) * parts.scaling
-    d_b = (grad_l.t() @ (x_l @ lora_A.t())) * parts.scaling
-    if need_x:
-        dx = dx + ((grad_b @ lora_A) * parts.scaling).to(x.dtype)
-    return dx, d_a, d_b
+    if need_x:  # projection by projection, base then LoRA term, as autograd through peft sums them
+        for i, (p, g) in enumerate(zip(parts, grads)):
+            if g is None:
+                continue
+            dxi = g.to(precision.base) @ base_weight(p, precision.base)
+            if i in scaled:
+                low = (scaled[i] @ factors[2 * i].to(precision.lora)).mul_(parts[i].scaling)
+                dxi = dxi.add_(low) if dxi.dtype == low.dtype else dxi.to(x.dtype) + low.to(x.dtype)
+            dx = dxi if dx is None else dx.add_(dxi)
+    return (None if dx is None else dx.to(x.dtype)), d_factors

@@ -2,9 +2,11 @@
 
 For one packed row of segments ``n_1..n_k`` transformers' SDPA path builds a block-diagonal causal mask and computes
 all ``(sum n_i)^2`` scores; running causal SDPA per segment computes only ``sum n_i^2`` of them and uses the faster
-``is_causal`` kernel. The segment bounds come from the ``cu_seq_lens_q`` that :class:`PaddingFreeCollator` puts in the
-batch (transformers forwards them to the attention function). Anything else -- no ``cu_seq_lens``, more than one row,
-a KV cache, a sliding window, attention softcapping -- runs transformers' own SDPA with its mask, unchanged.
+``is_causal`` kernel. A sliding-window layer (Gemma 2/3, Mistral, ...) does the same: a segment no longer than the
+window is plain causal, a longer one gets the window's ``(n, n)`` mask. The segment bounds come from the
+``cu_seq_lens_q`` that :class:`PaddingFreeCollator` puts in the batch (transformers forwards them to the attention
+function). Anything else -- no ``cu_seq_lens``, more than one row, a KV cache, attention softcapping -- runs
+transformers' own SDPA with its mask, unchanged.
 
 It is registered with transformers' attention/mask interfaces under :data:`NAME` (a new name; nothing existing is
 changed) while at least one patched model uses it: ``patch_model`` acquires it for a model's config, ``unpatch_model``
@@ -36,9 +38,26 @@ def _segmentable(module: nn.Module, query: torch.Tensor, key: torch.Tensor, cu: 
         cu is not None
         and query.shape[0] == 1
         and query.shape[2] == key.shape[2] == int(cu[-1])
-        and getattr(module, "sliding_window", None) is None
         and getattr(module, "attn_logit_softcapping", None) is None
     )
+
+
+def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` boolean mask of causal attention limited to the last ``window`` positions (itself included), as
+    transformers' sliding-window mask: key ``k`` is seen from query ``q`` when ``q - window < k <= q``."""
+    q = torch.arange(n, device=device).unsqueeze(1)
+    k = torch.arange(n, device=device).unsqueeze(0)
+    return (k <= q) & (k > q - window)
+
+
+def _segment_sdpa(query, key, value, window: int | None, dropout: float, scaling: float | None, gqa: bool):
+    """Causal SDPA on one segment ``(1, h, n, d)``; a segment longer than a sliding window gets the window's mask."""
+    n = query.shape[2]
+    if window is None or n <= window:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=_window_mask(n, window, query.device),
+                                          dropout_p=dropout, scale=scaling, enable_gqa=gqa)
 
 
 def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -51,11 +70,10 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                                       **kwargs)
     bounds = cu.tolist()
     gqa = query.shape[1] != key.shape[1]
-    outs = [
-        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                       dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=gqa)
-        for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-    ]
+    window = getattr(module, "sliding_window", None)
+    p = dropout if module.training else 0.0
+    outs = [_segment_sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], window, p, scaling, gqa)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 

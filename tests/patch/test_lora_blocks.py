@@ -101,6 +101,42 @@ def test_fused_mlp_matches_peft(dtype, activation):
         assert_close(got, want, **TOL[dtype], what=f"mlp factor grad {i}")
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32-adapters", "bf16-autocast"])
+def test_fused_blocks_match_peft_with_fp32_adapters_on_a_bf16_base(autocast):
+    """peft's default for a bf16 model: fp32 adapters. Without autocast the LoRA branch runs in fp32; under the
+    Trainer's bf16 autocast every product (forward and backward) runs in bf16. The fused blocks follow both."""
+    import contextlib
+
+    block = make_block(torch.bfloat16)
+    for name, p in block.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    qkv, mlp = (block.q, block.k, block.v), (block.gate, block.up, block.down)
+    x = torch.randn(4, 9, 123, dtype=torch.bfloat16, requires_grad=True)
+    weights = [torch.randn(4, 9, n, dtype=torch.bfloat16) for n in (96, 32, 32, 123)]
+
+    def loss(outs):
+        return sum((o.float() * w.float()).sum() for o, w in zip(outs, weights))
+
+    with ctx():
+        ref = [layer(x) for layer in qkv] + [block.mlp(x, F.silu)]
+        loss(ref).backward()
+    ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(*qkv, *mlp))
+    x.grad = None
+    with ctx():
+        outs = [*lora_projections(x, tuple(lora_parts(layer) for layer in qkv)),
+                lora_mlp(x, *(lora_parts(layer) for layer in mlp), "silu")]
+        loss(outs).backward()
+    for name, got, want in zip(["q", "k", "v", "mlp"], outs, ref):
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert_close(got, want, **TOL[torch.bfloat16], what=f"{name} output")
+    assert_close(x.grad, ref_dx, **TOL[torch.bfloat16], what="dx")
+    for i, (got, want) in enumerate(zip(grads_of(lora_params(*qkv, *mlp)), ref_g)):
+        assert got.dtype == torch.float32
+        assert_close(got, want, **TOL[torch.bfloat16], what=f"factor grad {i}")
+
+
 def test_fused_gate_up_halves_match_phi3_style_mlp():
     """phi3: one gate_up projection, gate = first half of its rows; A is shared by both halves."""
     block = make_block(torch.float32)

@@ -55,9 +55,11 @@ def _examples(vocab: int, lengths: list[int], seed: int = 0) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("family,patched", [("llama", False), ("llama", True), ("gemma2", True), ("qwen3", True)])
+@pytest.mark.parametrize("family,patched", [("llama", False), ("llama", True), ("gemma2", True), ("gemma3", True),
+                                            ("qwen3", True)])
 def test_packed_loss_equals_sum_of_sequence_losses(family, patched, tiny_model_dir):
-    """Sliding window (gemma2: 64) and softcapping included: the longest sequence is longer than the window."""
+    """Sliding window (gemma2/3: 64, every other layer) and softcapping included: the longest sequence (90) is longer
+    than the window, so gemma3's per-segment path runs both the plain causal and the window-masked case."""
     model = load_peft(tiny_model_dir(family))
     if patched:
         patch_model(model)
@@ -98,13 +100,15 @@ def test_packed_attention_choice_on_cpu():
     assert packed_attention_implementation("cpu") == "sdpa"
 
 
-def test_packed_rows_use_per_segment_sdpa(tiny_model_dir, monkeypatch):
-    """On an SDPA model, patch_model switches packed rows to SDPA per segment; unpatch restores 'sdpa'."""
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_packed_rows_use_per_segment_sdpa(family, tiny_model_dir, monkeypatch):
+    """On an SDPA model, patch_model switches packed rows to SDPA per segment (sliding-window layers too); unpatch
+    restores 'sdpa'."""
     import fasttune.patch.attention as attention
     from fasttune.patch import unpatch_model
 
     monkeypatch.setattr(attention, "_users", weakref.WeakValueDictionary())  # models patched by earlier tests
-    model = load_peft(tiny_model_dir("llama"))
+    model = load_peft(tiny_model_dir(family))
     assert model.config._attn_implementation == "sdpa"
     patch_model(model)
     assert model.config._attn_implementation == attention.NAME
