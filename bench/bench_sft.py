@@ -6,6 +6,7 @@ Run (quick: a few steps per configuration, each in its own process):
     python bench/bench_sft.py --steps 6 --models smollm2 gemma3      # real models (fasttune.real_models, from PyPI)
     python bench/bench_sft.py --sweep 2048 4096 8192 --budget-gib 6     # longest sequence within a memory budget
     python bench/bench_sft.py --sweep 16384 --modes fasttune            # one mode, chosen lengths (run in parallel)
+    python bench/bench_sft.py --device cuda --models small smollm2 --modes baseline notebook  # on a GPU, bf16
 
 Quick runs used FASTTUNE_COMPILE=0 (no torch.compile warm-up) and --threads 1 on the shared 2-core machine.
 
@@ -44,16 +45,37 @@ FASTTUNE_MODELS = ("fasttune", "notebook", "trl_on_fasttune")  # modes whose mod
 
 
 # ----------------------------------------------------------------------------------------------- worker (one config)
-def matmul_flops(dtype_name: str = "bfloat16", n: int = 1024, reps: int = 8) -> float:
+def matmul_flops(dtype_name: str = "bfloat16", n: int = 1024, reps: int = 8, device: str = "cpu") -> float:
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = 8192 if device == "cuda" else n  # a GPU needs a big product to reach its rate
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work (timings on CUDA); nothing on CPU."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str) -> dict:
+    """The process's peak RSS; on CUDA also the GPU's peak (``torch.cuda.max_memory_allocated``)."""
+    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device == "cuda":
+        import torch
+
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def build_trainer(opts: argparse.Namespace, workdir: str):
@@ -90,7 +112,7 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
                                                         padding_free=opts.mode == "trl_padding_free")
     args = config_class(
         output_dir=workdir, max_steps=opts.steps, per_device_train_batch_size=opts.batch, learning_rate=2e-4,
-        bf16=dtype == torch.bfloat16, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=opts.seed,
+        bf16=dtype == torch.bfloat16, use_cpu=opts.device == "cpu", logging_steps=1, report_to=[], save_strategy="no", seed=opts.seed,
         max_length=None if opts.mode == "trl_padding_free" else max(opts.seq_len or 0, 2048), dataloader_num_workers=0, disable_tqdm=True,
         **hand_set,
     )
@@ -126,9 +148,11 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            sync(opts.device)
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync(opts.device)
             times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(Timer())
@@ -139,7 +163,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(opts.threads)
-    flops = matmul_flops(opts.dtype)
+    flops = matmul_flops(opts.dtype, device=opts.device)
     with tempfile.TemporaryDirectory() as workdir:
         trainer, model, counts, times = build_trainer(opts, workdir)
         trainer.train()
@@ -154,7 +178,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
     return {
         "model": opts.model, "mode": opts.mode, "steps": opts.steps, "batch": opts.batch, "seq_len": opts.seq_len,
         "tokens_per_s": tps, "step_s": times, "trained_tokens": counts[:steps],
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        **peak_memory(opts.device),
         "loss_last": losses[-1] if losses else None, "losses": losses,
         "dtype": opts.dtype, "matmul_gflops": flops / 1e9, "mfu": 6 * linear_params * tps / flops, "linear_params": linear_params,
     }
@@ -165,7 +189,8 @@ def spawn(model: str, mode: str, opts: argparse.Namespace, seq_len: int | None =
           batch: int | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--mode", mode,
            "--steps", str(steps or opts.steps), "--batch", str(batch or opts.batch), "--threads", str(opts.threads),
-           "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens), "--dtype", opts.dtype]
+           "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens), "--dtype", opts.dtype,
+           "--device", opts.device]
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
@@ -184,8 +209,11 @@ def machine() -> dict:
     if cpuinfo.exists():
         names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return info
 
 
 def save_results(kind: str, info: dict, opts: argparse.Namespace, results: list[dict]) -> Path:
@@ -198,7 +226,10 @@ def save_results(kind: str, info: dict, opts: argparse.Namespace, results: list[
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'RSS GiB':>8} {'x base':>7} {'loss':>8} {'MFU':>6}"
+    """Memory: the GPU's peak where the runs were on CUDA, else the process's peak RSS."""
+    key = "peak_cuda_gib" if any("peak_cuda_gib" in r for r in results) else "peak_rss_gib"
+    head = (f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'GPU GiB' if key == 'peak_cuda_gib' else 'RSS GiB':>8}"
+            f" {'x base':>7} {'loss':>8} {'MFU':>6}")
     out = [head, "-" * len(head)]
     base = {r["model"]: r for r in results if r.get("mode") == "baseline" and "error" not in r}
     for r in results:
@@ -207,8 +238,8 @@ def table(results: list[dict]) -> str:
             continue
         b = base.get(r["model"])
         speed = r["tokens_per_s"] / b["tokens_per_s"] if b and b["tokens_per_s"] else float("nan")
-        mem = r["peak_rss_gib"] / b["peak_rss_gib"] if b else float("nan")
-        out.append(f"{r['model']:8} {r['mode']:17} {r['tokens_per_s']:8.1f} {speed:7.2f} {r['peak_rss_gib']:8.2f} "
+        mem = r[key] / b[key] if b else float("nan")
+        out.append(f"{r['model']:8} {r['mode']:17} {r['tokens_per_s']:8.1f} {speed:7.2f} {r[key]:8.2f} "
                    f"{mem:7.2f} {r['loss_last'] or float('nan'):8.4f} {100 * r['mfu']:5.1f}%")
     return "\n".join(out)
 
@@ -243,6 +274,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", type=int, nargs="*", default=None, help="sequence lengths for the budget sweep")
     parser.add_argument("--budget-gib", type=float, default=6.0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the runs train (cuda: peak memory is torch.cuda.max_memory_allocated)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="compute dtype (default: bfloat16 where the machine computes it natively, else float32)")
     opts = parser.parse_args()
@@ -254,7 +287,8 @@ def main() -> None:
         print(json.dumps(run_worker(opts)), flush=True)
         return
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, {opts.dtype}, torch {info['torch']}, "
+    gpu = f"{info['gpu']} (CUDA {info['cuda']}), " if opts.device == "cuda" else ""
+    print(f"# {gpu}{info['cpu']}, {info['cores']} cores, {opts.threads} threads, {opts.dtype}, torch {info['torch']}, "
           f"{info['date_utc']} "
           "UTC (shared, loaded machine: absolute numbers drift, ratios are what count)", flush=True)
     results: list[dict] = []

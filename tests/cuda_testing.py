@@ -1,9 +1,9 @@
 """The CUDA side of the suite: one marker (``cuda``) and the device the CUDA cases run on.
 
-Every test that needs CUDA carries ``@pytest.mark.cuda`` (or is parametrized over :data:`DEVICES`, whose ``"cuda"``
-entry carries it). ``tests/conftest.py`` skips those cases, with the reason, where ``torch.cuda.is_available()`` is
-False, so on a CPU machine pytest lists them as skipped instead of leaving them out; ``scripts/device_check.sh`` runs
-exactly them with ``pytest -m cuda``.
+Every test that needs CUDA carries ``@pytest.mark.cuda``: the CUDA twins of the CPU tests live in ``*_cuda.py`` files
+beside them and reuse their cases and helpers, so the CPU cases stay exactly as they were. ``tests/conftest.py``
+skips the marked cases, with the reason, where ``torch.cuda.is_available()`` is False, so on a CPU machine pytest
+lists them as skipped instead of leaving them out; ``scripts/device_check.sh`` runs exactly them (``pytest -m cuda``).
 
 ``FASTTUNE_CUDA_TESTS_ON=cpu`` runs the CUDA cases on the CPU instead (a dry run of their logic on a machine without a
 GPU: it finds mistakes in the tests, not in the CUDA path; Triton cases then need ``TRITON_INTERPRET=1`` set before
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 _ENV = "FASTTUNE_CUDA_TESTS_ON"
@@ -24,9 +23,6 @@ if CUDA not in ("cuda", "cpu"):
 DRY_RUN = CUDA == "cpu"
 SKIP_REASON = ("needs CUDA: torch.cuda.is_available() is False here "
                "(bash scripts/device_check.sh runs these cases on a GPU)")
-
-# Parametrize a test over this to run it on the CPU and, where CUDA is present, on the GPU too.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def cuda_runs() -> bool:
