@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from cuda_testing import device
 from fast_helpers import assert_close, lora_config
 from peft import get_peft_model
-from test_lora_blocks import TOL, grads_of, lora_params, make_block
+from test_lora_blocks import TOL, check_fused_mlp, check_fused_qkv, grads_of, lora_params
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from fasttune.kernels.lora_linear import lora_linear, lora_projections
+from fasttune.kernels.lora_linear import lora_linear
 from fasttune.kernels.lora_mlp import lora_mlp
 from fasttune.kernels.lora_parts import lora_parts
 from fasttune.quant import dequantize_weight, patch_quantized_layers
@@ -36,42 +35,13 @@ def _rand(*shape, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_qkv_on_gpu_matches_peft(dtype):
-    block = make_block(dtype, bias=True).to(DEV)
-    layers = (block.q, block.k, block.v)
-    x = _rand(5, 7, 123, dtype=dtype).requires_grad_(True)
-    weights = [_rand(5, 7, out, dtype=dtype, seed=i + 1) for i, out in enumerate((96, 32, 32))]
-    ref = [layer(x) for layer in layers]
-    sum((r * w).sum() for r, w in zip(ref, weights)).backward()
-    ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(*layers))
-    x.grad = None
-    outs = lora_projections(x, tuple(lora_parts(layer) for layer in layers))
-    sum((o * w).sum() for o, w in zip(outs, weights)).backward()
-    for name, got, want in zip("qkv", outs, ref):
-        assert got.device.type == DEV.type and got.dtype == want.dtype
-        assert_close(got, want, **TOL[dtype], what=f"{name} output")
-    assert_close(x.grad, ref_dx, **TOL[dtype], what="dx")
-    for i, (got, want) in enumerate(zip(grads_of(lora_params(*layers)), ref_g)):
-        assert_close(got, want, **TOL[dtype], what=f"factor grad {i}")
+    check_fused_qkv(dtype, True, DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_fused_mlp_on_gpu_matches_peft(dtype, activation):
-    block = make_block(dtype).to(DEV)
-    act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
-    x = _rand(3, 11, 123, dtype=dtype).requires_grad_(True)
-    w = _rand(3, 11, 123, dtype=dtype, seed=1)
-    ref = block.mlp(x, act)
-    (ref * w).sum().backward()
-    layers = (block.gate, block.up, block.down)
-    ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(*layers))
-    x.grad = None
-    out = lora_mlp(x, *(lora_parts(layer) for layer in layers), activation)
-    (out * w).sum().backward()
-    assert_close(out, ref, **TOL[dtype], what="mlp output")
-    assert_close(x.grad, ref_dx, **TOL[dtype], what="mlp dx")
-    for i, (got, want) in enumerate(zip(grads_of(lora_params(*layers)), ref_g)):
-        assert_close(got, want, **TOL[dtype], what=f"mlp factor grad {i}")
+    check_fused_mlp(dtype, activation, DEV)
 
 
 def _four_bit_peft(path):
