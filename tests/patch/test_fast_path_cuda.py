@@ -15,15 +15,6 @@ pytestmark = pytest.mark.cuda
 DEV = device()
 
 
-@pytest.fixture(autouse=True)
-def _full_fp32_matmuls():
-    """fp32 tolerances assume true fp32 products: TF32 off (torch's default), the setting restored after."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_fp32_convergence_on_gpu(family, tiny_model_dir):
     compare(family, tiny_model_dir(family), FP32, device=DEV)

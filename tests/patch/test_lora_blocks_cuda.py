@@ -20,15 +20,6 @@ pytestmark = pytest.mark.cuda
 DEV = device()
 
 
-@pytest.fixture(autouse=True)
-def _full_fp32_matmuls():
-    """fp32 tolerances assume true fp32 products: TF32 off (torch's default), the setting restored after."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
 def _rand(*shape, dtype, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
 
