@@ -45,23 +45,20 @@ FASTTUNE_MODELS = ("fasttune", "notebook", "trl_on_fasttune")  # modes whose mod
 
 
 # ----------------------------------------------------------------------------------------------- worker (one config)
-def matmul_flops(dtype_name: str = "bfloat16", n: int = 1024, reps: int = 8, device: str = "cpu") -> float:
+def matmul_flops(dtype_name: str = "bfloat16", n: int = 1024, reps: int = 8) -> float:
     import torch
 
     dtype = getattr(torch, dtype_name)
-    n = 8192 if device == "cuda" else n  # a GPU needs a big product to reach its rate
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    sync(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def sync(device: str) -> None:
-    """Wait for the GPU's queued work (timings on CUDA); nothing on CPU."""
+    """Wait for the GPU's queued work (step timings on CUDA); nothing on CPU."""
     if device == "cuda":
         import torch
 
@@ -69,13 +66,12 @@ def sync(device: str) -> None:
 
 
 def peak_memory(device: str) -> dict:
-    """The process's peak RSS; on CUDA also the GPU's peak (``torch.cuda.max_memory_allocated``)."""
-    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device == "cuda":
-        import torch
+    """On CUDA the GPU's peak, ``torch.cuda.max_memory_allocated`` (the process's peak RSS is reported anyway)."""
+    if device != "cuda":
+        return {}
+    import torch
 
-        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
+    return {"peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def build_trainer(opts: argparse.Namespace, workdir: str):
@@ -163,7 +159,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(opts.threads)
-    flops = matmul_flops(opts.dtype, device=opts.device)
+    flops = matmul_flops(opts.dtype)
     with tempfile.TemporaryDirectory() as workdir:
         trainer, model, counts, times = build_trainer(opts, workdir)
         trainer.train()
@@ -178,7 +174,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
     return {
         "model": opts.model, "mode": opts.mode, "steps": opts.steps, "batch": opts.batch, "seq_len": opts.seq_len,
         "tokens_per_s": tps, "step_s": times, "trained_tokens": counts[:steps],
-        **peak_memory(opts.device),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "loss_last": losses[-1] if losses else None, "losses": losses,
         "dtype": opts.dtype, "matmul_gflops": flops / 1e9, "mfu": 6 * linear_params * tps / flops, "linear_params": linear_params,
     }
@@ -189,10 +185,10 @@ def spawn(model: str, mode: str, opts: argparse.Namespace, seq_len: int | None =
           batch: int | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--mode", mode,
            "--steps", str(steps or opts.steps), "--batch", str(batch or opts.batch), "--threads", str(opts.threads),
-           "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens), "--dtype", opts.dtype,
-           "--device", opts.device]
+           "--seed", str(opts.seed), "--max-tokens", str(opts.max_tokens), "--dtype", opts.dtype]
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
+    cmd += ["--device", opts.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -226,10 +222,7 @@ def save_results(kind: str, info: dict, opts: argparse.Namespace, results: list[
 
 
 def table(results: list[dict]) -> str:
-    """Memory: the GPU's peak where the runs were on CUDA, else the process's peak RSS."""
-    key = "peak_cuda_gib" if any("peak_cuda_gib" in r for r in results) else "peak_rss_gib"
-    head = (f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'GPU GiB' if key == 'peak_cuda_gib' else 'RSS GiB':>8}"
-            f" {'x base':>7} {'loss':>8} {'MFU':>6}")
+    head = f"{'model':8} {'mode':17} {'tok/s':>8} {'x base':>7} {'RSS GiB':>8} {'x base':>7} {'loss':>8} {'MFU':>6}"
     out = [head, "-" * len(head)]
     base = {r["model"]: r for r in results if r.get("mode") == "baseline" and "error" not in r}
     for r in results:
@@ -238,8 +231,8 @@ def table(results: list[dict]) -> str:
             continue
         b = base.get(r["model"])
         speed = r["tokens_per_s"] / b["tokens_per_s"] if b and b["tokens_per_s"] else float("nan")
-        mem = r[key] / b[key] if b else float("nan")
-        out.append(f"{r['model']:8} {r['mode']:17} {r['tokens_per_s']:8.1f} {speed:7.2f} {r[key]:8.2f} "
+        mem = r["peak_rss_gib"] / b["peak_rss_gib"] if b else float("nan")
+        out.append(f"{r['model']:8} {r['mode']:17} {r['tokens_per_s']:8.1f} {speed:7.2f} {r['peak_rss_gib']:8.2f} "
                    f"{mem:7.2f} {r['loss_last'] or float('nan'):8.4f} {100 * r['mfu']:5.1f}%")
     return "\n".join(out)
 
@@ -274,17 +267,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", type=int, nargs="*", default=None, help="sequence lengths for the budget sweep")
     parser.add_argument("--budget-gib", type=float, default=6.0)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="where the runs train (cuda: peak memory is torch.cuda.max_memory_allocated)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="compute dtype (default: bfloat16 where the machine computes it natively, else float32)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the runs train; on cuda each run also reports the GPU's peak (peak_cuda_gib)")
     opts = parser.parse_args()
     if opts.dtype is None:
         from fasttune.device import default_dtype
 
         opts.dtype = "bfloat16" if str(default_dtype()) == "torch.bfloat16" else "float32"
     if opts.worker:
-        print(json.dumps(run_worker(opts)), flush=True)
+        print(json.dumps({**run_worker(opts), **peak_memory(opts.device)}), flush=True)
         return
     info = machine()
     gpu = f"{info['gpu']} (CUDA {info['cuda']}), " if opts.device == "cuda" else ""
