@@ -5,9 +5,10 @@ plain transformers + peft, per /work/shared/BENCHMARKS.md. Each side runs in its
     python bench/bench_grpo.py --steps 4 --completion 128 --threads 1
 
 Both sides: the same random llama (``fasttune.tiny``, ``--hidden`` x ``--layers``, ``--vocab``), LoRA r=16 alpha=16 on
-all linear projections, fp32 (bf16 with ``--device cuda``), the same prompts (``--prompts`` distinct prompts of ~``--prompt-len`` tokens), GRPOConfig
-(``per_device_train_batch_size`` = prompts x ``--num-generations``, ``max_completion_length=--completion``, beta 0.04,
-loss_type grpo, temperature 1, seed 0, AdamW, lr 1e-5), a length reward, ``--steps`` steps after one warm-up step.
+all linear projections, fp32 (bf16 with ``--device cuda``), the same prompts (``--prompts`` distinct prompts of
+~``--prompt-len`` tokens), GRPOConfig (``per_device_train_batch_size`` = prompts x ``--num-generations``,
+``max_completion_length=--completion``, beta 0.04, loss_type grpo, temperature 1, seed 0, AdamW, lr 1e-5), a length
+reward, ``--steps`` steps after one warm-up step.
 The random model rarely samples eos, so nearly every completion has ``--completion`` tokens on both sides.
 
 * ``baseline``: ``AutoModelForCausalLM`` + ``peft.get_peft_model`` in ``trl.GRPOTrainer`` (gradient checkpointing on,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -126,7 +128,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"side": opts.side, "step_s": statistics.median(steps[1:]), "rollout_s": statistics.median(rollouts[1:]),
             "steps_s": steps, "mean_completion": statistics.mean(lengths[1:]),
-            **peak_memory(opts.device)}
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **peak_memory(opts.device)}
 
 
 WORKER_OPTIONS = ("hidden", "layers", "vocab", "prompts", "num_generations", "prompt_len", "completion", "steps",
@@ -179,7 +181,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="where both sides run: cpu in fp32; cuda in bf16, peak memory torch.cuda.max_memory_allocated")
+                        help="where both sides run: cpu in fp32; cuda in bf16 (GPU peak: torch.cuda.max_memory_allocated)")
     opts = parser.parse_args()
     if opts.side:
         print(json.dumps(run_worker(opts)), flush=True)

@@ -114,7 +114,8 @@ else
     --modes baseline notebook --threads "$threads" "${sft_sizes[@]}"
   sft_json=$(sed -n 's/^wrote //p' "$out/bench_sft.log" 2>/dev/null | tail -1)
   touch "$work/before-grpo"
-  run_step grpo 120 "$out/bench_grpo.log" "$py" bench/bench_grpo.py --device "$device" --threads "$threads" "${grpo_sizes[@]}"
+  run_step grpo 120 "$out/bench_grpo.log" "$py" bench/bench_grpo.py --device "$device" --threads "$threads" \
+    "${grpo_sizes[@]}"
   grpo_json=$(find bench/results -name 'grpo-*.json' -newer "$work/before-grpo" 2>/dev/null | sort | tail -1)
   [ -n "$sft_json" ] && cp "$sft_json" "$out/sft.json"
   [ -n "$grpo_json" ] && cp "$grpo_json" "$out/grpo.json"

@@ -42,11 +42,16 @@ def test_grpo_notebook_model_trains_on_gpu(tiny_model_dir, tmp_path, monkeypatch
     import fasttune.rl.engine as engine
 
     calls = {"rollouts": 0, "logprobs": 0}
-    real_generate, real_logprobs = engine.generate_ids, kernel.selective_log_probs
-    monkeypatch.setattr(engine, "generate_ids",
-                        lambda *a, **k: (calls.__setitem__("rollouts", calls["rollouts"] + 1), real_generate(*a, **k))[1])
-    monkeypatch.setattr(kernel, "selective_log_probs",
-                        lambda *a, **k: (calls.__setitem__("logprobs", calls["logprobs"] + 1), real_logprobs(*a, **k))[1])
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(engine, "generate_ids", counted("rollouts", engine.generate_ids))
+    monkeypatch.setattr(kernel, "selective_log_probs", counted("logprobs", kernel.selective_log_probs))
     model, tokenizer = _gpu_model(tiny_model_dir("llama"), load_in_4bit=True, dtype=None)
     start = lora_state(model)
     device_switches = {} if DRY_RUN else dict(use_cpu=False, bf16=is_bfloat16_supported(),

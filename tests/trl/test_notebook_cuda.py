@@ -14,7 +14,8 @@ pytestmark = pytest.mark.cuda
 # What the published notebook says on a GPU, in place of the CPU test's switches (the dry run keeps CPU's)
 GPU_SWITCHES = {
     "dtype = torch.float32": "dtype = None",
-    "fp16 = False, bf16 = False, use_cpu = True,": "fp16 = not is_bfloat16_supported(), bf16 = is_bfloat16_supported(),",
+    "fp16 = False, bf16 = False, use_cpu = True,":
+        "fp16 = not is_bfloat16_supported(), bf16 = is_bfloat16_supported(),",
     'optim = "adamw_torch"': 'optim = "adamw_8bit"',
 }
 
