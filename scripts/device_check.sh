@@ -12,14 +12,16 @@
 # bench_grpo ~60 s. Each step has its own time limit, cut to what is left of the budget; a step that fails or runs
 # out of time is a row of the table, and the later steps still run.
 # Environment: PYTHON (default python3), FASTTUNE_DEVICE_VENV (a venv to create and use; "none" = install into
-# PYTHON itself; default ~/.cache/fasttune/device-venv), OUT (a folder for the table, logs and bench JSON).
+# PYTHON itself; default ~/.cache/fasttune/device-venv), OUT (a folder for the table, logs and bench JSON; default
+# bench/results/device-check-<UTC time>).
 # FASTTUNE_DEVICE_DRY_RUN=1: every step on the CPU with tiny sizes (the CUDA cases via FASTTUNE_CUDA_TESTS_ON=cpu and
 # Triton's interpreter): checks the script's plumbing on a machine without a GPU, measures nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 budget=${FASTTUNE_DEVICE_BUDGET_S:-480}
 work=$(mktemp -d)
-out=${OUT:-$work}
+trap 'rm -rf "$work"' EXIT
+out=${OUT:-bench/results/device-check-$(date -u +%Y%m%d-%H%M%S)}  # bench/results/ is git-ignored
 mkdir -p "$out"
 declare -A rc
 steps=()
