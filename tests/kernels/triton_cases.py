@@ -1,5 +1,5 @@
 """Triton kernel parity cases: on CPU by Triton's interpreter in a child process (see conftest.py), and compiled on a
-GPU by test_triton_cuda.py.
+GPU by test_kernels_cuda.py.
 
 Each case runs a public op with the ``triton`` backend on fp32, fp16 or bf16 inputs and compares output and gradients
 with the fp32 reference on the same values. Under the interpreter (CPU) the cases run in fp32 and fp16 (its bf16
