@@ -5,9 +5,10 @@ plain transformers + peft, per /work/shared/BENCHMARKS.md. Each side runs in its
     python bench/bench_grpo.py --steps 4 --completion 128 --threads 1
 
 Both sides: the same random llama (``fasttune.tiny``, ``--hidden`` x ``--layers``, ``--vocab``), LoRA r=16 alpha=16 on
-all linear projections, fp32, the same prompts (``--prompts`` distinct prompts of ~``--prompt-len`` tokens), GRPOConfig
-(``per_device_train_batch_size`` = prompts x ``--num-generations``, ``max_completion_length=--completion``, beta 0.04,
-loss_type grpo, temperature 1, seed 0, AdamW, lr 1e-5), a length reward, ``--steps`` steps after one warm-up step.
+all linear projections, fp32 (bf16 with ``--device cuda``), the same prompts (``--prompts`` distinct prompts of
+~``--prompt-len`` tokens), GRPOConfig (``per_device_train_batch_size`` = prompts x ``--num-generations``,
+``max_completion_length=--completion``, beta 0.04, loss_type grpo, temperature 1, seed 0, AdamW, lr 1e-5), a length
+reward, ``--steps`` steps after one warm-up step.
 The random model rarely samples eos, so nearly every completion has ``--completion`` tokens on both sides.
 
 * ``baseline``: ``AutoModelForCausalLM`` + ``peft.get_peft_model`` in ``trl.GRPOTrainer`` (gradient checkpointing on,
@@ -58,12 +59,13 @@ def build(opts: argparse.Namespace, workdir: str):
     prompts = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (opts.prompt_len,),
                                                              generator=generator)) for _ in range(opts.prompts)]
     dataset = Dataset.from_dict({"prompt": prompts * 64})
+    dtype = torch.bfloat16 if opts.device == "cuda" else torch.float32  # bf16 on a GPU, per BENCHMARKS.md
     if opts.side == "baseline":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import GRPOConfig, GRPOTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                                  task_type="CAUSAL_LM"))
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -73,13 +75,14 @@ def build(opts: argparse.Namespace, workdir: str):
         from fasttune.trl import GRPOConfig, GRPOTrainer
 
         model, tokenizer = FastLanguageModel.from_pretrained(str(folder), max_seq_length=2048, load_in_4bit=False,
-                                                             dtype="float32")
+                                                             dtype=dtype, device_map={"": opts.device})
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, random_state=opts.seed)
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
     args = config_cls(output_dir=str(Path(workdir) / "out"), max_steps=opts.steps + 1,
                       per_device_train_batch_size=opts.prompts * opts.num_generations,
                       num_generations=opts.num_generations, max_completion_length=opts.completion, beta=0.04,
-                      loss_type="grpo", temperature=1.0, learning_rate=1e-5, use_cpu=True, bf16=False,
+                      loss_type="grpo", temperature=1.0, learning_rate=1e-5, use_cpu=opts.device == "cpu",
+                      bf16=dtype == torch.bfloat16,
                       report_to=[], save_strategy="no", logging_steps=1, seed=opts.seed, disable_tqdm=True,
                       gradient_checkpointing=True)
     return trainer_cls(model=model, processing_class=tokenizer, reward_funcs=[length_reward], args=args,
@@ -88,6 +91,7 @@ def build(opts: argparse.Namespace, workdir: str):
 
 def run_worker(opts: argparse.Namespace) -> dict:
     import torch
+    from bench_sft import peak_memory, sync  # bench/ is sys.path[0] when run as a script
     from transformers import TrainerCallback
 
     torch.set_num_threads(opts.threads)
@@ -99,8 +103,10 @@ def run_worker(opts: argparse.Namespace) -> dict:
         real = trainer._generate_single_turn
 
         def timed_generate(*args, **kwargs):
+            sync(opts.device)
             start = time.perf_counter()
             out = real(*args, **kwargs)
+            sync(opts.device)
             rollout_now[0] += time.perf_counter() - start
             return out
 
@@ -108,10 +114,12 @@ def run_worker(opts: argparse.Namespace) -> dict:
 
         class Clock(TrainerCallback):
             def on_step_begin(self, *a, **k):
+                sync(opts.device)
                 self.start = time.perf_counter()
                 rollout_now[0] = 0.0
 
             def on_step_end(self, *a, **k):
+                sync(opts.device)
                 steps.append(time.perf_counter() - self.start)
                 rollouts.append(rollout_now[0])
 
@@ -120,11 +128,11 @@ def run_worker(opts: argparse.Namespace) -> dict:
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"side": opts.side, "step_s": statistics.median(steps[1:]), "rollout_s": statistics.median(rollouts[1:]),
             "steps_s": steps, "mean_completion": statistics.mean(lengths[1:]),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **peak_memory(opts.device)}
 
 
 WORKER_OPTIONS = ("hidden", "layers", "vocab", "prompts", "num_generations", "prompt_len", "completion", "steps",
-                  "threads", "seed")
+                  "threads", "seed", "device")
 
 
 def spawn(side: str, opts: argparse.Namespace) -> dict:
@@ -141,7 +149,10 @@ def spawn(side: str, opts: argparse.Namespace) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = f"{'side':9} {'s/step':>7} {'x base':>7} {'rollout s':>9} {'completion':>10} {'RSS GiB':>8} {'x base':>7}"
+    """Memory: the GPU's peak where the runs were on CUDA, else the process's peak RSS."""
+    key = "peak_cuda_gib" if any("peak_cuda_gib" in r for r in results.values()) else "peak_rss_gib"
+    head = (f"{'side':9} {'s/step':>7} {'x base':>7} {'rollout s':>9} {'completion':>10} "
+            f"{'GPU GiB' if key == 'peak_cuda_gib' else 'RSS GiB':>8} {'x base':>7}")
     out = [head, "-" * len(head)]
     base = results.get("baseline")
     for side in SIDES:
@@ -150,9 +161,9 @@ def table(results: dict[str, dict]) -> str:
             out.append(f"{side:9} ERROR: {r['error'].strip().splitlines()[-1][:90]}")
             continue
         t = r["step_s"] / base["step_s"] if base and "error" not in base else float("nan")
-        m = r["peak_rss_gib"] / base["peak_rss_gib"] if base and "error" not in base else float("nan")
+        m = r[key] / base[key] if base and "error" not in base else float("nan")
         out.append(f"{side:9} {r['step_s']:7.2f} {t:7.2f} {r['rollout_s']:9.2f} {r['mean_completion']:10.1f} "
-                   f"{r['peak_rss_gib']:8.2f} {m:7.2f}")
+                   f"{r[key]:8.2f} {m:7.2f}")
     return "\n".join(out)
 
 
@@ -169,6 +180,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where both sides run: cpu in fp32; cuda in bf16 (GPU peak: torch.cuda.max_memory_allocated)")
     opts = parser.parse_args()
     if opts.side:
         print(json.dumps(run_worker(opts)), flush=True)
@@ -176,7 +189,9 @@ def main() -> None:
     from bench_sft import machine  # bench/ is sys.path[0] when run as a script
 
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, fp32, torch {info['torch']}, "
+    gpu = f"{info['gpu']} (CUDA {info['cuda']}), " if opts.device == "cuda" else ""
+    print(f"# {gpu}{info['cpu']}, {info['cores']} cores, {opts.threads} threads, "
+          f"{'bf16' if opts.device == 'cuda' else 'fp32'}, torch {info['torch']}, "
           f"{info['date_utc']} UTC; llama hidden {opts.hidden} x {opts.layers} layers, "
           f"vocab {opts.vocab}; {opts.prompts} prompts x {opts.num_generations} generations, completion "
           f"{opts.completion}, {opts.steps} timed steps", flush=True)

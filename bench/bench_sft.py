@@ -6,6 +6,7 @@ Run (quick: a few steps per configuration, each in its own process):
     python bench/bench_sft.py --steps 6 --models smollm2 gemma3      # real models (fasttune.real_models, from PyPI)
     python bench/bench_sft.py --sweep 2048 4096 8192 --budget-gib 6     # longest sequence within a memory budget
     python bench/bench_sft.py --sweep 16384 --modes fasttune            # one mode, chosen lengths (run in parallel)
+    python bench/bench_sft.py --device cuda --models small smollm2 --modes baseline notebook  # on a GPU, bf16
 
 Quick runs used FASTTUNE_COMPILE=0 (no torch.compile warm-up) and --threads 1 on the shared 2-core machine.
 
@@ -58,6 +59,23 @@ def matmul_flops(dtype_name: str = "bfloat16", n: int = 1024, reps: int = 8) -> 
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work (step timings on CUDA); nothing on CPU."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str) -> dict:
+    """On CUDA the GPU's peak, ``torch.cuda.max_memory_allocated`` (the process's peak RSS is reported anyway)."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {"peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def build_trainer(opts: argparse.Namespace, workdir: str):
     import torch
     from datasets import Dataset
@@ -92,7 +110,7 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
                                                         padding_free=opts.mode == "trl_padding_free")
     args = config_class(
         output_dir=workdir, max_steps=opts.steps, per_device_train_batch_size=opts.batch, learning_rate=2e-4,
-        bf16=dtype == torch.bfloat16, use_cpu=True, logging_steps=1, report_to=[], save_strategy="no", seed=opts.seed,
+        bf16=dtype == torch.bfloat16, use_cpu=opts.device == "cpu", logging_steps=1, report_to=[], save_strategy="no", seed=opts.seed,
         max_length=None if opts.mode == "trl_padding_free" else max(opts.seq_len or 0, 2048), dataloader_num_workers=0, disable_tqdm=True,
         **hand_set,
     )
@@ -133,9 +151,11 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            sync(opts.device)
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync(opts.device)
             times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(Timer())
@@ -198,6 +218,7 @@ def spawn(model: str, mode: str, opts: argparse.Namespace, seq_len: int | None =
         cmd += ["--profile"]
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
+    cmd += ["--device", opts.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -214,8 +235,11 @@ def machine() -> dict:
     if cpuinfo.exists():
         names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return info
 
 
 def save_results(kind: str, info: dict, opts: argparse.Namespace, results: list[dict]) -> Path:
@@ -288,16 +312,19 @@ def main() -> None:
                         help="profile the steps after the warm-up (torch.profiler) and print where the time goes")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="compute dtype (default: bfloat16 where the machine computes it natively, else float32)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the runs train; on cuda each run also reports the GPU's peak (peak_cuda_gib)")
     opts = parser.parse_args()
     if opts.dtype is None:
         from fasttune.device import default_dtype
 
         opts.dtype = "bfloat16" if str(default_dtype()) == "torch.bfloat16" else "float32"
     if opts.worker:
-        print(json.dumps(run_worker(opts)), flush=True)
+        print(json.dumps({**run_worker(opts), **peak_memory(opts.device)}), flush=True)
         return
     info = machine()
-    print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, {opts.dtype}, torch {info['torch']}, "
+    gpu = f"{info['gpu']} (CUDA {info['cuda']}), " if opts.device == "cuda" else ""
+    print(f"# {gpu}{info['cpu']}, {info['cores']} cores, {opts.threads} threads, {opts.dtype}, torch {info['torch']}, "
           f"{info['date_utc']} "
           "UTC (shared, loaded machine: absolute numbers drift, ratios are what count)", flush=True)
     results: list[dict] = []

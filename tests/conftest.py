@@ -18,6 +18,40 @@ REPORTED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
             "llama-cpp-python")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped with the reason without one); "
+                                       "scripts/device_check.sh runs them with -m cuda (tests/cuda_testing.py)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``cuda`` cases are skipped, with the reason, where no GPU is present (pytest lists them as skipped)."""
+    from cuda_testing import SKIP_REASON, cuda_runs
+
+    if cuda_runs():
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_cases_in_true_fp32(request):
+    """CUDA cases hold fp32 to fp32 tolerances (and greedy rollouts to exact parity): TF32 products off in them,
+    torch's default, whatever an earlier test or library set; restored after."""
+    if request.node.get_closest_marker("cuda") is None:
+        yield
+        return
+    import torch
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """At the end of every run, also under ``-q``: the versions under test, and any drift from the pins."""
     for line in _version_lines():

@@ -23,10 +23,11 @@ def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
 def cotangents(outputs: Sequence[torch.Tensor], seed: int = 1234) -> list[torch.Tensor]:
     """Fixed random output gradients (same seed -> same values for the fast op and the reference).
 
-    Rounded through bf16 so the values are exact in every dtype the tests use.
+    Rounded through bf16 so the values are exact in every dtype the tests use; drawn on the CPU, placed on each
+    output's device (the same values on CPU and GPU).
     """
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=gen).to(torch.bfloat16).to(o.dtype) for o in outputs]
+    return [torch.randn(o.shape, generator=gen).to(torch.bfloat16).to(o.dtype).to(o.device) for o in outputs]
 
 
 def forward_backward(

@@ -62,7 +62,7 @@ def _run(fn, layout, case, dtype=None, forward_hooks=None):
                  down if dtype is None or isinstance(down, PackedExperts) else down.to(dtype), layout,
                  None if b_gu is None else cast(b_gu), None if b_d is None else cast(b_d),
                  loras.get("gate_up"), loras.get("down"))
-    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype).to(out.device)
     leaves = [x, logits] + [t for a, b, _ in factors.values() for t in (a, b)]
     grads = torch.autograd.grad(out, leaves, cot)
     return [out, *grads]

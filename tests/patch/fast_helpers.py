@@ -36,19 +36,22 @@ def lora_config(**overrides) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-def load_peft(path, dtype=torch.float32, four_bit: bool = False, seed: int = 0, **lora_overrides):
-    """A tiny model from ``path`` with LoRA on every linear layer, adapters initialised from ``seed``."""
+def load_peft(path, dtype=torch.float32, four_bit: bool = False, seed: int = 0, device: str = "cpu",
+              **lora_overrides):
+    """A tiny model from ``path`` on ``device`` with LoRA on every linear layer, adapters initialised from ``seed``."""
     kwargs = {}
     if four_bit:
         kwargs = dict(
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16),
-            device_map="cpu",
+            device_map={"": str(device)} if str(device) != "cpu" else "cpu",
         )
     if get_family(AutoConfig.from_pretrained(path).model_type).moe is not None:
         kwargs["experts_implementation"] = "eager"  # the reference: transformers' loop over the experts
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if not four_bit:
+        model.to(device)
     if four_bit:
         patch_quantized_layers(model)
     moe = get_family(model.config.model_type).moe

@@ -31,13 +31,20 @@ def _run(model, batch):
 
 @pytest.mark.parametrize("mode", ["unsloth", True])
 def test_checkpointing_keeps_the_maths_and_saves_memory(mode, tiny_model_dir):
-    model = load_peft(tiny_model_dir("gemma3"))
+    check_checkpointing(mode, tiny_model_dir("gemma3"), "cpu")
+
+
+def check_checkpointing(mode, path, device) -> None:
+    """Checkpointing on ``device``: the loss and gradients of no checkpointing, a fraction of the saved state, and
+    off again restores it (test_checkpointing_cuda runs it on a GPU, where "unsloth" offloads to the CPU)."""
+    model = load_peft(path, device=device)
     patch_model(model)
     model.train()
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batch = PaddingFreeCollator()([{"input_ids": torch.randint(3, vocab, (n,), generator=gen).tolist()}
                                    for n in (40, 70, 19)])
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     ref_loss, ref_saved, ref_grads = _run(model, batch)
     enable_checkpointing(model, mode)
     loss, saved, grads = _run(model, batch)
@@ -79,12 +86,17 @@ def _seeded_step(model, ids, seed: int):
 
 @pytest.mark.parametrize("mode", ["unsloth", True])
 def test_checkpointing_with_lora_dropout_replays_the_same_masks(mode, tiny_model_dir):
+    check_dropout_replay(mode, tiny_model_dir("llama"), "cpu")
+
+
+def check_dropout_replay(mode, path, device) -> None:
     """With lora_dropout > 0 the recompute must draw the same dropout masks as the first forward (the RNG state is
-    restored), so the gradients equal those without checkpointing for the same seed."""
-    model = load_peft(tiny_model_dir("llama"), lora_dropout=0.3)
+    restored: the CUDA generator's too on a GPU), so the gradients equal those without checkpointing for the same
+    seed."""
+    model = load_peft(path, lora_dropout=0.3, device=device)
     patch_model(model)  # dropout > 0: the LoRA layers fall back to peft's forward, the rest stays fused
     model.train()
-    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     ref_loss, ref_grads = _seeded_step(model, ids, seed=7)
     _, other_grads = _seeded_step(model, ids, seed=8)
     name = next(iter(ref_grads))

@@ -64,6 +64,10 @@ def _padded(examples: list[dict]) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
 
 
+def _on(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _train(model, fast: bool, lr: float) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -72,7 +76,7 @@ def _train(model, fast: bool, lr: float) -> list[float]:
     model.train()
     for step in range(STEPS):
         examples = _examples(model.config.vocab_size, step)
-        batch = collate(examples) if fast else _padded(examples)
+        batch = _on(collate(examples) if fast else _padded(examples), model.device)
         loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -82,7 +86,7 @@ def _train(model, fast: bool, lr: float) -> list[float]:
 
 
 def _log_probs(model) -> torch.Tensor:
-    batch = _padded(_examples(model.config.vocab_size, step=-1, n=2))
+    batch = _on(_padded(_examples(model.config.vocab_size, step=-1, n=2)), model.device)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -99,11 +103,14 @@ def _update_diffs(w: dict, ref: dict, w0: dict) -> dict[str, tuple[float, float]
     return {n: ((w[n] - ref[n]).abs().max().item(), (ref[n] - w0[n]).abs().max().item()) for n in ref}
 
 
-def _compare(family: str, path, tol: dict, dtype=torch.float32, four_bit: bool = False, checkpoint=False) -> None:
+def compare(family: str, path, tol: dict, dtype=torch.float32, four_bit: bool = False, checkpoint=False,
+            device: str = "cpu") -> None:
+    """Trains reference and fast path (and, for bf16, the packed-only noise run) on ``device`` and compares them
+    (test_convergence_cuda runs it on a GPU)."""
     runs = {}
     configs = ["ref", "fast"] + (["packed_only"] if "noise_factor" in tol else [])
     for config in configs:
-        model = load_peft(path, dtype=dtype, four_bit=four_bit, seed=7)
+        model = load_peft(path, dtype=dtype, four_bit=four_bit, seed=7, device=device)
         if config == "fast":
             patch_model(model)
             if checkpoint:
@@ -136,7 +143,7 @@ def _compare(family: str, path, tol: dict, dtype=torch.float32, four_bit: bool =
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in FAMILIES if family_spec(f).moe is None])  # MoE: test_moe_convergence.py
 def test_fp32_convergence(family, tiny_model_dir):
-    _compare(family, tiny_model_dir(family), FP32)
+    compare(family, tiny_model_dir(family), FP32)
 
 
 # bf16 cases use a narrower model: CPUs without AVX512-BF16/AMX emulate bf16 matmuls (~100x slower than fp32), and
@@ -146,9 +153,9 @@ BF16_SHAPE = dict(hidden_size=64, intermediate_size=176, head_dim=16, num_hidden
 
 @pytest.mark.slow
 def test_bf16_convergence_with_unsloth_checkpointing(tiny_model_dir):
-    _compare("qwen2", tiny_model_dir("qwen2", **BF16_SHAPE), BF16, dtype=torch.bfloat16, checkpoint="unsloth")
+    compare("qwen2", tiny_model_dir("qwen2", **BF16_SHAPE), BF16, dtype=torch.bfloat16, checkpoint="unsloth")
 
 
 @pytest.mark.slow
 def test_4bit_convergence(tiny_model_dir):
-    _compare("llama", tiny_model_dir("llama", **BF16_SHAPE), BF16, dtype=torch.bfloat16, four_bit=True)
+    compare("llama", tiny_model_dir("llama", **BF16_SHAPE), BF16, dtype=torch.bfloat16, four_bit=True)

@@ -60,10 +60,16 @@ def lora_params(*layers) -> list[torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_qkv_matches_peft(dtype, bias):
-    block = make_block(dtype, bias)
+    check_fused_qkv(dtype, bias, "cpu")
+
+
+def check_fused_qkv(dtype: torch.dtype, bias: bool, device: str) -> None:
+    """Fused Q/K/V on ``device`` against peft's three layers: outputs, dx, factor gradients (test_lora_blocks_cuda
+    runs it on a GPU)."""
+    block = make_block(dtype, bias).to(device)
     layers = (block.q, block.k, block.v)
-    x = torch.randn(5, 7, 123, dtype=dtype, requires_grad=True)
-    weights = [torch.randn(5, 7, out, dtype=dtype) for out in (96, 32, 32)]
+    x = torch.randn(5, 7, 123, dtype=dtype).to(device).requires_grad_(True)
+    weights = [torch.randn(5, 7, out, dtype=dtype).to(device) for out in (96, 32, 32)]
     ref = [layer(x) for layer in layers]
     sum((r * w).sum() for r, w in zip(ref, weights)).backward()
     ref_dx, ref_g = x.grad.clone(), grads_of(lora_params(*layers))
@@ -73,7 +79,7 @@ def test_fused_qkv_matches_peft(dtype, bias):
     outs = lora_projections(x, parts)
     sum((o * w).sum() for o, w in zip(outs, weights)).backward()
     for name, got, want in zip("qkv", outs, ref):
-        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.dtype == want.dtype and got.shape == want.shape and got.device == x.device
         assert_close(got, want, **TOL[dtype], what=f"{name} output")
     assert_close(x.grad, ref_dx, **TOL[dtype], what="dx")
     for i, (got, want) in enumerate(zip(grads_of(lora_params(*layers)), ref_g)):
@@ -83,10 +89,15 @@ def test_fused_qkv_matches_peft(dtype, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_fused_mlp_matches_peft(dtype, activation):
-    block = make_block(dtype)
+    check_fused_mlp(dtype, activation, "cpu")
+
+
+def check_fused_mlp(dtype: torch.dtype, activation: str, device: str) -> None:
+    """The fused gated MLP on ``device`` against peft's gate/up/down (test_lora_blocks_cuda runs it on a GPU)."""
+    block = make_block(dtype).to(device)
     act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
-    x = torch.randn(3, 11, 123, dtype=dtype, requires_grad=True)
-    w = torch.randn(3, 11, 123, dtype=dtype)
+    x = torch.randn(3, 11, 123, dtype=dtype).to(device).requires_grad_(True)
+    w = torch.randn(3, 11, 123, dtype=dtype).to(device)
     ref = block.mlp(x, act)
     (ref * w).sum().backward()
     layers = (block.gate, block.up, block.down)

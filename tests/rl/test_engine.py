@@ -57,8 +57,8 @@ def _ids(tokenizer, texts=PROMPTS) -> list[list[int]]:
 def _hf_greedy(model, prompts: list[list[int]], max_new: int, eos: int, pad: int) -> list[list[int]]:
     """``model.generate(do_sample=False)`` on left-padded prompts, each cut after its first eos (kept)."""
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts]).to(model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]).to(model.device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
