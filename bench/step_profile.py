@@ -173,14 +173,18 @@ def sustained_matmul_rate(model: torch.nn.Module, tokens: int, dtype: torch.dtyp
     shapes = linear_shapes(model)
     head = model.get_output_embeddings()
     work = [(i, o, c) for (i, o), c in shapes.items()] + [(head.in_features, head.out_features, 1)]
-    tensors = [(torch.randn(tokens, i, dtype=dtype), torch.randn(o, i, dtype=dtype), torch.randn(tokens, o, dtype=dtype),
-                c) for i, o, c in work]
+    device = head.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tensors = [(torch.randn(tokens, i, dtype=dtype, device=device), torch.randn(o, i, dtype=dtype, device=device),
+                torch.randn(tokens, o, dtype=dtype, device=device), c) for i, o, c in work]
     flops = sum(2 * 2 * tokens * i * o for i, o, _ in work)  # one of each product per distinct shape
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         for x, w, dy, _count in tensors:
             x @ w.t()
             dy @ w
+        sync()
         seconds = min(seconds, time.perf_counter() - start)
     return flops / seconds
 
