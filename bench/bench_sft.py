@@ -177,7 +177,9 @@ def run_worker(opts: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer, model, seen = build_trainer(opts, workdir)
+        start = time.perf_counter()
         trainer.train()
+        train_wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     counts, times, segments = seen["counts"], seen["times"], seen["segments"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -198,6 +200,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
         "model_gflops_per_s": work / seconds / 1e9 if seconds else 0.0, "matmul_gflops_at_shapes": rate / 1e9,
         "utilisation": work / seconds / rate if seconds else 0.0,
         "collate_s_per_step": sum(seen["collate_s"]) / max(1, len(seen["collate_s"])),
+        "train_wall_s": train_wall, "compile": os.environ.get("FASTTUNE_COMPILE", "auto"),
     }
     if seen["profiler"] is not None:
         prof = dict(seen["profiler"].seconds)
