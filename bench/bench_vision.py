@@ -58,22 +58,39 @@ TEXT_TOWERS = {  # --text: the language tower's shape (the vision tower is the t
                  num_key_value_heads=2, head_dim=64, rope_parameters=_ROPE_64),
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, head_dim=64, rope_parameters=_ROPE_64),
+    # Qwen2-VL-2B scaled down: its text tower (hidden 1536, 28 layers, MLP 8960 = 5.8x, 12 heads of 128, 2 KV heads)
+    # and vision tower (VISION_TOWERS["2b"]) shrunk so that the tower keeps its ~30% of the weights (0.67B of 2.2B
+    # released; here 7.7M of 28M), the tied embedding its ~15% of the text tower's (0.23B of 1.54B; here a vocabulary
+    # of 8192: 3.1M of 20.6M), and the tower its 4x more positions than image tokens (2x2 merge) -- the tower does
+    # most of the work on image-heavy rows, as in the released model
+    "2b": dict(hidden_size=384, intermediate_size=2240, num_hidden_layers=6, num_attention_heads=6,
+               num_key_value_heads=2, head_dim=64, rope_parameters=_ROPE_64, vocab_size=8192),
 }
+# --text's vision tower (the family's tiny one where absent); released Qwen2-VL-2B: depth 32, width 1280, 16 heads,
+# MLP 4x, quick-GELU
+VISION_TOWERS = {"2b": dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4)}
+# --data realistic: picture sizes (width, height) between 224x224 and 448x336 (64 to 192 image tokens each)
+REALISTIC_SIZES = ((224, 224), (280, 224), (336, 252), (336, 336), (392, 280), (448, 336))
+FACTS = ("The {shape} is {colour}.", "The rest of the picture is white.", "Nothing else is in the picture.",
+         "The {shape} is large and its edges are sharp.", "It is a plain {colour} {shape} on a white picture.",
+         "The {shape} covers most of the picture.")
 WHERE = ("top left", "top right", "bottom left", "bottom right", "middle")
 
 
 # ------------------------------------------------------------------------------------------------ data and model
-def describe_rows(n: int, seed: int, size: int = 112, varied: bool = False) -> list[dict]:
+def describe_rows(n: int, seed: int, size: int = 112, data: str = "uniform") -> list[dict]:
     """``n`` pictures of one coloured shape, each with "Describe the picture." and a one-sentence answer.
 
     ``varied``: picture sides drawn from 56-224 pixels (Qwen2-VL keeps each image's size, so 4 to 64 image tokens)
-    and answers of one to four sentences, as real captioning/OCR data varies; else every row has the same shape."""
+    and answers of one to four sentences, as real captioning/OCR data varies; ``realistic``: pictures from 224x224 to
+    448x336 (:data:`REALISTIC_SIZES`) and answers of one to twelve sentences; ``uniform``: every row the same shape."""
     from fasttune.quickstart.vision import COLOURS, SHAPES, conversation, draw
 
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        size = rng.choice((56, 112, 168, 224)) if varied else size
+        width, height = rng.choice(REALISTIC_SIZES) if data == "realistic" else (0, 0)
+        size = rng.choice((56, 112, 168, 224)) if data == "varied" else max(width, height) or size
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         image = draw(shape, colour, rng, size)
         box = image.convert("L").point(lambda v: v < 250).getbbox() or (0, 0, size, size)
@@ -81,9 +98,14 @@ def describe_rows(n: int, seed: int, size: int = 112, varied: bool = False) -> l
         where = ("middle" if abs(cx - 0.5) < 0.1 and abs(cy - 0.5) < 0.1
                  else f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}")
         answer = f"A {colour} {shape} in the {where} of a white picture."
-        if varied:
+        if data == "realistic":  # the square drawing stretched to the picture's size: same place, same answer
+            image = image.resize((width, height))
+        if data == "varied":
             answer = " ".join([answer] + [f"The {shape} is {colour}; the rest of the picture is white."]
                               * rng.randint(0, 3))
+        elif data == "realistic":
+            answer = " ".join([answer] + [rng.choice(FACTS).format(shape=shape, colour=colour)
+                                          for _ in range(rng.randint(0, 11))])
         rows.append({"messages": conversation(image, "Describe the picture.", answer)})
     return rows
 
@@ -95,7 +117,14 @@ def build_model(folder: Path, text: str = "tiny") -> Path:
 
     words = [f"A {c} {s} in the {w} of a white picture. Describe the picture."
              for c in COLOURS for s in SHAPES for w in WHERE]
-    build_tiny_vlm("qwen2_vl", folder, seed=0, extra_texts=words * 2, **TEXT_TOWERS[text])
+    words += [fact.format(shape=s, colour=c) for fact in FACTS for c in COLOURS for s in SHAPES]
+    build_tiny_vlm("qwen2_vl", folder, seed=0, extra_texts=words * 2, vision_overrides=VISION_TOWERS.get(text),
+                   **TEXT_TOWERS[text])
+    config = folder / "processor_config.json"  # pictures up to 448x448 keep their size (REALISTIC_SIZES)
+    settings = json.loads(config.read_text())
+    settings["image_processor"]["size"]["longest_edge"] = max(settings["image_processor"]["size"]["longest_edge"],
+                                                              448 * 448)
+    config.write_text(json.dumps(settings, indent=2))
     return folder
 
 
@@ -165,7 +194,7 @@ def build_trainer(opts: argparse.Namespace, model, processor, workdir: str):
         bf16=opts.dtype == "bfloat16", remove_unused_columns=False, dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=2048, **hand_set,
     )
-    rows = describe_rows((opts.warmup + opts.steps) * opts.batch, opts.seed, varied=opts.data == "varied")
+    rows = describe_rows((opts.warmup + opts.steps) * opts.batch, opts.seed, data=opts.data)
     # fasttune's collator packs rows padding-free where the family allows it (its default); the plain stack gets the
     # padded batches a plain collator makes (same rows, same labels)
     plain_batches = {} if fasttune_stack else {"padding_free": False}
@@ -296,8 +325,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text", choices=sorted(TEXT_TOWERS), default="tiny", help="language tower shape")
-    parser.add_argument("--data", choices=["uniform", "varied"], default="uniform",
-                        help="uniform: 112-pixel pictures, one-sentence answers; varied: 56-224 pixels, 1-4 sentences")
+    parser.add_argument("--data", choices=["uniform", "varied", "realistic"], default="uniform",
+                        help="uniform: 112-pixel pictures, one-sentence answers; varied: 56-224 pixels, 1-4 sentences; "
+                             "realistic: 224x224 to 448x336 pixels, 1-12 sentences")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
@@ -327,7 +357,9 @@ def main() -> None:
                                                                        "target_modules", "step_s")}), flush=True)
     ok = [r for r in results if "error" not in r]
     tower = TEXT_TOWERS[opts.text]
-    print(f"\nQwen2-VL (text {tower['hidden_size']}x{tower['num_hidden_layers']}, vision depth 2), {opts.batch} "
+    vision = VISION_TOWERS.get(opts.text, {"depth": 2, "embed_dim": 64})
+    print(f"\nQwen2-VL (text {tower['hidden_size']}x{tower['num_hidden_layers']}, vision {vision['embed_dim']}x"
+          f"{vision['depth']}), {opts.batch} "
           f"pictures per step ({opts.data}), {opts.warmup} warm-up + {opts.steps} timed steps, {opts.dtype}, "
           f"{opts.threads} threads\n")
     print(table(results))

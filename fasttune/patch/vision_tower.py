@@ -1,0 +1,61 @@
+"""The vision tower's fast path: every LoRA linear of a VLM's vision tower and projector as one fused function.
+
+A vision-language family's tower and projector are where its ``VisionSpec.mmproj`` says (``MMProjMap.module_paths``:
+Qwen2-VL's ``model.visual``, Gemma 3's ``model.vision_tower`` and ``model.multi_modal_projector``). Their blocks keep
+transformers' own forward -- the norms (a fused ``native_layer_norm`` already), the attention over each image's
+patches one image at a time (Qwen2-VL splits its packed patches at ``cu_seqlens``; no padded batch), rotary
+embeddings, the activation -- and each linear layer inside them runs :func:`fasttune.kernels.lora_linear.lora_linear`
+through :func:`fasttune.patch.forwards.make_projection_forward`: ``x W^T + b + s (x A^T) B^T`` as one autograd
+Function that keeps only ``x`` and the factors (peft keeps ``x``, its dropout's output and ``x A^T`` per layer, over
+four modules and as many autograd nodes). Layers without an adapter run the same function with no factors; a layer the
+fused path cannot serve (DoRA, dropout > 0, a trainable base) falls back to peft's forward, logged once.
+
+The tower's blocks are checkpointed like the text layers (transformers' per-layer hook, which
+:func:`fasttune.patch.checkpointing.enable_checkpointing` sets for every ``GradientCheckpointingLayer`` of the model,
+the tower's blocks included): the offloaded checkpoint keeps each block's input only.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fasttune.models import get_vision_family
+from fasttune.quant import is_quantized_linear
+
+from .forwards import make_projection_forward
+
+
+def tower_prefixes(hf_model: nn.Module) -> tuple[str, ...]:
+    """The module-name prefixes of ``hf_model``'s vision tower and projector (its family's mmproj map), or ``()``."""
+    vision = get_vision_family(getattr(hf_model.config, "model_type", ""))
+    if vision is None or vision.mmproj is None:
+        return ()
+    return vision.mmproj.module_paths
+
+
+def _is_linear(module: nn.Module) -> bool:
+    base = getattr(module, "base_layer", module)
+    return isinstance(base, nn.Linear) or is_quantized_linear(base)
+
+
+def tower_linears(hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every linear layer (the peft LoRA layer where one wraps it) in the tower and projector."""
+    prefixes = tower_prefixes(hf_model)
+    found: list[tuple[str, nn.Module]] = []
+    inner: set[str] = set()  # a LoRA layer's own children (its base layer, lora_A/lora_B linears) are not patched
+    for name, module in hf_model.named_modules():
+        if not any(name.startswith(p + ".") for p in prefixes) or any(name.startswith(i + ".") for i in inner):
+            continue
+        if _is_linear(module):
+            found.append((name, module))
+            inner.add(name)
+    return found
+
+
+def patch_vision_tower(hf_model: nn.Module, record) -> int:
+    """Install the fused projection forward on every tower/projector linear of ``hf_model`` (recorded in ``record``,
+    a :class:`fasttune.patch.model.PatchRecord`); returns how many. A text model has none."""
+    layers = tower_linears(hf_model)
+    for _, layer in layers:
+        record.install(layer, make_projection_forward(layer, layer.forward))
+    return len(layers)
