@@ -215,12 +215,15 @@ def build_trainer(opts: argparse.Namespace, model, processor, workdir: str):
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
                             data_collator=counting)
     ends: list[float] = []
+    cpu_ends: list[float] = []  # the process's CPU time: what the step cost, less a neighbour's share of the cores
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     trainer.add_callback(Clock())
+    trainer.fasttune_bench_cpu_ends = cpu_ends
     return trainer, counts, ends
 
 
@@ -254,6 +257,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
         "mode": opts.mode, "dtype": opts.dtype, "steps": opts.steps, "warmup": opts.warmup, "batch": opts.batch,
         "tokens_per_s": tokens / seconds, "label_tokens_per_s": labels / seconds, "timed_s": seconds,
         # robust to a neighbour's burst on a shared machine: the timed steps' median step time
+        "tokens_per_cpu_s": tokens / (trainer.fasttune_bench_cpu_ends[-1] - trainer.fasttune_bench_cpu_ends[opts.warmup - 1]),
         "median_step_s": statistics.median(ends[i] - ends[i - 1] for i in timed),
         "tokens_per_s_median": tokens / (opts.steps * statistics.median(ends[i] - ends[i - 1] for i in timed)),
         "tokens": [c[0] for c in counts[:len(ends)]], "label_tokens": [c[1] for c in counts[:len(ends)]],
@@ -295,19 +299,22 @@ def spawn(mode: str, opts: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if r["mode"] == "plain" and "error" not in r), None)
-    out = ["| stack | tok/s | x plain | tok/s (median step) | x plain | label tok/s | peak RSS GiB | x plain | train peak over loaded GiB | x plain "
-           "| loss step 1 | last loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| round | stack | tok/s | x plain | tok/s (median step) | x plain | tok/CPU-s | x plain | label tok/s "
+           "| peak RSS GiB | x plain | train peak over loaded GiB | x plain | loss step 1 | last loss |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            out.append(f"| {r['mode']} | ERROR: {r['error'].strip().splitlines()[-1][:100]} |")
+            out.append(f"| {r.get('round', 1)} | {r['mode']} | ERROR: {r['error'].strip().splitlines()[-1][:100]} |")
             continue
+        base = next((b for b in results if b["mode"] == "plain" and "error" not in b
+                     and b.get("round", 1) == r.get("round", 1)), None)  # the plain run of the same round
 
-        def ratio(key: str, r=r) -> str:
+        def ratio(key: str, r=r, base=base) -> str:
             return f"{r[key] / base[key]:.2f}" if base and base[key] else "-"
 
-        out.append(f"| {r['mode']} | {r['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | "
+        out.append(f"| {r.get('round', 1)} | {r['mode']} | {r['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | "
                    f"{r['tokens_per_s_median']:.0f} | {ratio('tokens_per_s_median')} | "
+                   f"{r['tokens_per_cpu_s']:.0f} | {ratio('tokens_per_cpu_s')} | "
                    f"{r['label_tokens_per_s']:.1f} | {r['peak_rss_gib']:.3f} | {ratio('peak_rss_gib')} | "
                    f"{r['train_peak_over_loaded_gib']:.3f} | {ratio('train_peak_over_loaded_gib')} | "
                    f"{r['loss_step1']:.4f} | {r['loss_last']:.4f} |")
@@ -329,6 +336,7 @@ def main() -> None:
                         help="uniform: 112-pixel pictures, one-sentence answers; varied: 56-224 pixels, 1-4 sentences; "
                              "realistic: 224x224 to 448x336 pixels, 1-12 sentences")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all --modes, interleaved (default 1)")
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default: bfloat16 where the CPU has native bf16 and it measures faster, else float32")
@@ -350,8 +358,8 @@ def main() -> None:
         if opts.model_dir is None:
             opts.model_dir = str(build_model(Path(tmp) / "qwen2_vl", opts.text))
         opts.targets = lora_targets(opts.model_dir)
-        for mode in opts.modes:
-            results.append(spawn(mode, opts))
+        for mode, round_ in [(m, i + 1) for i in range(opts.repeat) for m in opts.modes]:  # interleaved rounds
+            results.append({**spawn(mode, opts), "round": round_})
             r = results[-1]
             print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "tokens", "label_tokens",
                                                                        "target_modules", "step_s")}), flush=True)
@@ -365,7 +373,7 @@ def main() -> None:
     print(table(results))
     plain = next((r for r in ok if r["mode"] == "plain"), None)
     for r in ok:
-        if plain and r is not plain:
+        if plain and r["mode"] != "plain":
             same = r["tokens"] == plain["tokens"] and r["label_tokens"] == plain["label_tokens"]
             diff = abs(r["loss_step1"] - plain["loss_step1"])
             print(f"\n{r['mode']} vs plain: step-1 loss {r['loss_step1']:.6f} vs {plain['loss_step1']:.6f} "

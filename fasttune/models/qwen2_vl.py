@@ -66,6 +66,7 @@ VISION = VisionSpec(
     name="Qwen2-VL",
     language=SPEC,
     packing="mrope",
+    tower_attention="VisionAttention",
     mmproj=MMProjMap(  # Qwen's vision configs name their sizes their own way
         projector_type="qwen2vl_merger",
         tower_prefix="model.visual.",

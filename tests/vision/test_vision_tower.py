@@ -9,6 +9,7 @@ from vision_helpers import circle
 
 from fasttune import FastVisionModel
 from fasttune.kernels import lora_linear as lora_linear_module
+from fasttune.kernels import segment_attention as segment_module
 from fasttune.lora.unwrap import base_model
 from fasttune.patch import patch_model, unpatch_model
 from fasttune.patch.vision_tower import tower_linears, tower_prefixes
@@ -58,14 +59,21 @@ def test_patched_tower_equals_transformers_and_peft(tiny_vlm_dir, family, monkey
     calls = []
     real = lora_linear_module.LoRAProjections.apply
     monkeypatch.setattr(lora_linear_module.LoRAProjections, "apply", lambda *a: calls.append(1) or real(*a))
+    kept = []
+    real_attention = segment_module.SegmentAttention.apply
+    monkeypatch.setattr(segment_module.SegmentAttention, "apply",
+                        lambda *a: kept.append(a[-1] is not None) or real_attention(*a))
     fast = _run(model, pixel_values, grid_thw)
+    blocks = len(base_model(model).model.visual.blocks)
+    assert kept == [True] * blocks  # each block's recompute took its first forward's attention, none recomputed it
     in_blocks = sum(".blocks." in name for name, _ in layers)  # checkpointed: forward, then recompute in backward
     assert len(calls) == 2 * in_blocks + (len(layers) - in_blocks)  # every tower linear went through the fused function
     calls.clear()
     unpatch_model(model)
     assert all("forward" not in layer.__dict__ for _, layer in layers)  # peft's own forward is back
+    kept.clear()
     reference = _run(model, pixel_values, grid_thw)
-    assert not calls
+    assert not calls and not kept
     _close("tower output", fast[0], reference[0])
     _close("pixel gradient", fast[1], reference[1])
     assert fast[2].keys() == reference[2].keys() and len(fast[2]) == 2 * len(layers)
