@@ -4,9 +4,15 @@ Run (each configuration in its own fresh process; about two minutes on 2 CPU cor
 
     python bench/bench_vision.py                         # 3 warm-up + 15 timed steps of batch 4
     python bench/bench_vision.py --steps 20 --modes plain fasttune fasttune_4bit
+    # issue #24's realistic run (about 4 minutes on one thread): Qwen2-VL-2B's shape ratios scaled down, pictures of
+    # 224x224 to 448x336, answers of 1-12 sentences, two interleaved rounds
+    python bench/bench_vision.py --text 2b --data realistic --batch 4 --warmup 2 --steps 6 --threads 1 \
+        --dtype bfloat16 --repeat 2
 
 Model: Qwen2-VL built offline by ``fasttune.tiny.vision.build_tiny_vlm`` with a bigger text tower (hidden 256,
 4 layers, intermediate 688, 4 heads of 64, 2 KV heads) and its vision tower of depth 2; random weights, seed 0.
+``--text 2b``: Qwen2-VL-2B's ratios scaled down (:data:`TEXT_TOWERS` / :data:`VISION_TOWERS`: a tower of 8 blocks of
+width 256 = 28% of the 29M weights, as 0.67B of 2.2B released).
 Data: 112x112 PIL pictures of coloured shapes (``fasttune.quickstart.vision.draw``), each asked "Describe the
 picture." and answered with a sentence; loss on the answers only. Both stacks get the same rows in the same order
 (same trainer seed), the same collator (fasttune's ``UnslothVisionDataCollator``: plain Python over the processor;
@@ -26,7 +32,9 @@ Figures: tokens/s over the timed steps' wall time (from the end of the last warm
 data collation included) -- ``tok/s`` counts every non-padding token (image tokens included), ``label tok/s`` only
 the tokens carrying a label; peak RSS of the process (``ru_maxrss``) and the training peak over the RSS after the
 model was loaded (``VmHWM`` reset through ``/proc/self/clear_refs`` once the model is ready); the step-1 loss, which
-must agree between stacks (LoRA B starts at zero, so it checks the forward), and the last loss.
+must agree between stacks (LoRA B starts at zero, so it checks the forward), and the last loss; ``tok/CPU-s``: tokens
+over the process's CPU time of the timed steps, which a neighbour on a shared machine disturbs less than wall time.
+Where the time goes: ``bench/profile_vision.py`` (one profiled step of one configuration).
 Results go to bench/results/vision-<UTC time>.json and a markdown table on stdout.
 """
 

@@ -38,6 +38,11 @@ def tower_prefixes(hf_model: nn.Module) -> tuple[str, ...]:
     return vision.mmproj.module_paths
 
 
+# what the model's forward passes down to the tower's attention that its SDPA path ignores too (max_seqlen is for
+# flash-attention's varlen kernel; the tower's attention returns no weights and no hidden states)
+_IGNORED_KWARGS = frozenset({"position_embeddings", "max_seqlen", "output_attentions", "output_hidden_states"})
+
+
 def _packed_attention_reason(attn: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> str | None:
     if hidden_states.device.type != "cpu":
         return f"the tower runs on {hidden_states.device.type} (the kept-attention kernel is CPU-only)"
@@ -45,8 +50,8 @@ def _packed_attention_reason(attn: nn.Module, hidden_states: torch.Tensor, kwarg
         return f"attn_implementation={attn.config._attn_implementation!r} (only 'sdpa' is replaced)"
     if attn.training and attn.attention_dropout:
         return f"attention dropout {attn.attention_dropout}"
-    if kwargs.get("position_embeddings") is None or set(kwargs) - {"position_embeddings", "max_seqlen"}:
-        return f"called with {sorted(kwargs)} (expected position_embeddings)"
+    if kwargs.get("position_embeddings") is None or set(kwargs) - _IGNORED_KWARGS:
+        return f"called with {sorted(kwargs)} (expected position_embeddings and {sorted(_IGNORED_KWARGS)})"
     return None
 
 

@@ -94,3 +94,42 @@ def test_repatch_after_peft_keeps_the_tower_fused(tiny_vlm_dir):
     assert all(getattr(layer.__dict__.get("forward"), "_fasttune_projection", False) for _, layer in layers)
     unpatch_model(model)
     assert all("forward" not in layer.__dict__ for _, layer in layers)
+
+
+def test_a_training_step_through_the_model_uses_the_tower_path(tiny_vlm_dir, monkeypatch):
+    """The model's own forward passes more keyword arguments down to the tower than the tower alone gets: the fast
+    attention must still run there (no fallback), and loss and every LoRA gradient equal the unpatched model's."""
+    from vision_helpers import conversation
+
+    from fasttune.vision import UnslothVisionDataCollator
+
+    model, processor = FastVisionModel.from_pretrained(str(tiny_vlm_dir("qwen2_vl")), load_in_4bit=False,
+                                                       dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16)
+    model.train()
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    rows = [conversation(circle("red", 56), answer="red"), conversation(circle("blue", 112), answer="blue")]
+    batch = UnslothVisionDataCollator(model, processor, padding_free=False)(rows)
+    kept = []
+    real_attention = segment_module.SegmentAttention.apply
+    monkeypatch.setattr(segment_module.SegmentAttention, "apply",
+                        lambda *a: kept.append(a[-1] is not None) or real_attention(*a))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast = step()
+    assert kept == [True] * len(base_model(model).model.visual.blocks)
+    unpatch_model(model)
+    reference = step()
+    _close("loss", fast[0][None], reference[0][None])
+    assert fast[1].keys() == reference[1].keys()
+    assert any(".visual." in n for n in reference[1]) and any("language_model" in n for n in reference[1])
+    for name in reference[1]:
+        _close(name, fast[1][name], reference[1][name])
