@@ -4,9 +4,15 @@ Run (each configuration in its own fresh process; about two minutes on 2 CPU cor
 
     python bench/bench_vision.py                         # 3 warm-up + 15 timed steps of batch 4
     python bench/bench_vision.py --steps 20 --modes plain fasttune fasttune_4bit
+    # issue #24's realistic run (about 4 minutes on one thread): Qwen2-VL-2B's shape ratios scaled down, pictures of
+    # 224x224 to 448x336, answers of 1-12 sentences, two interleaved rounds
+    python bench/bench_vision.py --text 2b --data realistic --batch 4 --warmup 2 --steps 6 --threads 1 \
+        --dtype bfloat16 --repeat 2
 
 Model: Qwen2-VL built offline by ``fasttune.tiny.vision.build_tiny_vlm`` with a bigger text tower (hidden 256,
 4 layers, intermediate 688, 4 heads of 64, 2 KV heads) and its vision tower of depth 2; random weights, seed 0.
+``--text 2b``: Qwen2-VL-2B's ratios scaled down (:data:`TEXT_TOWERS` / :data:`VISION_TOWERS`: a tower of 8 blocks of
+width 256 = 28% of the 29M weights, as 0.67B of 2.2B released).
 Data: 112x112 PIL pictures of coloured shapes (``fasttune.quickstart.vision.draw``), each asked "Describe the
 picture." and answered with a sentence; loss on the answers only. Both stacks get the same rows in the same order
 (same trainer seed), the same collator (fasttune's ``UnslothVisionDataCollator``: plain Python over the processor;
@@ -26,7 +32,9 @@ Figures: tokens/s over the timed steps' wall time (from the end of the last warm
 data collation included) -- ``tok/s`` counts every non-padding token (image tokens included), ``label tok/s`` only
 the tokens carrying a label; peak RSS of the process (``ru_maxrss``) and the training peak over the RSS after the
 model was loaded (``VmHWM`` reset through ``/proc/self/clear_refs`` once the model is ready); the step-1 loss, which
-must agree between stacks (LoRA B starts at zero, so it checks the forward), and the last loss.
+must agree between stacks (LoRA B starts at zero, so it checks the forward), and the last loss; ``tok/CPU-s``: tokens
+over the process's CPU time of the timed steps, which a neighbour on a shared machine disturbs less than wall time.
+Where the time goes: ``bench/profile_vision.py`` (one profiled step of one configuration).
 Results go to bench/results/vision-<UTC time>.json and a markdown table on stdout.
 """
 
@@ -58,22 +66,39 @@ TEXT_TOWERS = {  # --text: the language tower's shape (the vision tower is the t
                  num_key_value_heads=2, head_dim=64, rope_parameters=_ROPE_64),
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, head_dim=64, rope_parameters=_ROPE_64),
+    # Qwen2-VL-2B scaled down: its text tower (hidden 1536, 28 layers, MLP 8960 = 5.8x, 12 heads of 128, 2 KV heads)
+    # and vision tower (VISION_TOWERS["2b"]) shrunk so that the tower keeps its ~30% of the weights (0.67B of 2.2B
+    # released; here 7.7M of 28M), the tied embedding its ~15% of the text tower's (0.23B of 1.54B; here a vocabulary
+    # of 8192: 3.1M of 20.6M), and the tower its 4x more positions than image tokens (2x2 merge) -- the tower does
+    # most of the work on image-heavy rows, as in the released model
+    "2b": dict(hidden_size=384, intermediate_size=2240, num_hidden_layers=6, num_attention_heads=6,
+               num_key_value_heads=2, head_dim=64, rope_parameters=_ROPE_64, vocab_size=8192),
 }
+# --text's vision tower (the family's tiny one where absent); released Qwen2-VL-2B: depth 32, width 1280, 16 heads,
+# MLP 4x, quick-GELU
+VISION_TOWERS = {"2b": dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4)}
+# --data realistic: picture sizes (width, height) between 224x224 and 448x336 (64 to 192 image tokens each)
+REALISTIC_SIZES = ((224, 224), (280, 224), (336, 252), (336, 336), (392, 280), (448, 336))
+FACTS = ("The {shape} is {colour}.", "The rest of the picture is white.", "Nothing else is in the picture.",
+         "The {shape} is large and its edges are sharp.", "It is a plain {colour} {shape} on a white picture.",
+         "The {shape} covers most of the picture.")
 WHERE = ("top left", "top right", "bottom left", "bottom right", "middle")
 
 
 # ------------------------------------------------------------------------------------------------ data and model
-def describe_rows(n: int, seed: int, size: int = 112, varied: bool = False) -> list[dict]:
+def describe_rows(n: int, seed: int, size: int = 112, data: str = "uniform") -> list[dict]:
     """``n`` pictures of one coloured shape, each with "Describe the picture." and a one-sentence answer.
 
     ``varied``: picture sides drawn from 56-224 pixels (Qwen2-VL keeps each image's size, so 4 to 64 image tokens)
-    and answers of one to four sentences, as real captioning/OCR data varies; else every row has the same shape."""
+    and answers of one to four sentences, as real captioning/OCR data varies; ``realistic``: pictures from 224x224 to
+    448x336 (:data:`REALISTIC_SIZES`) and answers of one to twelve sentences; ``uniform``: every row the same shape."""
     from fasttune.quickstart.vision import COLOURS, SHAPES, conversation, draw
 
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        size = rng.choice((56, 112, 168, 224)) if varied else size
+        width, height = rng.choice(REALISTIC_SIZES) if data == "realistic" else (0, 0)
+        size = rng.choice((56, 112, 168, 224)) if data == "varied" else max(width, height) or size
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         image = draw(shape, colour, rng, size)
         box = image.convert("L").point(lambda v: v < 250).getbbox() or (0, 0, size, size)
@@ -81,9 +106,14 @@ def describe_rows(n: int, seed: int, size: int = 112, varied: bool = False) -> l
         where = ("middle" if abs(cx - 0.5) < 0.1 and abs(cy - 0.5) < 0.1
                  else f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}")
         answer = f"A {colour} {shape} in the {where} of a white picture."
-        if varied:
+        if data == "realistic":  # the square drawing stretched to the picture's size: same place, same answer
+            image = image.resize((width, height))
+        if data == "varied":
             answer = " ".join([answer] + [f"The {shape} is {colour}; the rest of the picture is white."]
                               * rng.randint(0, 3))
+        elif data == "realistic":
+            answer = " ".join([answer] + [rng.choice(FACTS).format(shape=shape, colour=colour)
+                                          for _ in range(rng.randint(0, 11))])
         rows.append({"messages": conversation(image, "Describe the picture.", answer)})
     return rows
 
@@ -95,7 +125,14 @@ def build_model(folder: Path, text: str = "tiny") -> Path:
 
     words = [f"A {c} {s} in the {w} of a white picture. Describe the picture."
              for c in COLOURS for s in SHAPES for w in WHERE]
-    build_tiny_vlm("qwen2_vl", folder, seed=0, extra_texts=words * 2, **TEXT_TOWERS[text])
+    words += [fact.format(shape=s, colour=c) for fact in FACTS for c in COLOURS for s in SHAPES]
+    build_tiny_vlm("qwen2_vl", folder, seed=0, extra_texts=words * 2, vision_overrides=VISION_TOWERS.get(text),
+                   **TEXT_TOWERS[text])
+    config = folder / "processor_config.json"  # pictures up to 448x448 keep their size (REALISTIC_SIZES)
+    settings = json.loads(config.read_text())
+    settings["image_processor"]["size"]["longest_edge"] = max(settings["image_processor"]["size"]["longest_edge"],
+                                                              448 * 448)
+    config.write_text(json.dumps(settings, indent=2))
     return folder
 
 
@@ -165,7 +202,7 @@ def build_trainer(opts: argparse.Namespace, model, processor, workdir: str):
         bf16=opts.dtype == "bfloat16", remove_unused_columns=False, dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=2048, **hand_set,
     )
-    rows = describe_rows((opts.warmup + opts.steps) * opts.batch, opts.seed, varied=opts.data == "varied")
+    rows = describe_rows((opts.warmup + opts.steps) * opts.batch, opts.seed, data=opts.data)
     # fasttune's collator packs rows padding-free where the family allows it (its default); the plain stack gets the
     # padded batches a plain collator makes (same rows, same labels)
     plain_batches = {} if fasttune_stack else {"padding_free": False}
@@ -186,12 +223,15 @@ def build_trainer(opts: argparse.Namespace, model, processor, workdir: str):
     trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
                             data_collator=counting)
     ends: list[float] = []
+    cpu_ends: list[float] = []  # the process's CPU time: what the step cost, less a neighbour's share of the cores
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     trainer.add_callback(Clock())
+    trainer.fasttune_bench_cpu_ends = cpu_ends
     return trainer, counts, ends
 
 
@@ -225,6 +265,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
         "mode": opts.mode, "dtype": opts.dtype, "steps": opts.steps, "warmup": opts.warmup, "batch": opts.batch,
         "tokens_per_s": tokens / seconds, "label_tokens_per_s": labels / seconds, "timed_s": seconds,
         # robust to a neighbour's burst on a shared machine: the timed steps' median step time
+        "tokens_per_cpu_s": tokens / (trainer.fasttune_bench_cpu_ends[-1] - trainer.fasttune_bench_cpu_ends[opts.warmup - 1]),
         "median_step_s": statistics.median(ends[i] - ends[i - 1] for i in timed),
         "tokens_per_s_median": tokens / (opts.steps * statistics.median(ends[i] - ends[i - 1] for i in timed)),
         "tokens": [c[0] for c in counts[:len(ends)]], "label_tokens": [c[1] for c in counts[:len(ends)]],
@@ -266,19 +307,22 @@ def spawn(mode: str, opts: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if r["mode"] == "plain" and "error" not in r), None)
-    out = ["| stack | tok/s | x plain | tok/s (median step) | x plain | label tok/s | peak RSS GiB | x plain | train peak over loaded GiB | x plain "
-           "| loss step 1 | last loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| round | stack | tok/s | x plain | tok/s (median step) | x plain | tok/CPU-s | x plain | label tok/s "
+           "| peak RSS GiB | x plain | train peak over loaded GiB | x plain | loss step 1 | last loss |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            out.append(f"| {r['mode']} | ERROR: {r['error'].strip().splitlines()[-1][:100]} |")
+            out.append(f"| {r.get('round', 1)} | {r['mode']} | ERROR: {r['error'].strip().splitlines()[-1][:100]} |")
             continue
+        base = next((b for b in results if b["mode"] == "plain" and "error" not in b
+                     and b.get("round", 1) == r.get("round", 1)), None)  # the plain run of the same round
 
-        def ratio(key: str, r=r) -> str:
+        def ratio(key: str, r=r, base=base) -> str:
             return f"{r[key] / base[key]:.2f}" if base and base[key] else "-"
 
-        out.append(f"| {r['mode']} | {r['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | "
+        out.append(f"| {r.get('round', 1)} | {r['mode']} | {r['tokens_per_s']:.0f} | {ratio('tokens_per_s')} | "
                    f"{r['tokens_per_s_median']:.0f} | {ratio('tokens_per_s_median')} | "
+                   f"{r['tokens_per_cpu_s']:.0f} | {ratio('tokens_per_cpu_s')} | "
                    f"{r['label_tokens_per_s']:.1f} | {r['peak_rss_gib']:.3f} | {ratio('peak_rss_gib')} | "
                    f"{r['train_peak_over_loaded_gib']:.3f} | {ratio('train_peak_over_loaded_gib')} | "
                    f"{r['loss_step1']:.4f} | {r['loss_last']:.4f} |")
@@ -296,9 +340,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text", choices=sorted(TEXT_TOWERS), default="tiny", help="language tower shape")
-    parser.add_argument("--data", choices=["uniform", "varied"], default="uniform",
-                        help="uniform: 112-pixel pictures, one-sentence answers; varied: 56-224 pixels, 1-4 sentences")
+    parser.add_argument("--data", choices=["uniform", "varied", "realistic"], default="uniform",
+                        help="uniform: 112-pixel pictures, one-sentence answers; varied: 56-224 pixels, 1-4 sentences; "
+                             "realistic: 224x224 to 448x336 pixels, 1-12 sentences")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all --modes, interleaved (default 1)")
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default: bfloat16 where the CPU has native bf16 and it measures faster, else float32")
@@ -320,20 +366,22 @@ def main() -> None:
         if opts.model_dir is None:
             opts.model_dir = str(build_model(Path(tmp) / "qwen2_vl", opts.text))
         opts.targets = lora_targets(opts.model_dir)
-        for mode in opts.modes:
-            results.append(spawn(mode, opts))
+        for mode, round_ in [(m, i + 1) for i in range(opts.repeat) for m in opts.modes]:  # interleaved rounds
+            results.append({**spawn(mode, opts), "round": round_})
             r = results[-1]
             print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "tokens", "label_tokens",
                                                                        "target_modules", "step_s")}), flush=True)
     ok = [r for r in results if "error" not in r]
     tower = TEXT_TOWERS[opts.text]
-    print(f"\nQwen2-VL (text {tower['hidden_size']}x{tower['num_hidden_layers']}, vision depth 2), {opts.batch} "
+    vision = VISION_TOWERS.get(opts.text, {"depth": 2, "embed_dim": 64})
+    print(f"\nQwen2-VL (text {tower['hidden_size']}x{tower['num_hidden_layers']}, vision {vision['embed_dim']}x"
+          f"{vision['depth']}), {opts.batch} "
           f"pictures per step ({opts.data}), {opts.warmup} warm-up + {opts.steps} timed steps, {opts.dtype}, "
           f"{opts.threads} threads\n")
     print(table(results))
     plain = next((r for r in ok if r["mode"] == "plain"), None)
     for r in ok:
-        if plain and r is not plain:
+        if plain and r["mode"] != "plain":
             same = r["tokens"] == plain["tokens"] and r["label_tokens"] == plain["label_tokens"]
             diff = abs(r["loss_step1"] - plain["loss_step1"])
             print(f"\n{r['mode']} vs plain: step-1 loss {r['loss_step1']:.6f} vs {plain['loss_step1']:.6f} "

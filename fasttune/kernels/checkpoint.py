@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .recompute import recomputing
+from .recompute import CheckpointScope, checkpoint_scope, recomputing
 
 
 def _offload(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
         ctx.autocast = {dev: (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda")}
-        with torch.no_grad():
+        ctx.scope = CheckpointScope()  # what the first forward keeps for the recompute (kernels/segment_attention.py)
+        with torch.no_grad(), checkpoint_scope(ctx.scope):
             out = run(x)
         ctx.saved_input = _offload(x.detach())
         if isinstance(out, tuple):
@@ -62,8 +63,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 if enabled:
                     stack.enter_context(torch.autocast(dev, dtype=dtype))
             stack.enter_context(recomputing())
+            stack.enter_context(checkpoint_scope(ctx.scope))
             with torch.enable_grad():
                 out = ctx.run(x)
+        ctx.scope = None
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         if pairs:

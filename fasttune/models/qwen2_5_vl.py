@@ -34,6 +34,7 @@ VISION = VisionSpec(
     name="Qwen2.5-VL",
     language=SPEC,
     packing="mrope",
+    tower_attention="Qwen2_5_VLVisionAttention",
     mmproj=replace(  # Qwen2-VL's, with the sizes under the usual names and windows
         QWEN2_VL_VISION.mmproj,
         projector_type="qwen2.5vl_merger",

@@ -1,7 +1,9 @@
 """Qwen2-VL: a ViT (2-D RoPE, quick-GELU, 2x2 patch merger) in front of a Qwen2 language tower with multimodal RoPE.
 
 The fast path patches the language tower's norms, attention projections and MLPs exactly as for Qwen2 (RoPE, here
-3-D "mrope", stays transformers' own). The vision tower is not patched. GGUF: llama.cpp's ``qwen2vl`` architecture
+3-D "mrope", stays transformers' own). The vision tower (``tower_attention``) keeps its norms and MLP, its linears
+run the fused LoRA projection and its per-image attention :mod:`fasttune.kernels.segment_attention` (see
+:mod:`fasttune.patch.vision_tower`). GGUF: llama.cpp's ``qwen2vl`` architecture
 (Qwen2's tensors plus the rope sections) for the language model; the vision part goes to an mmproj file
 (``qwen2vl_merger``: the fused ``qkv`` is split into q/k/v and the two-frame patch kernel into two 2-D kernels, as
 llama.cpp's graph wants). On text alone mrope's three position streams are equal, so the tower computes what Qwen2
@@ -66,6 +68,7 @@ VISION = VisionSpec(
     name="Qwen2-VL",
     language=SPEC,
     packing="mrope",
+    tower_attention="VisionAttention",
     mmproj=MMProjMap(  # Qwen's vision configs name their sizes their own way
         projector_type="qwen2vl_merger",
         tower_prefix="model.visual.",

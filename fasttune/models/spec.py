@@ -170,6 +170,9 @@ class VisionSpec:
     multimodal model in transformers (the wrapper's config); ``language`` the family of its text tower, whose fast
     path and GGUF map the language model gets. ``packing``: how the vision collator packs its rows (:data:`Packing`);
     ``mmproj``: how its vision tower and projector are written as llama.cpp's mmproj file (None: no GGUF export).
+    ``tower_attention``: the class name of its tower's attention when that attention is Qwen's packed kind (all images'
+    patches in one sequence, ``cu_seqlens`` bounds, a fused ``qkv`` and ``proj``, 2-D rotary ``position_embeddings``),
+    which :mod:`fasttune.patch.vision_tower` runs per image through :mod:`fasttune.kernels.segment_attention`.
     """
 
     family: str
@@ -179,3 +182,4 @@ class VisionSpec:
     packing: Packing = None
     mmproj: MMProjMap | None = None
     tiny: TinyVisionSpec | None = None
+    tower_attention: str | None = None

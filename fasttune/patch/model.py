@@ -40,6 +40,7 @@ from .forwards import (
 )
 from .loss import make_causal_lm_forward
 from .moe import make_moe_forward
+from .vision_tower import patch_vision_tower
 
 _RECORD = "_fasttune_fast_patches"
 
@@ -139,6 +140,7 @@ def patch_model(model: nn.Module) -> None:
     try:
         record.suspend_hub_kernels(hf_model)
         FAST_PATHS[model_type](hf_model, spec, record)
+        patch_vision_tower(hf_model, record)  # a VLM's tower and projector (a text model has none)
     except Exception:
         _restore(record)
         raise

@@ -53,13 +53,14 @@ def _tiny(family: str) -> TinyVisionSpec:
     return _TINY[family]
 
 
-def tiny_vlm_config(family: str, tokenizer: PreTrainedTokenizerBase, **text_overrides: Any):
-    """The tiny config of ``family`` sized to ``tokenizer``."""
+def tiny_vlm_config(family: str, tokenizer: PreTrainedTokenizerBase, vision_overrides: dict | None = None,
+                    **text_overrides: Any):
+    """The tiny config of ``family`` sized to ``tokenizer`` (``vision_overrides``: vision config fields to change)."""
     tiny = _tiny(family)
     vocab = -(-len(tokenizer) // 64) * 64
     text = {**_TEXT, **tiny.text, "vocab_size": vocab, **text_overrides, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    vision = dict(tiny.vision)  # a copy: the family's spec is shared
+    vision = {**tiny.vision, **(vision_overrides or {})}  # a copy: the family's spec is shared
     if tiny.vision_width is not None:
         vision[tiny.vision_width] = text["hidden_size"]
     ids = {key: tokenizer.convert_tokens_to_ids(marker) for key, marker in tiny.token_ids.items()}
@@ -102,12 +103,13 @@ def build_tiny_vlm(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     extra_texts: list[str] | None = None,
+    vision_overrides: dict | None = None,
     **text_overrides: Any,
 ) -> Path:
     """Write a random ``family`` vision-language model and its processor to ``out_dir``; return the folder."""
     out = Path(out_dir)
     tokenizer = build_tiny_vlm_tokenizer(family, extra_texts)
-    config = tiny_vlm_config(family, tokenizer, **text_overrides)
+    config = tiny_vlm_config(family, tokenizer, vision_overrides, **text_overrides)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     _spread_flat_weights(model, seed)
