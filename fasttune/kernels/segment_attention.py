@@ -1,9 +1,11 @@
-"""Bidirectional attention over packed segments (a vision tower's images), whose checkpoint recompute reuses the
-first forward's result instead of running the attention again.
+"""Attention over packed segments (a vision tower's images, a padding-free row's examples), whose checkpoint
+recompute reuses the first forward's result instead of running the attention again.
 
-For q, k, v ``(heads, N, d)`` holding segments of lengths ``n_1..n_k`` (``sum n_i = N``; one image's patches each):
-    ``out[:, s] = softmax(q[:, s] k[:, s]^T * scale) v[:, s]`` for every segment ``s``, with the log-sum-exp
-    ``lse[:, s] = logsumexp(q[:, s] k[:, s]^T * scale, -1)`` ``(heads, N)``.
+For q ``(heads, N, d)``, k, v ``(kv_heads, N, d)`` (grouped-query when fewer; the kernel reads them shared) holding
+segments of lengths ``n_1..n_k`` (``sum n_i = N``):
+    ``out[:, s] = softmax(q[:, s] k[:, s]^T * scale + mask) v[:, s]`` for every segment ``s``, with the log-sum-exp
+    ``lse[:, s]`` ``(heads, N)``; ``mask`` is none (bidirectional: images), causal (text) or causal within the last
+    ``window`` positions (a sliding-window layer: transformers' ``q - window < k <= q``).
 Backward: the flash-attention backward of each segment from ``(q, k, v, out, lse)`` (torch's CPU kernel).
 
 Under fasttune's offloaded checkpoint (:mod:`fasttune.kernels.checkpoint`) a block runs twice: once without autograd
@@ -27,12 +29,23 @@ _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _segments_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask(n: int, causal: bool, window: int | None, dtype: torch.dtype) -> tuple[bool, torch.Tensor | None]:
+    """``(is_causal, additive mask or None)`` for one segment of ``n`` positions."""
+    if not causal or window is None or n <= window:
+        return causal, None
+    q = torch.arange(n).unsqueeze(1)
+    k = torch.arange(n).unsqueeze(0)
+    allowed = (k <= q) & (k > q - window)
+    return False, torch.zeros(n, n, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
+def _segments_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float,
+                      causal: bool = False, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     outs, lses, start = [], [], 0
     for n in lengths:
         s = slice(start, start + n)
-        out, lse = _FORWARD(q[None, :, s], k[None, :, s], v[None, :, s], 0.0, False, scale=scale)
+        is_causal, mask = _mask(n, causal, window, q.dtype)
+        out, lse = _FORWARD(q[None, :, s], k[None, :, s], v[None, :, s], 0.0, is_causal, attn_mask=mask, scale=scale)
         outs.append(out[0])
         lses.append(lse[0])
         start += n
@@ -45,9 +58,10 @@ class SegmentAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float,
-                kept: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        out, lse = kept if kept is not None else _segments_forward(q, k, v, lengths, scale)
-        ctx.lengths, ctx.scale = lengths, scale
+                kept: tuple[torch.Tensor, torch.Tensor] | None, causal: bool = False,
+                window: int | None = None) -> torch.Tensor:
+        out, lse = kept if kept is not None else _segments_forward(q, k, v, lengths, scale, causal, window)
+        ctx.lengths, ctx.scale, ctx.causal, ctx.window = lengths, scale, causal, window
         ctx.save_for_backward(q, k, v, out, lse)
         return out.clone() if kept is not None else out  # a kept tensor is not handed out as the output itself
 
@@ -58,39 +72,53 @@ class SegmentAttention(torch.autograd.Function):
         start = 0
         for n in ctx.lengths:
             s = slice(start, start + n)
+            is_causal, mask = _mask(n, ctx.causal, ctx.window, q.dtype)
             parts = _BACKWARD(grad[None, :, s].contiguous(), q[None, :, s], k[None, :, s], v[None, :, s],
-                              out[None, :, s], lse[None, :, s], 0.0, False, scale=ctx.scale)
+                              out[None, :, s], lse[None, :, s], 0.0, is_causal, attn_mask=mask, scale=ctx.scale)
             for acc, g in zip(grads, parts):
                 acc.append(g[0])
             start += n
         dq, dk, dv = (torch.cat(g, 1) for g in grads)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float
-                      ) -> torch.Tensor:
-    """Attention of each segment of ``q, k, v`` ``(heads, N, d)`` on its own (``lengths`` sum to N); ``(heads, N, d)``.
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float,
+                      causal: bool = False, window: int | None = None) -> torch.Tensor:
+    """Attention of each segment of ``q`` ``(heads, N, d)``, ``k, v`` ``(kv_heads, N, d)`` on its own (``lengths``
+    sum to N; ``causal``, optionally within a sliding ``window``); ``(heads, N, d)``.
 
     Inside fasttune's checkpoint, the first forward keeps ``(out, lse)`` and the recompute reuses them."""
+    if window is not None and not causal:
+        raise ValueError(f"window: {window} needs causal=True (a sliding window is causal attention)")
+    if q.shape[0] % k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(f"heads: q has {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}; k and v need the same count, "
+                         "a divisor of q's")
     if sum(lengths) != q.shape[1]:
         raise ValueError(f"lengths: {list(lengths)} sum to {sum(lengths)}, but q has {q.shape[1]} positions")
     if q.device.type != "cpu":
         raise ValueError(f"segment_attention: q is on {q.device}; this kernel runs on CPU only")
     scope = current_scope()
     if scope is not None and not torch.is_grad_enabled() and not in_recompute():  # a checkpoint's first forward
-        out, lse = _segments_forward(q, k, v, lengths, scale)
+        out, lse = _segments_forward(q, k, v, lengths, scale, causal, window)
         scope.kept.append((out, lse))
         return out
     kept = scope.take(out_shape=q.shape[:2] + v.shape[2:]) if scope is not None and in_recompute() else None
-    return SegmentAttention.apply(q, k, v, tuple(lengths), scale, kept)
+    return SegmentAttention.apply(q, k, v, tuple(lengths), scale, kept, causal, window)
 
 
 def segment_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...],
-                                scale: float) -> torch.Tensor:
-    """The reference: ``F.scaled_dot_product_attention`` on each segment, concatenated."""
+                                scale: float, causal: bool = False, window: int | None = None) -> torch.Tensor:
+    """The reference: ``F.scaled_dot_product_attention`` on each segment (a boolean mask for a window), concatenated."""
     outs, start = [], 0
+    gqa = q.shape[0] != k.shape[0]
     for n in lengths:
         s = slice(start, start + n)
-        outs.append(F.scaled_dot_product_attention(q[None, :, s], k[None, :, s], v[None, :, s], scale=scale)[0])
+        mask = None
+        if window is not None:
+            i, j = torch.arange(n).unsqueeze(1), torch.arange(n).unsqueeze(0)
+            mask = (j <= i) & (j > i - window)
+        outs.append(F.scaled_dot_product_attention(q[None, :, s], k[None, :, s], v[None, :, s], attn_mask=mask,
+                                                   is_causal=causal and mask is None, scale=scale,
+                                                   enable_gqa=gqa)[0])
         start += n
     return torch.cat(outs, 1)

@@ -5,8 +5,11 @@ all ``(sum n_i)^2`` scores; running causal SDPA per segment computes only ``sum 
 ``is_causal`` kernel. A sliding-window layer (Gemma 2/3, Mistral, ...) does the same: a segment no longer than the
 window is plain causal, a longer one gets the window's ``(n, n)`` mask. The segment bounds come from the
 ``cu_seq_lens_q`` that :class:`PaddingFreeCollator` puts in the batch (transformers forwards them to the attention
-function). Anything else -- no ``cu_seq_lens``, more than one row, a KV cache, attention softcapping -- runs
-transformers' own SDPA with its mask, unchanged.
+function). On CPU without dropout the segments go through :func:`fasttune.kernels.segment_attention.segment_attention`
+(the same flash kernel per segment), whose checkpoint recompute reuses the first forward's output and log-sum-exp
+instead of running attention again (``heads x N x (d + 1)`` values kept per layer between forward and backward).
+Anything else -- no ``cu_seq_lens``, more than one row, a KV cache, attention softcapping -- runs transformers' own
+SDPA with its mask, unchanged.
 
 It is registered with transformers' attention/mask interfaces under :data:`NAME` (a new name; nothing existing is
 changed) while at least one patched model uses it: ``patch_model`` acquires it for a model's config, ``unpatch_model``
@@ -29,6 +32,8 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 from transformers.modeling_utils import AttentionInterface
+
+from ..kernels.segment_attention import segment_attention
 
 NAME = "fasttune_packed_sdpa"
 
@@ -72,6 +77,11 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     gqa = query.shape[1] != key.shape[1]
     window = getattr(module, "sliding_window", None)
     p = dropout if module.training else 0.0
+    if query.device.type == "cpu" and p == 0.0:  # the recompute of a checkpointed layer reuses this forward's result
+        lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = segment_attention(query[0], key[0], value[0], lengths, scale, causal=True, window=window)
+        return out.transpose(0, 1).unsqueeze(0).contiguous(), None
     outs = [_segment_sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], window, p, scaling, gqa)
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None

@@ -46,6 +46,33 @@ def test_matches_sdpa_per_segment(lengths, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,kv_heads", [(None, 6), (None, 2), (50, 2)], ids=["causal", "causal-gqa", "window-gqa"])
+def test_causal_window_and_grouped_heads_match_sdpa(window, kv_heads, dtype):
+    """Text rows: causal per example, a sliding window shorter than the longest segment (123 > 50), and grouped-query
+    heads (k, v with fewer heads, read shared by the kernel; their gradients summed over the group)."""
+    lengths = (5, 123, 64)
+    q, _, _, grad = _inputs(lengths, dtype, heads=6, seed=2)
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(kv_heads, sum(lengths), 40, generator=g).to(dtype).requires_grad_(True) for _ in range(2))
+    ref = _grads(lambda *t: sa.segment_attention_reference(*t, lengths, 0.15, causal=True, window=window), q, k, v,
+                 grad)
+    fast = _grads(lambda *t: sa.segment_attention(*t, lengths, 0.15, causal=True, window=window), q, k, v, grad)
+    bidirectional = _grads(lambda *t: sa.segment_attention_reference(*t, lengths, 0.15), q, k, v, grad)
+    assert not torch.allclose(bidirectional[0], ref[0], **TOL[dtype]), "the mask must matter in this case"
+    _check("out", fast[0], ref[0], dtype)
+    for name, f, r in zip("qkv", fast[1], ref[1]):
+        _check(f"d{name}", f, r, dtype)
+
+
+def test_bad_head_counts_and_window_without_causal():
+    q, k, v, _ = _inputs((4,), torch.float32, heads=6)
+    with pytest.raises(ValueError, match="heads"):
+        sa.segment_attention(q, k[:4], v[:4], (4,), 0.1, causal=True)
+    with pytest.raises(ValueError, match="window"):
+        sa.segment_attention(q, k, v, (4,), 0.1, window=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recompute_reuses_the_first_forward(dtype, monkeypatch):
     lengths = (5, 123, 64)
     q, k, v, grad = _inputs(lengths, dtype, seed=1)

@@ -112,17 +112,19 @@ def test_packed_rows_use_per_segment_sdpa(family, tiny_model_dir, monkeypatch):
     assert model.config._attn_implementation == "sdpa"
     patch_model(model)
     assert model.config._attn_implementation == attention.NAME
-    segments = []
-    real_sdpa = attention.F.scaled_dot_product_attention
+    import fasttune.kernels.segment_attention as sa
 
-    def counting_sdpa(q, *args, **kwargs):
+    segments = []
+    real_forward = sa._FORWARD
+
+    def counting_forward(q, *args, **kwargs):  # the flash kernel, once per segment
         segments.append(q.shape[2])
-        return real_sdpa(q, *args, **kwargs)
+        return real_forward(q, *args, **kwargs)
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("a packed row fell back to the masked SDPA")
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting_sdpa)
+    monkeypatch.setattr(sa, "_FORWARD", counting_forward)
     monkeypatch.setattr(attention, "sdpa_attention_forward", no_fallback)
     examples = _examples(model.config.vocab_size, [37, 90, 5, 21], seed=1)
     with torch.no_grad():
