@@ -6,7 +6,9 @@ Each mode runs in its own ``torchrun --standalone --nproc_per_node 2`` job: a fa
 ``full_finetuning=True`` (fp32, "unsloth" checkpointing, fused blocks and loss), AdamW, 3 steps on 2 x 256-token rows
 per rank. ``ddp`` wraps it in ``DistributedDataParallel``; ``fsdp2`` applies ``fully_shard`` to each decoder layer
 and to the model, so weights, gradients and AdamW state are split between the ranks; ``fsdp2_units`` also makes the
-input embeddings and the LM head units of their own (fasttune's fused loss then runs inside the head's unit). Figures: each rank's peak RSS (``resource.getrusage``), the
+input embeddings and the LM head units of their own (fasttune's fused loss then runs inside the head's unit; the
+embeddings' unit is not gathered for backward, ``set_unshard_in_backward(False)``: its gradient needs only the token
+ids). Figures: each rank's peak RSS (``resource.getrusage``), the
 larger of the two ranks, and FSDP2's over DDP's; also the peak above what the process held after its imports,
 before loading the model (the part that scales with the model).
 """
@@ -45,6 +47,8 @@ def worker(mode: str, folder: str) -> None:
 
         if mode == "fsdp2_units":  # the embeddings and the head as units of their own: the root unit (norm only)
             fully_shard(model.model.embed_tokens)  # no longer gathers vocab x hidden twice for the whole step
+            # the embedding's backward needs only the token ids, never its weight: do not gather it again for it
+            model.model.embed_tokens.set_unshard_in_backward(False)
             fully_shard(model.lm_head)
         for layer in model.model.layers:
             fully_shard(layer)

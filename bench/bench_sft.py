@@ -16,9 +16,11 @@ bf16 where the machine computes it natively -- CUDA, or a CPU with AVX512-BF16/A
 * ``trl_padding_free``: the same with TRL's own ``padding_free=True`` (its faster setting that works on CPU).
 * ``fasttune``: ``patch_model`` (fused LoRA blocks, fused norms, per-segment SDPA for packed rows) +
   ``PaddingFreeCollator`` + fused linear CE (``FastLossMixin``) + "unsloth" checkpointing, assembled by hand.
-* ``notebook``: the ported-notebook flow -- the model as ``FastLanguageModel.get_peft_model`` leaves it (fast path,
-  "unsloth" checkpointing remembered) in ``fasttune.trl.SFTTrainer`` with its defaults (TRL's ``SFTConfig`` defaults,
-  ``gradient_checkpointing=True`` included): whatever the drop-in picks is what is measured.
+* ``notebook``: the ported-notebook flow -- ``FastLanguageModel.from_pretrained`` (the model's folder; a synthetic
+  model is saved to one first, by another process) + ``FastLanguageModel.get_peft_model`` (the same LoRA settings,
+  "unsloth" checkpointing) in ``fasttune.trl.SFTTrainer`` with its defaults (TRL's ``SFTConfig`` defaults,
+  ``gradient_checkpointing=True`` included): whatever the loader and the drop-in pick is what is measured. Its
+  adapters start from ``random_state=seed`` rather than peft's draw, so its losses differ slightly from step 2 on.
 * ``trl_on_fasttune``: the same model in plain ``trl.SFTTrainer`` (an unported notebook): fused blocks only.
 
 Figures: trained tokens/s (tokens carrying a label, first step excluded as warm-up), peak RSS of the process, loss at
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = peft's all-linear here
 MODES = ("baseline", "trl_padding_free", "fasttune", "notebook", "trl_on_fasttune")
 FASTTUNE_MODELS = ("fasttune", "notebook", "trl_on_fasttune")  # modes whose model carries fasttune's fast path
 
@@ -95,13 +98,23 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
     torch.manual_seed(opts.seed)
     config = model_config(opts.model)
     dtype = getattr(torch, opts.dtype)
-    if opts.model in REAL_MODELS:  # the real weights (the dequantized GGUF the package ships)
-        model = AutoModelForCausalLM.from_pretrained(real_model_folder(opts.model), dtype=dtype,
-                                                     attn_implementation="sdpa")
+    if opts.mode == "notebook":  # the ported notebook: FastLanguageModel loads the folder and adds the adapters
+        from fasttune import FastLanguageModel
+
+        folder = real_model_folder(opts.model) if opts.model in REAL_MODELS else opts.model_dir
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=dtype, load_in_4bit=False,
+                                                     max_seq_length=max(opts.seq_len or 0, 2048))
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                                 target_modules=LORA_TARGETS, use_gradient_checkpointing="unsloth",
+                                                 random_state=opts.seed)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
-                                             bias="none", task_type="CAUSAL_LM"))
+        if opts.model in REAL_MODELS:  # the real weights (the dequantized GGUF the package ships)
+            model = AutoModelForCausalLM.from_pretrained(real_model_folder(opts.model), dtype=dtype,
+                                                         attn_implementation="sdpa")
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                                                 bias="none", task_type="CAUSAL_LM"))
     n_rows = opts.steps * opts.batch
     rows = (long_dataset(n_rows, opts.seq_len, config.vocab_size, opts.seed) if opts.seq_len
             else chat_dataset(n_rows, config.vocab_size, opts.seed, opts.max_tokens))
@@ -124,10 +137,12 @@ def build_trainer(opts: argparse.Namespace, workdir: str):
             pass
 
         trainer = FastSFTTrainer(data_collator=PaddingFreeCollator(), **kwargs)
-    elif opts.mode in ("notebook", "trl_on_fasttune"):
+    elif opts.mode == "notebook":
+        trainer = fasttune.trl.SFTTrainer(**kwargs)
+    elif opts.mode == "trl_on_fasttune":
         patch_model(model)  # what FastLanguageModel.get_peft_model leaves: fast path + remembered "unsloth" mode
         set_gradient_checkpointing(model, "unsloth")
-        trainer = (fasttune.trl.SFTTrainer if opts.mode == "notebook" else SFTTrainer)(**kwargs)
+        trainer = SFTTrainer(**kwargs)
     else:
         trainer = SFTTrainer(**kwargs)
 
@@ -222,12 +237,45 @@ def spawn(model: str, mode: str, opts: argparse.Namespace, seq_len: int | None =
     if seq_len:
         cmd += ["--seq-len", str(seq_len)]
     cmd += ["--device", opts.device]
+    if mode == "notebook" and model not in REAL_MODEL_NAMES:
+        cmd += ["--model-dir", saved_model(model, opts)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"model": model, "mode": mode, "seq_len": seq_len, "error": proc.stderr[-2000:]}
     return json.loads(lines[-1])
+
+
+REAL_MODEL_NAMES = ("smollm2", "gemma3")  # bench/sft_data.py's REAL_MODELS (not imported here: it imports torch)
+_SAVED: dict[str, str] = {}
+
+
+def saved_model(model: str, opts: argparse.Namespace) -> str:
+    """A synthetic model saved as a folder (the notebook flow loads a folder), with the very weights the other modes
+    build from the config and seed; written once per run, by a process of its own (its memory is not the worker's)."""
+    if model not in _SAVED:
+        folder = tempfile.mkdtemp(prefix=f"bench-{model}-")
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--save-model", folder, "--model", model,
+                        "--seed", str(opts.seed), "--dtype", opts.dtype], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        _SAVED[model] = folder
+    return _SAVED[model]
+
+
+def save_model(opts: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.tiny import build_tokenizer
+
+    sys.path.insert(0, str(HERE))
+    from sft_data import model_config
+
+    torch.manual_seed(opts.seed)  # as build_trainer builds it
+    model = AutoModelForCausalLM.from_config(model_config(opts.model), dtype=getattr(torch, opts.dtype))
+    model.save_pretrained(opts.save_model)
+    build_tokenizer("llama").save_pretrained(opts.save_model)
 
 
 def machine() -> dict:
@@ -299,6 +347,8 @@ def sweep(opts: argparse.Namespace) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="small")
     parser.add_argument("--models", nargs="+", default=["small", "long", "qwen2"])
     parser.add_argument("--mode", choices=MODES, default="fasttune")
@@ -322,6 +372,9 @@ def main() -> None:
         from fasttune.device import default_dtype
 
         opts.dtype = "bfloat16" if str(default_dtype()) == "torch.bfloat16" else "float32"
+    if opts.save_model:
+        save_model(opts)
+        return
     if opts.worker:
         print(json.dumps({**run_worker(opts), **peak_memory(opts.device)}), flush=True)
         return

@@ -10,10 +10,13 @@ transformers' load, the fast path, the model's :class:`~fasttune.state.FastState
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from peft import PeftModel
@@ -98,16 +101,17 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
     fp8_stored = fp8_checkpoint_block(source.config) is not None
     if fp8_stored:  # transformers would dequantize it (and cannot, for shapes its grid does not divide): we load it
         kwargs["config"] = _without_quantization_config(source.config)
-    model = auto_class.from_pretrained(
-        source.base,
-        dtype=cfg.dtype,
-        quantization_config=quantization,
-        device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
-        token=token,
-        revision=revision,
-        trust_remote_code=cfg.trust_remote_code,
-        **kwargs,
-    )
+    with read_checkpoints_without_mmap():
+        model = auto_class.from_pretrained(
+            source.base,
+            dtype=cfg.dtype,
+            quantization_config=quantization,
+            device_map=default_device_map() if device_map in ("sequential", "auto", None) else device_map,
+            token=token,
+            revision=revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
+        )
     fp8 = _load_fp8(model, source, cfg, fp8_stored, token, revision, quant_skip)
     patch_quantized_layers(model)
     spec = get_family(text_type)
@@ -125,6 +129,40 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
                                   qat_scheme=None if cfg.qat_scheme is None else normalize_scheme(cfg.qat_scheme)))
     model = finish_loading(model, source.adapter, cfg.full_finetuning, use_gradient_checkpointing)
     return model, loaded
+
+
+_READ_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def read_checkpoints_without_mmap() -> Iterator[None]:
+    """Inside: transformers reads safetensors checkpoints tensor by tensor (``pread``) instead of mapping them.
+
+    transformers 5 maps each checkpoint file and converts tensor by tensor; every page it touched stays in the
+    process's resident set until loading ends, so loading Gemma-3-270M's fp32 folder into bf16 peaks at imports +
+    the whole 1.03 GiB file + the model (2.06 GiB; 1.07 after). Read with ``pread`` (safetensors' other backend, the
+    one transformers itself picks on Windows and MPS) each tensor lives only while it is converted: the peak is
+    imports + the model + the largest tensor (1.81 GiB), the weights bit-identical (tests/foundation/test_loader.py).
+    transformers offers no switch for it (``disable_mmap`` reads whole files into memory, worse), so its module's
+    ``safe_open`` is wrapped for the duration of one load, under a lock; Linux and macOS only (where it maps)."""
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None or sys.platform == "win32":
+        yield
+        return
+
+    def safe_open(filename, framework, device="cpu", *args, backend=None, **kwargs):
+        if backend in (None, "mmap") and str(device) == "cpu":
+            backend = "pread"
+        return original(filename, framework, device, *args, **({"backend": backend} if backend else {}), **kwargs)
+
+    with _READ_LOCK:
+        modeling_utils.safe_open = safe_open
+        try:
+            yield
+        finally:
+            modeling_utils.safe_open = original
 
 
 def _without_quantization_config(config: Any) -> Any:

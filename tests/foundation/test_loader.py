@@ -179,3 +179,28 @@ def test_fasttune_models_are_never_kernelized_by_transformers(tiny_model_dir, mo
     FastLanguageModel.for_inference(model)
     FastLanguageModel.for_training(model)
     assert not model.get_base_model().use_kernels
+
+
+def test_checkpoints_are_read_not_mapped_and_load_bit_identical(tiny_model_dir, monkeypatch):
+    """fasttune's load reads safetensors tensor by tensor (pread: no mapped file pages left resident) and gets the
+    very weights transformers' own mapped load gets; outside fasttune's load transformers' safe_open is untouched."""
+    import transformers.modeling_utils as modeling_utils
+
+    path = tiny_model_dir("llama")
+    original = modeling_utils.safe_open
+    backends = []
+
+    def spy(filename, framework, device="cpu", **kwargs):
+        backends.append(kwargs.get("backend"))
+        return original(filename, framework, device, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_open", spy)
+    model, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, load_in_4bit=False)
+    assert backends and set(backends) == {"pread"}, backends
+    assert modeling_utils.safe_open is spy, "the wrapper must be removed after the load"
+    backends.clear()
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert set(backends) == {"mmap"}, backends  # transformers' own choice, unchanged outside fasttune's load
+    ours = {k.replace("base_model.model.", ""): v for k, v in model.state_dict().items()}
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(ours[name], tensor), name

@@ -62,7 +62,7 @@ def test_patched_tower_equals_transformers_and_peft(tiny_vlm_dir, family, monkey
     kept = []
     real_attention = segment_module.SegmentAttention.apply
     monkeypatch.setattr(segment_module.SegmentAttention, "apply",
-                        lambda *a: kept.append(a[-1] is not None) or real_attention(*a))
+                        lambda *a: kept.append(a[5] is not None) or real_attention(*a))  # a[5]: kept
     fast = _run(model, pixel_values, grid_thw)
     blocks = len(base_model(model).model.visual.blocks)
     assert kept == [True] * blocks  # each block's recompute took its first forward's attention, none recomputed it
@@ -116,7 +116,7 @@ def test_a_training_step_through_the_model_uses_the_tower_path(tiny_vlm_dir, mon
     kept = []
     real_attention = segment_module.SegmentAttention.apply
     monkeypatch.setattr(segment_module.SegmentAttention, "apply",
-                        lambda *a: kept.append(a[-1] is not None) or real_attention(*a))
+                        lambda *a: kept.append(a[5] is not None) or real_attention(*a))  # a[5]: kept
 
     def step():
         model.zero_grad(set_to_none=True)
