@@ -101,7 +101,7 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
     fp8_stored = fp8_checkpoint_block(source.config) is not None
     if fp8_stored:  # transformers would dequantize it (and cannot, for shapes its grid does not divide): we load it
         kwargs["config"] = _without_quantization_config(source.config)
-    with read_checkpoints_without_mmap():
+    with read_checkpoints_without_mmap(_narrowing(source.config, cfg.dtype)):
         model = auto_class.from_pretrained(
             source.base,
             dtype=cfg.dtype,
@@ -134,8 +134,19 @@ def load_pretrained(source: ModelSource, cfg: LoadConfig, auto_class: Any, load_
 _READ_LOCK = threading.Lock()
 
 
+def _narrowing(config: Any, dtype: Any) -> bool:
+    """Whether the load converts the checkpoint to a narrower float dtype (fp32 files into bf16/fp16)."""
+    import torch
+
+    stored = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return (isinstance(stored, torch.dtype) and isinstance(dtype, torch.dtype) and stored.is_floating_point
+            and dtype.is_floating_point and dtype.itemsize < stored.itemsize)
+
+
 @contextlib.contextmanager
-def read_checkpoints_without_mmap() -> Iterator[None]:
+def read_checkpoints_without_mmap(enabled: bool = True) -> Iterator[None]:
     """Inside: transformers reads safetensors checkpoints tensor by tensor (``pread``) instead of mapping them.
 
     transformers 5 maps each checkpoint file and converts tensor by tensor; every page it touched stays in the
@@ -144,11 +155,14 @@ def read_checkpoints_without_mmap() -> Iterator[None]:
     one transformers itself picks on Windows and MPS) each tensor lives only while it is converted: the peak is
     imports + the model + the largest tensor (1.81 GiB), the weights bit-identical (tests/foundation/test_loader.py).
     transformers offers no switch for it (``disable_mmap`` reads whole files into memory, worse), so its module's
-    ``safe_open`` is wrapped for the duration of one load, under a lock; Linux and macOS only (where it maps)."""
+    ``safe_open`` is wrapped for the duration of one load, under a lock; Linux and macOS only (where it maps).
+    Only when the load narrows the dtype (``enabled``): loading fp32 files as fp32 and then sharding them (FSDP2,
+    bench/bench_fsdp2_memory.py) peaked 0.14 GiB higher read than mapped (the read buffers become the parameters,
+    and their heap holes stay after sharding)."""
     import transformers.modeling_utils as modeling_utils
 
     original = getattr(modeling_utils, "safe_open", None)
-    if original is None or sys.platform == "win32":
+    if not enabled or original is None or sys.platform == "win32":
         yield
         return
 

@@ -195,12 +195,15 @@ def test_checkpoints_are_read_not_mapped_and_load_bit_identical(tiny_model_dir, 
         return original(filename, framework, device, **kwargs)
 
     monkeypatch.setattr(modeling_utils, "safe_open", spy)
-    model, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, load_in_4bit=False)
+    model, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.bfloat16, load_in_4bit=False)  # fp32 files
     assert backends and set(backends) == {"pread"}, backends
     assert modeling_utils.safe_open is spy, "the wrapper must be removed after the load"
     backends.clear()
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     assert set(backends) == {"mmap"}, backends  # transformers' own choice, unchanged outside fasttune's load
     ours = {k.replace("base_model.model.", ""): v for k, v in model.state_dict().items()}
     for name, tensor in ref.state_dict().items():
         assert torch.equal(ours[name], tensor), name
+    backends.clear()
+    FastLanguageModel.from_pretrained(str(path), dtype=torch.float32, load_in_4bit=False)  # no narrowing: mapped
+    assert set(backends) == {"mmap"}, backends
