@@ -275,9 +275,10 @@ class _Rollout:
     def run(self) -> None:
         logits = self.prefill()
         banned = self._banned(logits.shape[-1])
+        scratch = torch.empty_like(logits)  # the sampler's (rows, V) work buffer, reused at every step
         for step in range(self.steps):
             drawn = sample(logits, self.params, self.generator, self.seen,
-                           banned if step < self.params.min_tokens else None)
+                           banned if step < self.params.min_tokens else None, scratch[:len(logits)])
             self._record(drawn, step)
             self.live &= ~self._finished(drawn.tokens, step)
             if not bool(self.live.any()):
