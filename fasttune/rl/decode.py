@@ -18,7 +18,8 @@ fp32 model; for a 4-bit model that is the full-precision size of its decoder, e.
 
 How it is installed: for the rollout only, each projection's instance ``forward`` is the one-product forward, and
 fasttune's fused attention / MLP forwards (which call the LoRA kernels directly) step aside so the module's own
-transformers forward runs and calls its projections. A projection that the fused path cannot take
+transformers forward runs and calls its projections; fasttune's RMSNorm forwards step aside too (at one token per
+row the compiled kernel's call overhead, ~0.3 ms on CPU, is more than transformers' handful of ops). A projection that the fused path cannot take
 (:func:`fasttune.kernels.lora_parts.lora_parts` gives a reason: DoRA, dropout, several adapters, QAT) keeps its
 forward; mixture-of-experts blocks keep theirs. Every replaced forward is put back on exit, even on error.
 """
@@ -128,6 +129,11 @@ def _decoder_blocks(lm: nn.Module) -> list[nn.Module]:
             for block in (layer.self_attn, layer.mlp)]
 
 
+def _norms(lm: nn.Module) -> list[nn.Module]:
+    """RMSNorm modules running an instance forward (fasttune's fused norm, :mod:`fasttune.patch.forwards`)."""
+    return [m for m in lm.modules() if type(m).__name__.endswith("RMSNorm") and "forward" in m.__dict__]
+
+
 @contextmanager
 def decode_weights(lm: nn.Module) -> Iterator[int]:
     """Within the block, every decoder projection of ``lm`` (a ``*ForCausalLM``, LoRA layers live) runs as one
@@ -139,6 +145,8 @@ def decode_weights(lm: nn.Module) -> Iterator[int]:
     saved: list[tuple[nn.Module, object]] = []
     count = 0
     try:
+        for norm in _norms(lm):  # transformers' own RMSNorm: at a few rows, a compiled kernel's call costs more
+            saved.append((norm, norm.__dict__.pop("forward")))
         for block in _decoder_blocks(lm):
             groups = _projections(block, probe, shared)
             if not groups:

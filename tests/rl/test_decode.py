@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import _greedy, _hf_greedy, _ids, _perturb_lora
+from test_engine import _check_logprobs, _greedy, _hf_greedy, _ids, _perturb_lora
 
 from fasttune import FastLanguageModel
 from fasttune.lora.unwrap import base_model
 from fasttune.rl.decode import decode_weights
-from fasttune.rl.engine import generate_ids
 from fasttune.rl.sampling import SamplingParams, _block_size, draw, sample
 
 
@@ -26,22 +25,8 @@ def _forwards(model) -> dict[str, object]:
     return {name: m.__dict__.get("forward") for name, m in model.named_modules()}
 
 
-def _check_logprobs(model, prompts, tokenizer, atol, **kwargs):
-    """Sampled completions' log-probs == log_softmax of a full forward of prompt + completion (no decode weights)."""
-    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=5, **kwargs)
-    outs = generate_ids(model, prompts, params, eos_token_ids=[tokenizer.eos_token_id],
-                        pad_token_id=tokenizer.pad_token_id)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for prompt, per_prompt in zip(prompts, outs):
-            for c in per_prompt:
-                ids = torch.tensor([prompt + c.token_ids])
-                logits = model(input_ids=ids).logits[0].float()
-                want = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, ids[0, len(prompt):, None])[:, 0]
-                torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=atol, rtol=0)
-    model.train(was_training)
-    return outs
+def _check(model, prompts, tokenizer):
+    return _check_logprobs(model, prompts, tokenizer, SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=5))
 
 
 # ---- decode weights against the model's own forward -----------------------------------------------------------------
@@ -80,7 +65,7 @@ def test_rollouts_match_generate_and_a_full_forward_lora_and_4bit(tiny_model_dir
     prompts = _ids(tok)[:3]
     ours = [c.token_ids for c in _greedy(model, prompts, tok, max_tokens=8)]
     assert ours == _hf_greedy(model, prompts, 8, tok.eos_token_id, tok.pad_token_id)
-    _check_logprobs(model, prompts, tok, atol=1e-4)
+    _check(model, prompts, tok)
 
 
 def test_moe_rollouts_match_generate_and_a_full_forward(tiny_model_dir, tiny_tokenizer):
@@ -94,7 +79,7 @@ def test_moe_rollouts_match_generate_and_a_full_forward(tiny_model_dir, tiny_tok
     prompts = _ids(tok)[:3]
     ours = [c.token_ids for c in _greedy(model, prompts, tok, max_tokens=8)]
     assert ours == _hf_greedy(model, prompts, 8, tok.eos_token_id, tok.pad_token_id)
-    _check_logprobs(model, prompts, tok, atol=1e-4)
+    _check(model, prompts, tok)
 
 
 def test_an_adapter_changed_between_rollouts_is_used(tiny_model_dir, tiny_tokenizer):
@@ -111,7 +96,7 @@ def test_an_adapter_changed_between_rollouts_is_used(tiny_model_dir, tiny_tokeni
     second = [c.token_ids for c in _greedy(model, prompts, tok, max_tokens=8)]
     assert second != first
     assert second == _hf_greedy(model, prompts, 8, tok.eos_token_id, tok.pad_token_id)
-    _check_logprobs(model, prompts, tok, atol=1e-4)
+    _check(model, prompts, tok)
 
 
 # ---- the unfiltered sampler -----------------------------------------------------------------------------------------
