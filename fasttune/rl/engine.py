@@ -16,8 +16,9 @@ Why it is faster than ``model.generate`` for RL rollouts (each measured in ``ben
   ``DynamicLayer`` copies the whole cache at every step to append one position;
 * no padding mask at all when every prompt has the same length (attention then needs no mask);
 * sampling never sorts the vocabulary when it can help it and draws with one random number per row
-  (:mod:`fasttune.rl.sampling`); on one CPU core ``model.generate``'s top-p sort and ``torch.multinomial`` cost
-  ~125 ms and ~35 ms per step for 64 rows of a 32k vocabulary.
+  (:mod:`fasttune.rl.sampling`; with no filter, three passes over the vocabulary into a reused buffer); on one CPU
+  core ``model.generate``'s top-p sort and ``torch.multinomial`` cost ~125 ms and ~35 ms per step for 64 rows of a
+  32k vocabulary.
 
 * each decoder projection runs as one product with a weight built when the rollout starts (LoRA merged, 4-bit
   dequantized once; q/k/v and gate/up as one product each: :mod:`fasttune.rl.decode`), where training's fused LoRA
