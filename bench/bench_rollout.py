@@ -8,13 +8,18 @@ Run (each side in its own process, alternating ``--rounds`` times; the best roun
     python bench/bench_rollout.py --top-p 0.95 --top-k 50 --min-p 0.05    # every filter on
     python bench/bench_rollout.py --finish eos                      # completions end at varied lengths
     python bench/bench_rollout.py --side fasttune                   # one side only (what the driver spawns)
+    python bench/bench_rollout.py --vocab 32000 --min-p 0           # no sampling filter (temperature 1 only)
+    python bench/bench_rollout.py --real smollm2 --min-p 0 --prompts 4 --new-tokens 32   # a real model's shapes
 
 Both sides: the same tiny random llama (``fasttune.tiny.build_tiny_model``; ``--size default``: hidden 256, 4 layers;
 ``small``: hidden 512, 8 layers; ``--vocab`` overrides the tiny tokenizer's 640 tokens), loaded the GRPO-notebook way
 (``--model lora``: ``FastLanguageModel.from_pretrained`` + ``get_peft_model``, r=16, fast path on, train mode with
 "unsloth" checkpointing; ``plain``: a transformers model; ``qlora``: the same as lora loaded in 4-bit), fp32,
 ``torch.set_num_threads(--threads)``, the same prompts (``--prompts`` random prompts of ``--prompt-len`` +- 12 tokens,
-fixed by ``--seed``), ``--num-generations`` completions each, the same sampling settings.
+fixed by ``--seed``), ``--num-generations`` completions each, the same sampling settings. ``--real smollm2|gemma3``
+replaces the tiny model with a real one (``fasttune.real_models`` via bench/sft_data.py: SmolLM2-135M-Instruct, 30
+layers, vocab 49152; Gemma-3-270M, vocab 262144), with its own tokenizer; ``--size`` / ``--vocab`` then do not
+apply.
 
 * ``baseline``: TRL's transformers path -- each prompt repeated ``num_generations`` times (``RepeatSampler``),
   left-padded with ``trl.trainer.utils.pad``, ``model.generate(input_ids, attention_mask,
@@ -61,11 +66,20 @@ def build_model(opts: argparse.Namespace, workdir: str):
     from fasttune import FastLanguageModel
     from fasttune.tiny import build_tiny_model, build_tokenizer
 
-    overrides = dict(SIZES[opts.size])
-    if opts.vocab:
-        overrides["vocab_size"] = opts.vocab
-    tokenizer = build_tokenizer("llama")
-    path = build_tiny_model("llama", Path(workdir) / "model", tokenizer=tokenizer, seed=opts.seed, **overrides)
+    if opts.real:
+        from sft_data import real_model_folder
+        from transformers import AutoTokenizer
+
+        path = real_model_folder(opts.real)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        overrides = dict(SIZES[opts.size])
+        if opts.vocab:
+            overrides["vocab_size"] = opts.vocab
+        tokenizer = build_tokenizer("llama")
+        path = build_tiny_model("llama", Path(workdir) / "model", tokenizer=tokenizer, seed=opts.seed, **overrides)
     if opts.model == "plain":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa"), tokenizer
     model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=4096, dtype="float32",
@@ -159,7 +173,7 @@ def run_worker(opts: argparse.Namespace) -> dict:
 
 
 # ---- the driver -----------------------------------------------------------------------------------------------------
-WORKER_OPTIONS = ("size", "vocab", "model", "prompts", "num_generations", "prompt_len", "new_tokens", "temperature",
+WORKER_OPTIONS = ("real", "size", "vocab", "model", "prompts", "num_generations", "prompt_len", "new_tokens", "temperature",
                   "top_p", "top_k", "min_p", "finish", "threads", "repeats", "seed")
 
 
@@ -206,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=SIDES, default=None, help="run one side in this process and print JSON")
+    parser.add_argument("--real", choices=["", "smollm2", "gemma3"], default="",
+                        help="a real model instead of the tiny random llama")
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the tiny tokenizer's)")
     parser.add_argument("--model", choices=["lora", "plain", "qlora"], default="lora")
@@ -237,7 +253,8 @@ def main() -> None:
     info = machine()
     print(f"# {info['cpu']}, {info['cores']} cores, {opts.threads} threads, fp32, torch {info['torch']}, "
           f"{info['date_utc']} UTC (shared machine: absolute numbers drift, the ratio is what counts)", flush=True)
-    print(f"# model {opts.model} size {opts.size} vocab {opts.vocab or 'tokenizer'}; {opts.prompts} prompts x "
+    shape = f"real {opts.real}" if opts.real else f"size {opts.size} vocab {opts.vocab or 'tokenizer'}"
+    print(f"# model {opts.model} {shape}; {opts.prompts} prompts x "
           f"{opts.num_generations} generations, prompt ~{opts.prompt_len}, {opts.new_tokens} new tokens "
           f"({opts.finish}); temperature {opts.temperature} top_p {opts.top_p} top_k {opts.top_k} min_p {opts.min_p}",
           flush=True)

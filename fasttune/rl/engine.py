@@ -16,11 +16,16 @@ Why it is faster than ``model.generate`` for RL rollouts (each measured in ``ben
   ``DynamicLayer`` copies the whole cache at every step to append one position;
 * no padding mask at all when every prompt has the same length (attention then needs no mask);
 * sampling never sorts the vocabulary when it can help it and draws with one random number per row
-  (:mod:`fasttune.rl.sampling`); on one CPU core ``model.generate``'s top-p sort and ``torch.multinomial`` cost
-  ~125 ms and ~35 ms per step for 64 rows of a 32k vocabulary.
+  (:mod:`fasttune.rl.sampling`; with no filter, three passes over the vocabulary into a reused buffer); on one CPU
+  core ``model.generate``'s top-p sort and ``torch.multinomial`` cost ~125 ms and ~35 ms per step for 64 rows of a
+  32k vocabulary.
 
-The model is never merged, unmerged or patched: a ``PeftModel``'s active adapters run through its LoRA layers, so
-the completions come from the weights being trained. It runs under ``torch.no_grad`` in eval mode (no
+* each decoder projection runs as one product with a weight built when the rollout starts (LoRA merged, 4-bit
+  dequantized once; q/k/v and gate/up as one product each: :mod:`fasttune.rl.decode`), where training's fused LoRA
+  path runs three products and a dequantization per projection per step.
+
+The model's own weights are never merged or changed: the decode weights are built from its active adapters as they
+are when the rollout starts and dropped when it ends, so the completions come from the weights being trained. It runs under ``torch.no_grad`` in eval mode (no
 dropout); every module's train/eval flag is put back afterwards. Gradient checkpointing is left untouched: it only
 runs when gradients are enabled, so a model in the middle of training (train mode, checkpointing on, ``use_cache``
 off in its config) generates with the cache and is left exactly as it was found.
@@ -39,6 +44,7 @@ from transformers.cache_utils import DynamicLayer
 
 from fasttune.lora.unwrap import base_model
 
+from .decode import decode_weights
 from .outputs import Completion, CompletionOutput, Logprob, RequestOutput
 from .sampling import SamplingParams, make_generator, sample
 
@@ -275,9 +281,10 @@ class _Rollout:
     def run(self) -> None:
         logits = self.prefill()
         banned = self._banned(logits.shape[-1])
+        scratch = torch.empty_like(logits)  # the sampler's (rows, V) work buffer, reused at every step
         for step in range(self.steps):
             drawn = sample(logits, self.params, self.generator, self.seen,
-                           banned if step < self.params.min_tokens else None)
+                           banned if step < self.params.min_tokens else None, scratch[:len(logits)])
             self._record(drawn, step)
             self.live &= ~self._finished(drawn.tokens, step)
             if not bool(self.live.any()):
@@ -452,7 +459,7 @@ def generate_ids(
     if generator is None:
         generator = make_generator(params, next(lm.parameters()).device)
     rollout = _Rollout(lm, prompts, limits, params, eos, pad_token_id, tokenizer, generator)
-    with _rollout_mode(model):
+    with _rollout_mode(model), decode_weights(lm):
         rollout.run()
     return rollout.completions()
 

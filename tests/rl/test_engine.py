@@ -177,21 +177,27 @@ def test_mid_training_state_is_restored_and_training_continues(lora_model, token
 
 
 # ---- log-probs ------------------------------------------------------------------------------------------------------
-def test_logprobs_equal_log_softmax_of_a_full_forward(lora_model, tokenizer):
-    prompts = _ids(tokenizer)[:3]
-    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=3)
-    outs = generate_ids(lora_model, prompts, params, eos_token_ids=[tokenizer.eos_token_id],
+def _check_logprobs(model, prompts, tokenizer, params, atol=1e-4):
+    """Sampled completions' log-probs == log_softmax of a full forward of prompt + completion; returns them."""
+    outs = generate_ids(model, prompts, params, eos_token_ids=[tokenizer.eos_token_id],
                         pad_token_id=tokenizer.pad_token_id)
-    lora_model.eval()
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for prompt, per_prompt in zip(prompts, outs):
             for c in per_prompt:
                 ids = torch.tensor([prompt + c.token_ids])
-                logits = lora_model(input_ids=ids).logits[0].float()
+                logits = model(input_ids=ids).logits[0].float()
                 want = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, ids[0, len(prompt):, None])[:, 0]
-                torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
-                assert c.cumulative_logprob == pytest.approx(float(want.sum()), abs=1e-3)
-    lora_model.train()
+                torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=atol, rtol=atol)
+                assert c.cumulative_logprob == pytest.approx(float(want.sum()), abs=10 * atol)
+    model.train(was_training)
+    return outs
+
+
+def test_logprobs_equal_log_softmax_of_a_full_forward(lora_model, tokenizer):
+    _check_logprobs(lora_model, _ids(tokenizer)[:3], tokenizer, SamplingParams(n=2, temperature=1.0, max_tokens=6,
+                                                                              seed=3))
 
 
 # ---- the sampling filters against their reference -------------------------------------------------------------------
