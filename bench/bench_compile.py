@@ -27,13 +27,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_sft import machine, save_results  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from bench_sft import REAL_MODEL_NAMES, machine, save_results, saved_model  # noqa: E402  (bench/ on sys.path)
 
 
 def run(model: str, steps: int, threads: int, compile_flag: str, cache: str, opts) -> dict:
     cmd = [sys.executable, str(HERE / "bench_sft.py"), "--worker", "--model", model, "--mode", "notebook",
            "--steps", str(steps), "--batch", str(opts.batch), "--threads", str(threads), "--seed", "0",
            "--max-tokens", str(opts.max_tokens), "--dtype", opts.dtype]
+    if model not in REAL_MODEL_NAMES:  # the notebook flow loads a folder
+        cmd += ["--model-dir", saved_model(model, opts)]
     env = {**os.environ, "FASTTUNE_COMPILE": compile_flag, "TORCHINDUCTOR_CACHE_DIR": cache, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE.parent)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    parser.add_argument("--seed", type=int, default=0)
     opts = parser.parse_args()
     if opts.dtype is None:
         from fasttune.device import default_dtype
