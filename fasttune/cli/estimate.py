@@ -37,8 +37,8 @@ peak = runtime before loading + max(loading, training):
   forward each layer's temporaries (the "layer's tensors" above) are freed below the next kept layer input, so the
   holes stay resident until the step ends: layers x one layer's tensors. Found by comparing seven runs (three of
   the recipes ``tests/cli/test_estimate.py`` checks among them; eager kernels, one thread, 2026-12-07): this term was 0.8-1.1 x
-  what the live-memory formula left unexplained; no constant was fitted. Compiled kernels (``FASTTUNE_COMPILE``,
-  on by default where a C compiler is) free fewer temporaries: measured 0.4-1.0 x the eager term, counted as
+  what the live-memory formula left unexplained; no constant was fitted. Compiled kernels (``FASTTUNE_COMPILE=1``;
+  off by default) free fewer temporaries: measured 0.4-1.0 x the eager term, counted as
   ``COMPILED_HOLES`` = 0.7 (a midpoint, not checked by the tests). 0 when the environment makes glibc return freed
   blocks at once (``MALLOC_MMAP_THRESHOLD_`` at most 1 MiB), and on CUDA. ``fasttune train`` also trims the heap
   after loading and after every step (``callbacks.ReleaseFreedCallback``), so holes do not add up over steps.

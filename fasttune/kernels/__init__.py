@@ -3,8 +3,8 @@
 Public functions pick an implementation per call from the input's device (see ``fasttune.kernels.dispatch``):
 Triton kernels on CUDA when ``triton`` is installed, a memory-saving torch path on CPU (and on CUDA without triton),
 the reference elsewhere. ``use_backend("reference" | "torch" | "triton")`` or ``FASTTUNE_KERNEL_BACKEND`` force one.
-On CPU the torch path's inner maths is compiled with ``torch.compile`` (the first call of each op compiles for
-seconds; inductor caches it on disk); ``use_compile(False)`` or ``FASTTUNE_COMPILE=0`` turn that off.
+On CPU the torch path's inner maths can be compiled with ``torch.compile`` (``FASTTUNE_COMPILE=1`` or
+``use_compile(True)``; off by default, measured: see ``fasttune.kernels.compiling``).
 
     rms_norm(x, weight, eps, offset=False)           x*w, or Gemma's x*(1+w); fp32 statistics
     apply_rope(q, k, cos, sin) -> (q, k)             rotate-half RoPE from per-token cos/sin (b, s, d)

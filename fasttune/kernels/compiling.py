@@ -1,9 +1,12 @@
 """Optional ``torch.compile`` of the CPU torch path's inner maths (inductor fuses the elementwise passes).
 
 On CPU the fast ops' forward/backward bodies are plain torch functions; :func:`cpu_compiled` wraps one so that, when
-compiling is on, CPU calls go through ``torch.compile(fn, dynamic=True)`` (one graph for every shape). It is on by
-default (``FASTTUNE_COMPILE=auto``: on CPU when a C compiler is on PATH); ``FASTTUNE_COMPILE=0`` or
-``with use_compile(False):`` turn it off, ``FASTTUNE_COMPILE=1`` forces it. Calls made while the caller's own
+compiling is on, CPU calls go through ``torch.compile(fn, dynamic=True)`` (one graph for every shape). It is **off by
+default** (``FASTTUNE_COMPILE=auto``), decided by measurement (``bench/bench_compile.py``, README "Measured"): over the
+notebook flow a cold compile costs 17-19 s in the first step (a warm inductor cache 3-4 s), and the steady step was
+6-8% slower compiled on the 1024-wide ``small`` llama and, on SmolLM2's 30 narrow layers, 8% faster in one run and 6%
+slower in the other: compiling never paid for itself in a 10-step run and would at best after ~45 steps. ``FASTTUNE_COMPILE=1`` or ``with use_compile(True):`` turn it on (long runs of
+deep, narrow models; it needs a C compiler on PATH), ``FASTTUNE_COMPILE=0`` states the default. Calls made while the caller's own
 ``torch.compile`` is tracing run the plain function, so they are traced with the rest of the model.
 
 If compiling a function fails, the plain function runs instead; when that succeeds the failure was the compiler's,
@@ -19,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -48,11 +50,6 @@ def use_compile(enabled: bool) -> Iterator[None]:
         _forced.reset(token)
 
 
-@functools.lru_cache(maxsize=1)
-def _have_c_compiler() -> bool:
-    return any(shutil.which(name) for name in ("cc", "gcc", "g++", "clang"))
-
-
 def compile_enabled() -> bool:
     """Whether CPU torch-path bodies are compiled now (see the module docstring)."""
     forced = _forced.get()
@@ -61,7 +58,7 @@ def compile_enabled() -> bool:
     value = os.environ.get(_ENV_VAR, "auto")
     if value not in _CHOICES:
         raise ValueError(f"{_ENV_VAR}: {value!r} is not allowed; allowed values are {', '.join(_CHOICES)}")
-    return value == "1" or (value == "auto" and _have_c_compiler())
+    return value == "1"  # "auto": off on CPU (the module docstring says why); cpu_compiled only acts on CPU calls
 
 
 def cpu_compiled(fn: F | None = None, *, eager: Callable[..., Any] | None = None) -> Any:
