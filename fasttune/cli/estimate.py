@@ -28,8 +28,8 @@ peak = runtime before loading + max(loading, training):
   ("unsloth"/true) every layer's input (N x hidden) plus one recomputed layer's tensors (3 hidden + 3 q + 3 kv +
   2 intermediate per token: norms, residual, q/k/v and their rotated copies, attention output, gate and up), plus the
   fused MLP's backward (5 intermediate + 3 hidden: act(g)*u, its gradient, dg, du, the activation's own buffer; dy
-  and the two dx parts; in a 16-bit dtype also the fp32 copies the fp32 adapters take of a projection's input and
-  gradient: 1 intermediate + 2 hidden, 4 bytes each); without checkpointing every layer's tensors. The loss phase:
+  and the two dx parts; no fp32 copies for the fp32 adapters: under the Trainer's 16-bit autocast the fused blocks
+  run the LoRA products in the 16-bit dtype); without checkpointing every layer's tensors. The loss phase:
   the kept inputs, the fused cross-entropy's fp32 grad(h) (N x hidden), the final norm output and one chunk of logits,
   their gradient and an fp32 copy (3 x chunk x vocab x 4 bytes).
 - freed buffers the allocator keeps: glibc's heap keeps freed blocks below its self-raising mmap threshold (up to
@@ -206,8 +206,9 @@ def activation_peak(recipe: Recipe, shape: Shape, w: int) -> int:
     h, i = shape.hidden, shape.intermediate
     layer = layer_bytes(n, shape, w)  # a layer's tensors, kept until its backward ends
     mlp_backward = n * (5 * i + 3 * h) * w  # act(g)*u, its gradient, dg, du, the activation's own; dy, dx_g, dx_u
-    if w < 4:  # the fp32 adapters take a projection's input and gradient in fp32: one intermediate, two hidden copies
-        mlp_backward += n * (i + 2 * h) * 4
+    # (the fp32 adapters no longer take fp32 copies of a projection's input and gradient: under the Trainer's 16-bit
+    # autocast the fused blocks compute the LoRA products in the 16-bit dtype, as peft's layers do there;
+    # kernels/lora_parts.Precision)
     grad_h = n * h * 4  # the fused loss's gradient w.r.t. the last hidden states, fp32, kept from forward
     kept = shape.layers * layer if recipe.train.gradient_checkpointing is False else shape.layers * n * h * w + layer
     backward = kept + mlp_backward + grad_h
