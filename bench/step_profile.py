@@ -169,19 +169,19 @@ def linear_shapes(model: torch.nn.Module) -> dict[tuple[int, int], int]:
 
 def sustained_matmul_rate(model: torch.nn.Module, tokens: int, dtype: torch.dtype, repeats: int = 3) -> float:
     """FLOP/s of the model's own linear products (forward and input gradient) at ``tokens`` rows, in ``dtype``."""
-    flops, seconds = 0.0, float("inf")
+    seconds = float("inf")
     shapes = linear_shapes(model)
     head = model.get_output_embeddings()
-    work = [(i, o, c) for (i, o), c in shapes.items()] + [(head.in_features, head.out_features, 1)]
+    work = list(shapes) + [(head.in_features, head.out_features)]  # one product of each distinct shape
     device = head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tensors = [(torch.randn(tokens, i, dtype=dtype, device=device), torch.randn(o, i, dtype=dtype, device=device),
-                torch.randn(tokens, o, dtype=dtype, device=device), c) for i, o, c in work]
-    flops = sum(2 * 2 * tokens * i * o for i, o, _ in work)  # one of each product per distinct shape
+                torch.randn(tokens, o, dtype=dtype, device=device)) for i, o in work]
+    flops = sum(2 * 2 * tokens * i * o for i, o in work)
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        for x, w, dy, _count in tensors:
+        for x, w, dy in tensors:
             x @ w.t()
             dy @ w
         sync()

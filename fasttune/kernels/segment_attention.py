@@ -29,14 +29,19 @@ _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def window_mask(n: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n, n)`` boolean mask of causal attention within the last ``window`` positions (itself included), as
+    transformers' sliding-window mask: key ``k`` is seen from query ``q`` when ``q - window < k <= q``."""
+    q = torch.arange(n, device=device).unsqueeze(1)
+    k = torch.arange(n, device=device).unsqueeze(0)
+    return (k <= q) & (k > q - window)
+
+
 def _mask(n: int, causal: bool, window: int | None, dtype: torch.dtype) -> tuple[bool, torch.Tensor | None]:
-    """``(is_causal, additive mask or None)`` for one segment of ``n`` positions."""
+    """``(is_causal, additive mask or None)`` for one segment of ``n`` positions (the flash op takes a float mask)."""
     if not causal or window is None or n <= window:
         return causal, None
-    q = torch.arange(n).unsqueeze(1)
-    k = torch.arange(n).unsqueeze(0)
-    allowed = (k <= q) & (k > q - window)
-    return False, torch.zeros(n, n, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return False, torch.zeros(n, n, dtype=dtype).masked_fill_(~window_mask(n, window), float("-inf"))
 
 
 def _segments_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: tuple[int, ...], scale: float,
@@ -113,10 +118,7 @@ def segment_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     gqa = q.shape[0] != k.shape[0]
     for n in lengths:
         s = slice(start, start + n)
-        mask = None
-        if window is not None:
-            i, j = torch.arange(n).unsqueeze(1), torch.arange(n).unsqueeze(0)
-            mask = (j <= i) & (j > i - window)
+        mask = window_mask(n, window) if window is not None else None
         outs.append(F.scaled_dot_product_attention(q[None, :, s], k[None, :, s], v[None, :, s], attn_mask=mask,
                                                    is_causal=causal and mask is None, scale=scale,
                                                    enable_gqa=gqa)[0])

@@ -33,7 +33,7 @@ from transformers.masking_utils import (
 )
 from transformers.modeling_utils import AttentionInterface
 
-from ..kernels.segment_attention import segment_attention
+from ..kernels.segment_attention import segment_attention, window_mask
 
 NAME = "fasttune_packed_sdpa"
 
@@ -47,21 +47,13 @@ def _segmentable(module: nn.Module, query: torch.Tensor, key: torch.Tensor, cu: 
     )
 
 
-def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
-    """``(n, n)`` boolean mask of causal attention limited to the last ``window`` positions (itself included), as
-    transformers' sliding-window mask: key ``k`` is seen from query ``q`` when ``q - window < k <= q``."""
-    q = torch.arange(n, device=device).unsqueeze(1)
-    k = torch.arange(n, device=device).unsqueeze(0)
-    return (k <= q) & (k > q - window)
-
-
 def _segment_sdpa(query, key, value, window: int | None, dropout: float, scaling: float | None, gqa: bool):
     """Causal SDPA on one segment ``(1, h, n, d)``; a segment longer than a sliding window gets the window's mask."""
     n = query.shape[2]
     if window is None or n <= window:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
                                               enable_gqa=gqa)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=_window_mask(n, window, query.device),
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=window_mask(n, window, query.device),
                                           dropout_p=dropout, scale=scaling, enable_gqa=gqa)
 
 
